@@ -1,0 +1,332 @@
+"""The machinery every tigeropt optimizer shares.
+
+An optimizer module only states its hyperparameters, its state and its update
+rule (a plain single-tensor *reference*, a *foreach* twin, and optionally the
+name of a fused kernel).  :class:`TigerOptimizer` owns everything else:
+
+* hyperparameter validation helpers (``ValueError`` naming argument and value);
+* lazy state initialisation with torch's key names (``step`` + the optimizer's
+  state keys), state kept in fp32 for bf16/fp16 parameters;
+* complex parameters through :func:`torch.view_as_real`, as torch.optim does;
+* grouping of tensors by device and dtype, and the choice of path
+  (``reference`` / ``foreach`` / ``fused`` Triton / ``cpu`` fused C kernel);
+* sparse gradients and ``lazy=True`` groups, by gathering the touched rows,
+  running the reference update on them and scattering them back;
+* the non-finite gradient policy (``on_nonfinite``);
+* ``load_state_dict`` that keeps state dtypes bit-exact and refuses state that
+  does not fit the parameters.
+
+Shared flag documentation (every optimizer accepts these keyword arguments):
+
+    maximize (bool): maximize the objective instead of minimizing it.
+    foreach (bool | None): use the multi-tensor (``torch._foreach_*``) path.
+    fused (bool | None): ``True`` runs the fused Triton kernels (CUDA, or CPU
+        under ``TRITON_INTERPRET=1``).  ``None`` (default) picks the fastest
+        path available: Triton on CUDA, the fused C kernel on CPU, else foreach.
+        ``foreach=False`` with ``fused`` unset selects the plain reference path.
+    on_nonfinite ("ignore" | "skip" | "raise"): what to do when a group's
+        gradients hold inf/NaN. "skip" leaves parameters, state and step count
+        untouched for that group; "raise" raises ``FloatingPointError``. The
+        check costs one reduction and one host sync per group and step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import kernels
+
+__all__ = ["TigerOptimizer", "Impl", "check", "check_lr", "to_float", "state_dtype", "working", "write_back"]
+
+Impl = Callable[..., None]
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+_NONFINITE = ("ignore", "skip", "raise")
+
+
+def check(ok: bool, name: str, value: Any, requirement: str) -> None:
+    """Raise ``ValueError("Invalid <name>: <value> (<requirement>)")`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r} ({requirement})")
+
+
+def check_lr(lr: float | Tensor) -> None:
+    if isinstance(lr, Tensor):
+        check(lr.numel() == 1, "lr", lr, "a tensor lr must hold one element")
+        value = float(lr.detach().cpu())
+    else:
+        value = lr
+    check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0,
+          "lr", lr, "must be a finite number >= 0")
+
+
+def to_float(x: float | Tensor) -> float:
+    """A Python float from a number or a one-element tensor (lr may be a tensor)."""
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Optimizer state dtype: fp32 for bf16/fp16 parameters, else the parameter's dtype."""
+    return torch.float32 if param_dtype in LOW_PRECISION else param_dtype
+
+
+class TigerOptimizer(Optimizer):
+    """Base class: subclasses set the class attributes below and implement ``_hyper``."""
+
+    #: Names of the per-parameter state tensors, in the order the impls take them.
+    state_keys: ClassVar[tuple[str, ...]] = ()
+    #: Plain per-tensor loop written from the equations: the ground truth.
+    reference_impl: ClassVar[Impl]
+    #: Multi-tensor twin of the reference (``torch._foreach_*``).
+    foreach_impl: ClassVar[Impl]
+    #: Name of the kernel family in :mod:`tigeropt.kernels` (None: no fused path).
+    kernel: ClassVar[str | None] = None
+    #: Whether sparse gradients are accepted without ``lazy=True``.
+    supports_sparse: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        on_nonfinite: str = "ignore",
+    ) -> None:
+        check(on_nonfinite in _NONFINITE, "on_nonfinite", on_nonfinite, f"one of {_NONFINITE}")
+        if fused and foreach:
+            raise ValueError("fused=True and foreach=True cannot both be set")
+        if fused and (self.kernel is None or not kernels.triton_usable()):
+            why = kernels.triton_status() if self.kernel else "this optimizer has no fused kernel"
+            raise RuntimeError(f"{type(self).__name__}(fused=True) is not available: {why}")
+        defaults = dict(defaults, maximize=maximize, foreach=foreach, fused=fused,
+                        on_nonfinite=on_nonfinite, lazy=defaults.get("lazy", False))
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in (("maximize", False), ("foreach", None), ("fused", None),
+                               ("on_nonfinite", "ignore"), ("lazy", False)):
+                group.setdefault(key, value)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate_group(group)
+        if group.get("fused"):
+            self._check_fused_devices(group)
+
+    # ----------------------------------------------------------------- hooks for subclasses
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Check a group's hyperparameters (called for every group, also added ones)."""
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments of the impls for this group."""
+        raise NotImplementedError
+
+    def _initial_value(self, key: str, group: dict[str, Any]) -> float:
+        """Starting value of state tensor ``key`` (0 unless the optimizer says otherwise)."""
+        return 0.0
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """Fresh state for ``p``: the step count and one tensor per state key."""
+        state = {"step": torch.tensor(0.0, dtype=_scalar_dtype())}
+        for key in self.state_keys:
+            state[key] = torch.full_like(p, self._initial_value(key, group), dtype=state_dtype(p.dtype),
+                                         memory_format=torch.preserve_format)
+        return state
+
+    def _fused_ok(self, group: dict[str, Any]) -> bool:
+        """Whether the fused kernels implement every option this group uses."""
+        return True
+
+    # ----------------------------------------------------------------- path choice
+    def _check_fused_devices(self, group: dict[str, Any]) -> None:
+        for p in group["params"]:
+            if p.device.type == "cpu" and not kernels.interpreter_enabled():
+                raise RuntimeError(
+                    f"{type(self).__name__}(fused=True) runs Triton kernels, which need a CUDA device "
+                    "(or TRITON_INTERPRET=1 for testing on CPU); leave fused=None to get the fused "
+                    "C kernel on CPU.")
+
+    def _path(self, group: dict[str, Any], device: torch.device, dtype: torch.dtype) -> str:
+        fused, foreach = group["fused"], group["foreach"]
+        if fused:
+            if not self._fused_ok(group):
+                raise RuntimeError(f"{type(self).__name__}(fused=True) does not support the options "
+                                   "this group uses; use foreach=True")
+            return "fused"
+        if foreach:
+            return "foreach"
+        if foreach is False and fused is None:
+            return "reference"
+        if fused is None and foreach is None and self.kernel is not None and self._fused_ok(group):
+            if device.type == "cuda" and kernels.triton_usable():
+                return "fused"
+            if device.type == "cpu" and kernels.cpu_fused_usable(self.kernel, dtype):
+                return "cpu"
+        return "foreach"
+
+    def _impl(self, path: str) -> Impl:
+        if path == "reference":
+            return type(self).reference_impl
+        if path == "foreach":
+            return type(self).foreach_impl
+        assert self.kernel is not None
+        return kernels.get_impl(self.kernel, path)
+
+    # ----------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step (``closure`` re-evaluates the loss, as in torch.optim)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        lazy = group["lazy"]
+        for g in grads:
+            if g.is_sparse and not (lazy or self.supports_sparse):
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients unless the group sets "
+                    "lazy=True (only the rows present are then updated)")
+        if group["on_nonfinite"] != "ignore" and not _all_finite(grads):
+            if group["on_nonfinite"] == "raise":
+                raise FloatingPointError(f"{type(self).__name__}: non-finite gradient (inf/NaN)")
+            return
+        hyper = self._hyper(group)
+
+        buckets: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
+        n = len(self.state_keys)
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            if not state:
+                state.update(self._init_state(p, group))
+            tensors = [p, g] + [state[k] for k in self.state_keys]
+            if torch.is_complex(p):
+                tensors = [torch.view_as_real(t) if not t.is_sparse else _sparse_as_real(t)
+                           for t in tensors]
+            if g.is_sparse or (lazy and p.dim() > 0):
+                state["step"] += 1
+                self._rows_update(tensors, state["step"], hyper)
+                continue
+            bucket = buckets.setdefault((p.device, tensors[0].dtype), [[] for _ in range(n + 3)])
+            for lst, t in zip(bucket, tensors + [state["step"]]):
+                lst.append(t)
+
+        for (device, dtype), lists in buckets.items():
+            steps = lists[-1]
+            if steps[0].device.type == "cpu" and len(steps) > 1:
+                torch._foreach_add_(steps, 1)
+            else:
+                for s in steps:
+                    s += 1
+            impl = self._impl(self._path(group, device, dtype))
+            impl(*lists[:-1], steps, **hyper)
+
+    def _rows_update(self, tensors: list[Tensor], step: Tensor, hyper: dict[str, Any]) -> None:
+        """Update only the rows (slices along dim 0) the gradient touches.
+
+        Sparse COO gradients give their rows (duplicates summed); dense gradients
+        of a ``lazy=True`` group touch the rows holding any non-zero.  The rows'
+        parameters and state are gathered, updated by the reference rule exactly
+        as a dense step would, and scattered back; other rows do not change.
+        """
+        p, g, *states = tensors
+        if g.is_sparse:
+            g = g.coalesce()
+            if g.sparse_dim() != 1:
+                raise RuntimeError(f"sparse gradients must be sparse along dim 0 only, got sparse_dim="
+                                   f"{g.sparse_dim()}")
+            idx, rows = g.indices()[0], g.values()
+        else:
+            idx = g.reshape(g.shape[0], -1).ne(0).any(dim=1).nonzero().squeeze(1)
+            rows = g.index_select(0, idx)
+        if idx.numel() == 0:
+            return
+        p_rows = p.index_select(0, idx)
+        state_rows = [s.index_select(0, idx) for s in states]
+        type(self).reference_impl([p_rows], [rows], *[[s] for s in state_rows], [step], **hyper)
+        p.index_copy_(0, idx, p_rows)
+        for s, s_rows in zip(states, state_rows):
+            s.index_copy_(0, idx, s_rows)
+
+    # ----------------------------------------------------------------- checkpoints
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict (ours or torch.optim's with the same state keys).
+
+        torch's loader casts floating state to the parameter's dtype; ours keeps
+        fp32 state for bf16/fp16 parameters bit-exact and checks that every
+        state tensor has the key, shape and device its parameter needs.
+        """
+        saved = state_dict["state"]
+        id_map: dict[Any, Tensor] = {}
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            id_map.update(zip(saved_group["params"], group["params"]))
+        for pid, st in saved.items():
+            p = id_map.get(pid)
+            if p is None:
+                continue
+            for key in self.state_keys:
+                if key not in st:
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: state of parameter {pid} "
+                                     f"lacks {key!r} (has {sorted(st)})")
+                if tuple(st[key].shape) != tuple(p.shape):
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: state {key!r} of parameter "
+                                     f"{pid} has shape {tuple(st[key].shape)}, parameter has "
+                                     f"{tuple(p.shape)}")
+        super().load_state_dict(state_dict)
+        for pid, st in saved.items():
+            p = id_map.get(pid)
+            if p is None:
+                continue
+            mine = self.state[p]
+            for key in self.state_keys:
+                mine[key] = st[key].to(device=p.device, dtype=state_dtype(p.dtype), copy=True)
+            step = st.get("step")
+            if isinstance(step, Tensor):
+                mine["step"] = step.detach().to(device="cpu", dtype=_scalar_dtype(), copy=True)
+            elif step is not None:
+                mine["step"] = torch.tensor(float(step), dtype=_scalar_dtype())
+
+
+def _scalar_dtype() -> torch.dtype:
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _all_finite(grads: list[Tensor]) -> bool:
+    flags = [torch.isfinite(g._values() if g.is_sparse else g).all() for g in grads]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
+def _sparse_as_real(g: Tensor) -> Tensor:
+    g = g.coalesce()
+    values = torch.view_as_real(g.values())
+    return torch.sparse_coo_tensor(g.indices(), values, (*g.shape, 2))
+
+
+def working(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """``tensors`` in the math dtype: the same tensors when they already are (fp32/fp64)."""
+    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
+
+
+def write_back(params: list[Tensor], work: list[Tensor]) -> None:
+    """Round fp32 working copies back into bf16/fp16 parameters (no-op for fp32/fp64)."""
+    pairs = [(p, w) for p, w in zip(params, work) if p is not w]
+    if pairs:
+        torch._foreach_copy_([p for p, _ in pairs], [w for _, w in pairs])

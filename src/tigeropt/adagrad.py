@@ -1,0 +1,170 @@
+"""Adagrad (Duchi et al. 2011), standard and GloVe-style (Pennington et al. 2014, seed 004).
+
+Standard — numerically the same as ``torch.optim.Adagrad`` (state ``sum``):
+
+    g   = g + wd*p                            (if weight_decay)
+    lr_t = lr / (1 + (t-1)*lr_decay)
+    G   = G + g^2
+    p   = p - lr_t * g / (sqrt(G) + eps)
+
+GloVe-style (``glove=True``), as GloVe's C code (src/glove.c) updates:
+
+    u = lr_t * clip(g, -c, c)                 (clipping only with grad_clip_value=c)
+    p = p - u / sqrt(G)                       (G *before* this step's term)
+    G = G + u^2
+
+The accumulator starts at 1.0 (``initial_accumulator_value`` defaults to 0.0
+for standard and 1.0 for GloVe-style; a zero GloVe accumulator is an error).
+Early steps are plain SGD with step lr*g, and unlike standard Adagrad the
+update depends on the scale of the loss; eps is not used.
+``skip_nonfinite_rows=True`` also copies newer glove.c: a row (slice along
+dim 0; an element for 0/1-D tensors) whose update sum is inf/NaN is not
+applied, while its accumulator is still updated.  GloVe's own lr is 0.05.
+
+Both forms accept sparse gradients (``nn.Embedding(sparse=True)``): only the
+rows present change (the step count is per parameter, as in torch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import TigerOptimizer, check, check_lr, to_float, working, write_back
+
+__all__ = ["Adagrad"]
+
+
+def _single_tensor_adagrad(params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor],
+                           state_steps: list[Tensor], *, lr: float | Tensor, lr_decay: float,
+                           weight_decay: float, eps: float, glove: bool, grad_clip_value: float | None,
+                           skip_nonfinite_rows: bool, maximize: bool) -> None:
+    lr = to_float(lr)
+    for param, grad, acc, step_t in zip(params, grads, state_sums, state_steps):
+        p = param.to(acc.dtype)
+        g = grad.to(acc.dtype)
+        if maximize:
+            g = -g
+        if weight_decay != 0.0:
+            g = g.add(p, alpha=weight_decay)
+        clr = lr / (1 + (step_t.item() - 1) * lr_decay)
+        if not glove:
+            acc.addcmul_(g, g, value=1)
+            p.addcdiv_(g, acc.sqrt().add_(eps), value=-clr)
+        else:
+            if grad_clip_value is not None:
+                g = g.clamp(-grad_clip_value, grad_clip_value)
+            u = g.mul(clr)
+            delta = u.div(acc.sqrt())
+            if skip_nonfinite_rows:
+                rows = delta.reshape(delta.shape[0], -1).sum(dim=1) if delta.dim() > 1 else delta
+                ok = torch.isfinite(rows).reshape(rows.shape + (1,) * (delta.dim() - rows.dim()))
+                delta = torch.where(ok, delta, torch.zeros_like(delta))
+            p.sub_(delta)
+            acc.addcmul_(u, u)
+        if p is not param:
+            param.copy_(p)
+
+
+def _multi_tensor_adagrad(params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor],
+                          state_steps: list[Tensor], *, lr: float | Tensor, lr_decay: float,
+                          weight_decay: float, eps: float, glove: bool, grad_clip_value: float | None,
+                          skip_nonfinite_rows: bool, maximize: bool) -> None:
+    if not params:
+        return
+    if glove and skip_nonfinite_rows:
+        _single_tensor_adagrad(params, grads, state_sums, state_steps, lr=lr, lr_decay=lr_decay,
+                               weight_decay=weight_decay, eps=eps, glove=glove,
+                               grad_clip_value=grad_clip_value, skip_nonfinite_rows=True,
+                               maximize=maximize)
+        return
+    lr = to_float(lr)
+    dtype = state_sums[0].dtype
+    ps, gs = working(params, dtype), working(grads, dtype)
+    if maximize:
+        gs = torch._foreach_neg(gs)
+    if weight_decay != 0.0:
+        gs = torch._foreach_add(gs, ps, alpha=weight_decay)
+    clrs = [lr / (1 + (s.item() - 1) * lr_decay) for s in state_steps]
+    if not glove:
+        torch._foreach_addcmul_(state_sums, gs, gs, value=1)
+        std = torch._foreach_sqrt(state_sums)
+        torch._foreach_add_(std, eps)
+        torch._foreach_addcdiv_(ps, gs, std, [-c for c in clrs])
+    else:
+        if grad_clip_value is not None:
+            gs = torch._foreach_clamp_max(torch._foreach_clamp_min(gs, -grad_clip_value), grad_clip_value)
+        us = torch._foreach_mul(gs, clrs)
+        delta = torch._foreach_div(us, torch._foreach_sqrt(state_sums))
+        torch._foreach_sub_(ps, delta)
+        torch._foreach_addcmul_(state_sums, us, us)
+    write_back(params, ps)
+
+
+class Adagrad(TigerOptimizer):
+    """Adagrad, standard (== torch.optim.Adagrad) or GloVe-style (``glove=True``).
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: learning rate (default 1e-2 as torch; GloVe uses 0.05).
+        lr_decay: lr_t = lr / (1 + (t-1)*lr_decay).
+        weight_decay: L2 added to the gradient.
+        initial_accumulator_value: starting value of the accumulator ``sum``;
+            None means 0.0 (standard) or 1.0 (GloVe-style).
+        eps: added to sqrt(G) in the standard form (unused by GloVe-style).
+        glove: the GloVe-style update of the module docstring.
+        grad_clip_value: GloVe-style only: clip each gradient component to [-c, c].
+        skip_nonfinite_rows: GloVe-style only: newer glove.c's skip of non-finite row updates.
+        maximize, foreach, fused, on_nonfinite: see :mod:`tigeropt._base`.
+        lazy: per-group; with dense gradients only rows that have a non-zero change.
+    """
+
+    state_keys = ("sum",)
+    reference_impl = staticmethod(_single_tensor_adagrad)
+    foreach_impl = staticmethod(_multi_tensor_adagrad)
+    kernel = "adagrad"
+    supports_sparse = True
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor = 1e-2,
+                 lr_decay: float = 0.0, weight_decay: float = 0.0,
+                 initial_accumulator_value: float | None = None, eps: float = 1e-10, *,
+                 glove: bool = False, grad_clip_value: float | None = None,
+                 skip_nonfinite_rows: bool = False, maximize: bool = False, foreach: bool | None = None,
+                 fused: bool | None = None, lazy: bool = False, on_nonfinite: str = "ignore") -> None:
+        if initial_accumulator_value is None:
+            initial_accumulator_value = 1.0 if glove else 0.0
+        defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                        initial_accumulator_value=initial_accumulator_value, eps=eps, glove=glove,
+                        grad_clip_value=grad_clip_value, skip_nonfinite_rows=skip_nonfinite_rows, lazy=lazy)
+        super().__init__(params, defaults, maximize=maximize, foreach=foreach, fused=fused,
+                         on_nonfinite=on_nonfinite)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check(group["lr_decay"] >= 0.0, "lr_decay", group["lr_decay"], "must be >= 0")
+        check(group["weight_decay"] >= 0.0, "weight_decay", group["weight_decay"], "must be >= 0")
+        check(group["eps"] >= 0.0, "eps", group["eps"], "must be >= 0")
+        acc = group["initial_accumulator_value"]
+        check(acc >= 0.0, "initial_accumulator_value", acc, "must be >= 0")
+        if group["glove"]:
+            check(acc > 0.0, "initial_accumulator_value", acc,
+                  "glove=True divides by sqrt(accumulator) before adding to it, so it must be > 0")
+        clip = group["grad_clip_value"]
+        check(clip is None or clip > 0.0, "grad_clip_value", clip, "must be None or > 0")
+        if not group["glove"]:
+            check(clip is None, "grad_clip_value", clip, "only used with glove=True")
+            check(not group["skip_nonfinite_rows"], "skip_nonfinite_rows", True, "only used with glove=True")
+
+    def _initial_value(self, key: str, group: dict[str, Any]) -> float:
+        return group["initial_accumulator_value"]
+
+    def _fused_ok(self, group: dict[str, Any]) -> bool:
+        return not group["skip_nonfinite_rows"]
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        return dict(lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+                    eps=group["eps"], glove=group["glove"], grad_clip_value=group["grad_clip_value"],
+                    skip_nonfinite_rows=group["skip_nonfinite_rows"], maximize=group["maximize"])

@@ -1,0 +1,80 @@
+"""Fused kernels and their availability.
+
+Importing this package imports nothing heavy: Triton is looked up, not imported,
+until a kernel is first needed.  A missing or too old Triton, or a machine
+without a C compiler, makes the optimizers fall back to the foreach path (with
+one warning), never crash.
+
+* ``kernels/<name>.py``: the Triton multi-tensor kernels of one optimizer,
+  beside nothing else; their host launchers take the same arguments as the
+  optimizer's foreach function.
+* ``tigeropt._cpu``: the fused CPU step (a small C library built on first use).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["triton_usable", "triton_status", "interpreter_enabled", "cpu_fused_usable", "get_impl",
+           "MIN_TRITON"]
+
+MIN_TRITON = (3, 0)
+
+
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors (slowly)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> str:
+    """'ok', or why the Triton kernels cannot be used here."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    try:
+        from importlib.metadata import version
+
+        parts = tuple(int(x) for x in version("triton").split(".")[:2])
+    except Exception as exc:  # pragma: no cover - broken installs
+        return f"cannot read the triton version ({exc})"
+    if parts < MIN_TRITON:
+        return f"triton {'.'.join(map(str, parts))} is older than {'.'.join(map(str, MIN_TRITON))}"
+    if not interpreter_enabled() and not torch.cuda.is_available():
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU for testing)"
+    return "ok"
+
+
+def triton_usable() -> bool:
+    return triton_status() == "ok"
+
+
+def cpu_fused_usable(name: str, dtype: torch.dtype) -> bool:
+    """Whether the fused CPU step exists for this optimizer and dtype and could be built."""
+    from .. import _cpu
+
+    return _cpu.supports(name, dtype) and _cpu.available()
+
+
+@functools.lru_cache(maxsize=None)
+def get_impl(name: str, path: str) -> Callable[..., None]:
+    """The fused launcher of optimizer ``name`` for ``path`` ('fused': Triton, 'cpu': C)."""
+    if path == "cpu":
+        from .. import _cpu
+
+        return getattr(_cpu, f"fused_{name}")
+    if path == "fused":
+        module = importlib.import_module(f"{__name__}.{name}")
+        return getattr(module, f"fused_{name}")
+    raise ValueError(f"unknown kernel path {path!r}")
+
+
+def warn_fallback(what: str, why: str) -> None:
+    warnings.warn(f"tigeropt: {what} unavailable ({why}); using the foreach path", RuntimeWarning,
+                  stacklevel=3)

@@ -1,0 +1,96 @@
+"""Lion: EvoLved Sign Momentum (Chen et al. 2023, arXiv 2302.06675).
+
+    c = b1*m + (1-b1)*g
+    p = p*(1 - lr*wd) - lr*sign(c)        (decoupled weight decay)
+    m = b2*m + (1-b2)*g
+
+Defaults from the paper: betas=(0.9, 0.99), weight_decay=0.  Use an lr 3-10x
+smaller than AdamW's and a weight decay 3-10x larger.  State: ``exp_avg`` (m),
+one tensor the size of the parameter.  ``sign(0) = 0`` on every path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import TigerOptimizer, check, check_lr, to_float, working, write_back
+
+__all__ = ["Lion"]
+
+
+def _single_tensor_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                        state_steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float,
+                        weight_decay: float, maximize: bool) -> None:
+    lr = to_float(lr)
+    for param, grad, m, _ in zip(params, grads, exp_avgs, state_steps):
+        p = param.to(m.dtype)
+        g = grad.to(m.dtype)
+        if maximize:
+            g = -g
+        c = m.mul(beta1).add_(g, alpha=1 - beta1)
+        p.mul_(1 - lr * weight_decay).add_(c.sign_(), alpha=-lr)
+        m.mul_(beta2).add_(g, alpha=1 - beta2)
+        if p is not param:
+            param.copy_(p)
+
+
+def _multi_tensor_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                       state_steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float,
+                       weight_decay: float, maximize: bool) -> None:
+    if not params:
+        return
+    lr = to_float(lr)
+    dtype = exp_avgs[0].dtype
+    ps, gs = working(params, dtype), working(grads, dtype)
+    if maximize:
+        gs = torch._foreach_neg(gs)
+    c = torch._foreach_mul(exp_avgs, beta1)
+    torch._foreach_add_(c, gs, alpha=1 - beta1)
+    torch._foreach_sign_(c)
+    torch._foreach_mul_(ps, 1 - lr * weight_decay)
+    torch._foreach_add_(ps, c, alpha=-lr)
+    torch._foreach_mul_(exp_avgs, beta2)
+    torch._foreach_add_(exp_avgs, gs, alpha=1 - beta2)
+    write_back(params, ps)
+
+
+class Lion(TigerOptimizer):
+    """Lion (Chen et al. 2023).  See the module docstring for the update rule.
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: learning rate (default 1e-4, as in the paper's recommendation of 3-10x below AdamW).
+        betas: (b1, b2) — b1 interpolates the update direction, b2 is the momentum decay.
+        weight_decay: decoupled weight decay (``p *= 1 - lr*wd``).
+        maximize, foreach, fused, on_nonfinite: see :mod:`tigeropt._base`.
+        lazy: per-group; only rows (dim 0) with gradient change (sparse gradients allowed).
+    """
+
+    state_keys = ("exp_avg",)
+    reference_impl = staticmethod(_single_tensor_lion)
+    foreach_impl = staticmethod(_multi_tensor_lion)
+    kernel = "lion"
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor = 1e-4,
+                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, *,
+                 maximize: bool = False, foreach: bool | None = None, fused: bool | None = None,
+                 lazy: bool = False, on_nonfinite: str = "ignore") -> None:
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, lazy=lazy)
+        super().__init__(params, defaults, maximize=maximize, foreach=foreach, fused=fused,
+                         on_nonfinite=on_nonfinite)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        b1, b2 = group["betas"]
+        check(0.0 <= b1 < 1.0, "betas[0]", b1, "must be in [0, 1)")
+        check(0.0 <= b2 < 1.0, "betas[1]", b2, "must be in [0, 1)")
+        check(group["weight_decay"] >= 0.0, "weight_decay", group["weight_decay"], "must be >= 0")
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        b1, b2 = group["betas"]
+        return dict(lr=group["lr"], beta1=b1, beta2=b2, weight_decay=group["weight_decay"],
+                    maximize=group["maximize"])

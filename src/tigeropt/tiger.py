@@ -1,0 +1,186 @@
+"""Tiger: a Tight-fisted Optimizer (Su 2023, https://kexue.fm/archives/9512, github.com/bojone/tiger).
+
+Lion with b1 = b2 = beta, so the interpolation and the momentum are one tensor:
+
+    m = beta*m + (1-beta)*g
+    p = p - lr*(sign(m) + wd*p)
+
+Defaults are the original's: lr=1e-3, beta=0.965, weight_decay=0.01.  State:
+``exp_avg`` (m), one tensor the size of the parameter — the cheapest optimizer
+here (20 bytes moved per fp32 parameter and step).
+
+The original (TensorFlow) implementation's extras are options, off by default:
+
+* ``lr_scaling=True`` — lr by parameter kind (LAMB-like): "bias"/"norm" params
+  get lr*0.5 and no weight decay; "embedding" tables lr*RMS(row); everything
+  else ("dense") lr*RMS(tensor), RMS of the parameter before the step.  A
+  group's ``kind`` says which kind its tensors are; ``"auto"`` (default) calls
+  tensors with ndim <= 1 "bias" and the rest "dense" (use
+  :func:`tigeropt.tiger.kind_groups` to also tell embeddings and norms apart).
+* ``accumulation_steps=k`` — gradient accumulation without a buffer: call
+  ``step()`` and ``zero_grad()`` every micro-step; m decays only on the first
+  micro-step of a cycle, each adds ((1-beta)/k)*g, and p moves on the last.
+* ``nan_guard=True`` — a tensor whose gradient holds a NaN keeps its m and is
+  shrunk, p = (p - c)*shrink_ratio + c, with c = 1 for "norm" kind, else 0.
+
+With any extra on, the foreach and fused paths run the reference update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._base import TigerOptimizer, check, check_lr, to_float, working, write_back
+
+__all__ = ["Tiger", "kind_groups"]
+
+KINDS = ("auto", "bias", "norm", "embedding", "dense")
+
+
+def _single_tensor_tiger(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                         state_steps: list[Tensor], *, lr: float | Tensor, beta: float,
+                         weight_decay: float, maximize: bool, lr_scaling: bool = False,
+                         accumulation_steps: int = 1, nan_guard: bool = False, shrink_ratio: float = 0.99,
+                         kind: str = "auto") -> None:
+    lr = to_float(lr)
+    k = accumulation_steps
+    for param, grad, m, step_t in zip(params, grads, exp_avgs, state_steps):
+        p = param.to(m.dtype)
+        g = grad.to(m.dtype)
+        if maximize:
+            g = -g
+        this_kind = kind if kind != "auto" else ("bias" if p.dim() <= 1 else "dense")
+        if nan_guard and bool(torch.isnan(g).any()):
+            c = 1.0 if this_kind == "norm" else 0.0
+            p.sub_(c).mul_(shrink_ratio).add_(c)
+        else:
+            step = int(step_t.item()) if k > 1 else 1
+            first_micro_step = (step - 1) % k == 0
+            m.mul_(beta if first_micro_step else 1.0).add_(g, alpha=(1 - beta) / k)
+            if step % k == 0:
+                lr_t: float | Tensor = lr
+                wd = weight_decay
+                if lr_scaling:
+                    if this_kind in ("bias", "norm"):
+                        lr_t, wd = lr * 0.5, 0.0
+                    elif this_kind == "embedding":
+                        lr_t = lr * p.square().mean(dim=-1, keepdim=True).sqrt()
+                    else:
+                        lr_t = lr * p.square().mean().sqrt()
+                update = torch.sign(m).add_(p, alpha=wd)
+                if isinstance(lr_t, Tensor):
+                    p.sub_(update.mul_(lr_t))
+                else:
+                    p.add_(update, alpha=-lr_t)
+        if p is not param:
+            param.copy_(p)
+
+
+def _multi_tensor_tiger(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                        state_steps: list[Tensor], *, lr: float | Tensor, beta: float,
+                        weight_decay: float, maximize: bool, lr_scaling: bool = False,
+                        accumulation_steps: int = 1, nan_guard: bool = False, shrink_ratio: float = 0.99,
+                        kind: str = "auto") -> None:
+    if lr_scaling or accumulation_steps > 1 or nan_guard:
+        _single_tensor_tiger(params, grads, exp_avgs, state_steps, lr=lr, beta=beta,
+                             weight_decay=weight_decay, maximize=maximize, lr_scaling=lr_scaling,
+                             accumulation_steps=accumulation_steps, nan_guard=nan_guard,
+                             shrink_ratio=shrink_ratio, kind=kind)
+        return
+    if not params:
+        return
+    lr = to_float(lr)
+    dtype = exp_avgs[0].dtype
+    ps, gs = working(params, dtype), working(grads, dtype)
+    torch._foreach_mul_(exp_avgs, beta)
+    torch._foreach_add_(exp_avgs, gs, alpha=-(1 - beta) if maximize else 1 - beta)
+    update = torch._foreach_sign(exp_avgs)
+    if weight_decay != 0.0:
+        torch._foreach_add_(update, ps, alpha=weight_decay)
+    torch._foreach_add_(ps, update, alpha=-lr)
+    write_back(params, ps)
+
+
+class Tiger(TigerOptimizer):
+    """Tiger (Su 2023).  See the module docstring for the rule and the original's extras.
+
+    Args:
+        params: parameters or param-group dicts (a group may set ``kind``).
+        lr: learning rate (default 1e-3, the original's).
+        beta: momentum decay (default 0.965).
+        weight_decay: ``p -= lr*wd*p`` (default 0.01).
+        maximize, foreach, fused, on_nonfinite: see :mod:`tigeropt._base`.
+        lr_scaling, accumulation_steps, nan_guard, shrink_ratio, kind: the original's extras.
+        lazy: per-group; only rows (dim 0) with gradient change (sparse gradients allowed).
+    """
+
+    state_keys = ("exp_avg",)
+    reference_impl = staticmethod(_single_tensor_tiger)
+    foreach_impl = staticmethod(_multi_tensor_tiger)
+    kernel = "tiger"
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor = 1e-3,
+                 beta: float = 0.965, weight_decay: float = 0.01, *, maximize: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None, lr_scaling: bool = False,
+                 accumulation_steps: int = 1, nan_guard: bool = False, shrink_ratio: float = 0.99,
+                 kind: str = "auto", lazy: bool = False, on_nonfinite: str = "ignore") -> None:
+        defaults = dict(lr=lr, beta=beta, weight_decay=weight_decay, lr_scaling=lr_scaling,
+                        accumulation_steps=accumulation_steps, nan_guard=nan_guard,
+                        shrink_ratio=shrink_ratio, kind=kind, lazy=lazy)
+        super().__init__(params, defaults, maximize=maximize, foreach=foreach, fused=fused,
+                         on_nonfinite=on_nonfinite)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check(0.0 <= group["beta"] < 1.0, "beta", group["beta"], "must be in [0, 1)")
+        check(group["weight_decay"] >= 0.0, "weight_decay", group["weight_decay"], "must be >= 0")
+        k = group["accumulation_steps"]
+        check(isinstance(k, int) and k >= 1, "accumulation_steps", k, "must be an int >= 1")
+        check(0.0 <= group["shrink_ratio"] <= 1.0, "shrink_ratio", group["shrink_ratio"], "must be in [0, 1]")
+        check(group["kind"] in KINDS, "kind", group["kind"], f"must be one of {KINDS}")
+        if group["lazy"] and group["lr_scaling"] and group["kind"] in ("auto", "dense"):
+            raise ValueError("lazy=True with lr_scaling=True needs kind='embedding', 'bias' or 'norm': "
+                             "a whole-tensor RMS is not defined on the touched rows alone")
+
+    def _fused_ok(self, group: dict[str, Any]) -> bool:
+        return not (group["lr_scaling"] or group["accumulation_steps"] > 1 or group["nan_guard"])
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        hyper = dict(lr=group["lr"], beta=group["beta"], weight_decay=group["weight_decay"],
+                     maximize=group["maximize"])
+        if not self._fused_ok(group):
+            hyper.update(lr_scaling=group["lr_scaling"], accumulation_steps=group["accumulation_steps"],
+                         nan_guard=group["nan_guard"], shrink_ratio=group["shrink_ratio"], kind=group["kind"])
+        return hyper
+
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase,
+          *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+
+
+def kind_groups(model: nn.Module, **options: Any) -> list[dict[str, Any]]:
+    """Param groups of ``model`` with Tiger's ``kind`` set from the module types.
+
+    ``nn.Embedding``/``nn.EmbeddingBag`` weights are "embedding", the weights of
+    normalization layers "norm", other tensors with ndim <= 1 "bias", the rest
+    "dense".  ``options`` (e.g. ``lr=...``) are copied into every group.
+    """
+    by_kind: dict[str, list[Tensor]] = {k: [] for k in KINDS[1:]}
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                kind = "embedding"
+            elif isinstance(module, _NORMS) and name == "weight":
+                kind = "norm"
+            else:
+                kind = "bias" if p.dim() <= 1 else "dense"
+            by_kind[kind].append(p)
+    return [dict(params=ps, kind=k, **options) for k, ps in by_kind.items() if ps]
