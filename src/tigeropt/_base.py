@@ -139,8 +139,11 @@ class TigerOptimizer(Optimizer):
         """Fresh state for ``p``: the step count and one tensor per state key."""
         state = {"step": torch.tensor(0.0, dtype=_scalar_dtype())}
         for key in self.state_keys:
-            state[key] = torch.full_like(p, self._initial_value(key, group), dtype=state_dtype(p.dtype),
-                                         memory_format=torch.preserve_format)
+            t = torch.zeros_like(p, dtype=state_dtype(p.dtype), memory_format=torch.preserve_format)
+            value = self._initial_value(key, group)
+            if value != 0.0:  # complex: both components of view_as_real start at value
+                (torch.view_as_real(t) if t.is_complex() else t).fill_(value)
+            state[key] = t
         return state
 
     def _fused_ok(self, group: dict[str, Any]) -> bool:
@@ -291,6 +294,10 @@ class TigerOptimizer(Optimizer):
                                      f"{pid} has shape {tuple(st[key].shape)}, parameter has "
                                      f"{tuple(p.shape)}")
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # e.g. a torch.optim.Adagrad checkpoint lacks our options
+            for key, value in self.defaults.items():
+                if key != "differentiable":  # torch's __setstate__ adds it to defaults
+                    group.setdefault(key, value)
         for pid, st in saved.items():
             p = id_map.get(pid)
             if p is None:
