@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tigeropt import AdaX, Adagrad, Lion, Tiger, kind_groups
+from tigeropt import Adagrad, AdaX, Lion, Tiger, kind_groups
 from tigeropt.adax import adax_scalars
 
 PATHS = [dict(foreach=False), dict(foreach=True), {}]
@@ -139,7 +139,8 @@ def test_tiger_accumulation_without_scaling_equals_big_batch_step() -> None:
             b.grad = torch.stack(micro[i - 2:i + 1]).mean(0)
             big.step()
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(acc.state[a]["exp_avg"], big.state[b]["exp_avg"], rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(acc.state[a]["exp_avg"], big.state[b]["exp_avg"],
+                                       rtol=1e-12, atol=1e-14)
 
 
 def test_kind_groups_from_model() -> None:

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tigeropt
-from tigeropt import AdaX, Adagrad, Lion, Tiger
+from tigeropt import Adagrad, AdaX, Lion, Tiger
 
 
 @dataclass
@@ -272,7 +272,8 @@ def test_tensor_lr_equals_float_lr(info: OptimizerInfo) -> None:
 
 
 INVALID = [
-    (Tiger, dict(lr=-1.0), "lr"), (Tiger, dict(beta=1.0), "beta"), (Tiger, dict(weight_decay=-0.1), "weight_decay"),
+    (Tiger, dict(lr=-1.0), "lr"), (Tiger, dict(beta=1.0), "beta"),
+    (Tiger, dict(weight_decay=-0.1), "weight_decay"),
     (Tiger, dict(accumulation_steps=0), "accumulation_steps"), (Tiger, dict(kind="conv"), "kind"),
     (Lion, dict(betas=(1.2, 0.9)), "betas"), (Lion, dict(betas=(0.9, -0.1)), "betas"),
     (Lion, dict(lr=float("nan")), "lr"),
@@ -363,7 +364,8 @@ SCHEDULERS = [
     lambda o: torch.optim.lr_scheduler.CyclicLR(o, 1e-4, 1e-2, 2, cycle_momentum=False),
     lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=0),
     lambda o: torch.optim.lr_scheduler.SequentialLR(
-        o, [torch.optim.lr_scheduler.ConstantLR(o, 0.5, 2), torch.optim.lr_scheduler.ExponentialLR(o, 0.9)], [2]),
+        o, [torch.optim.lr_scheduler.ConstantLR(o, 0.5, 2), torch.optim.lr_scheduler.ExponentialLR(o, 0.9)],
+        [2]),
 ]
 
 
@@ -440,7 +442,7 @@ def test_compiled_training_step_matches_eager() -> None:
         model, x, y = _model_and_data()
         opt = Lion(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=True)
 
-        def train_step() -> torch.Tensor:
+        def train_step(model=model, opt=opt, x=x, y=y) -> torch.Tensor:
             opt.zero_grad()
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward()

@@ -17,7 +17,8 @@ def sign(x: Tensor) -> Tensor:
     return (x > 0).double() - (x < 0).double()
 
 
-def tiger(p: Tensor, grads: list[Tensor], *, lr: float, beta: float, wd: float) -> list[tuple[Tensor, Tensor]]:
+def tiger(p: Tensor, grads: list[Tensor], *, lr: float, beta: float,
+          wd: float) -> list[tuple[Tensor, Tensor]]:
     p, m, out = p.double().clone(), torch.zeros_like(p, dtype=torch.float64), []
     for g in grads:
         m = beta * m + (1 - beta) * g.double()
@@ -26,7 +27,8 @@ def tiger(p: Tensor, grads: list[Tensor], *, lr: float, beta: float, wd: float) 
     return out
 
 
-def lion(p: Tensor, grads: list[Tensor], *, lr: float, b1: float, b2: float, wd: float) -> list[tuple[Tensor, Tensor]]:
+def lion(p: Tensor, grads: list[Tensor], *, lr: float, b1: float, b2: float,
+         wd: float) -> list[tuple[Tensor, Tensor]]:
     p, m, out = p.double().clone(), torch.zeros_like(p, dtype=torch.float64), []
     for g in grads:
         g = g.double()

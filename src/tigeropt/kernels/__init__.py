@@ -33,7 +33,7 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_status() -> str:
     """'ok', or why the Triton kernels cannot be used here."""
     if importlib.util.find_spec("triton") is None:
@@ -62,7 +62,7 @@ def cpu_fused_usable(name: str, dtype: torch.dtype) -> bool:
     return _cpu.supports(name, dtype) and _cpu.available()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_impl(name: str, path: str) -> Callable[..., None]:
     """The fused launcher of optimizer ``name`` for ``path`` ('fused': Triton, 'cpu': C)."""
     if path == "cpu":
