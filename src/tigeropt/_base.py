@@ -47,6 +47,8 @@ __all__ = ["TigerOptimizer", "Impl", "check", "check_lr", "to_float", "state_dty
 Impl = Callable[..., None]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 _NONFINITE = ("ignore", "skip", "raise")
+#: parameter dtypes the Triton kernels take (math in fp32); fp64 stays on the foreach path.
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check(ok: bool, name: str, value: Any, requirement: str) -> None:
@@ -165,13 +167,16 @@ class TigerOptimizer(Optimizer):
             if not self._fused_ok(group):
                 raise RuntimeError(f"{type(self).__name__}(fused=True) does not support the options "
                                    "this group uses; use foreach=True")
+            if dtype not in TRITON_DTYPES:
+                raise TypeError(f"{type(self).__name__}(fused=True) supports fp32/bf16/fp16 parameters, "
+                                f"not {dtype}; use foreach=True")
             return "fused"
         if foreach:
             return "foreach"
         if foreach is False and fused is None:
             return "reference"
         if fused is None and foreach is None and self.kernel is not None and self._fused_ok(group):
-            if device.type == "cuda" and kernels.triton_usable():
+            if device.type == "cuda" and dtype in TRITON_DTYPES and kernels.triton_usable():
                 return "fused"
             if device.type == "cpu" and kernels.cpu_fused_usable(self.kernel, dtype):
                 return "cpu"

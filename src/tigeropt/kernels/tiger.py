@@ -1,0 +1,79 @@
+"""Fused Triton step of Tiger (Su 2023), one launch for a whole list of tensors.
+
+Per element, in float32 whatever the parameter dtype (state ``m`` is float32):
+
+    g = -g                                  (maximize)
+    m = beta*m + (1-beta)*g
+    p = p - lr*(sign(m) + wd*p)             (sign(0) = 0, as torch.sign)
+
+The parameter is rounded once, at the store.  Only the plain rule runs here: the original's
+extras (lr_scaling, accumulation_steps, nan_guard) take the reference path.  Launch design and
+table caching: :mod:`tigeropt.kernels._common`.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import _ld, _lr_value, _sign, _st, _tensor_ptr, _work_item, lr_argument, prepare
+
+__all__ = ["fused_tiger"]
+
+
+@triton.jit
+def _tiger_block(pp, gp, mp, offs, n, lr, beta, omb, wd,
+                 MAXIMIZE: tl.constexpr, ROUND_BF16: tl.constexpr, MASKED: tl.constexpr):
+    p = _ld(pp, offs, n, MASKED)
+    g = _ld(gp, offs, n, MASKED)
+    m = _ld(mp, offs, n, MASKED)
+    if MAXIMIZE:
+        g = -g
+    m = m * beta + g * omb
+    p = p - lr * (_sign(m) + wd * p)
+    _st(mp, offs, m, n, MASKED, False)
+    _st(pp, offs, p, n, MASKED, ROUND_BF16)
+
+
+@triton.jit
+def _tiger_kernel(table, work, gtab, p_base, g_base, m_base, lr, beta, omb, wd,
+                  NCOLS: tl.constexpr, U_P: tl.constexpr, U_G: tl.constexpr, U_M: tl.constexpr,
+                  MAXIMIZE: tl.constexpr, LR_PTR: tl.constexpr, ROUND_BF16: tl.constexpr,
+                  BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    t, row, start, n = _work_item(work, table, NCOLS, CHUNK)
+    pp = _tensor_ptr(p_base, tl.load(row + 1), U_P, start)
+    mp = _tensor_ptr(m_base, tl.load(row + 2), U_M, start)
+    gp = _tensor_ptr(g_base, tl.load(gtab + t), U_G, start)
+    lr_v = _lr_value(lr, LR_PTR)
+    n_full = n // BLOCK
+    for i in range(n_full):
+        offs = i * BLOCK + tl.arange(0, BLOCK)
+        _tiger_block(pp, gp, mp, offs, n, lr_v, beta, omb, wd, MAXIMIZE, ROUND_BF16, False)
+    if n_full * BLOCK < n:
+        offs = n_full * BLOCK + tl.arange(0, BLOCK)
+        _tiger_block(pp, gp, mp, offs, n, lr_v, beta, omb, wd, MAXIMIZE, ROUND_BF16, True)
+
+
+@torch.no_grad()
+def fused_tiger(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                state_steps: list[Tensor], *, lr: float | Tensor, beta: float,
+                weight_decay: float, maximize: bool, lr_scaling: bool = False,
+                accumulation_steps: int = 1, nan_guard: bool = False, shrink_ratio: float = 0.99,
+                kind: str = "auto") -> None:
+    """Tiger's plain rule over whole tensor lists in one Triton launch (same arguments as the
+    foreach function ``tigeropt.tiger._multi_tensor_tiger``; ``state_steps`` is not used)."""
+    if lr_scaling or accumulation_steps != 1 or nan_guard:
+        raise ValueError("fused_tiger runs the plain Tiger rule only: lr_scaling=False, accumulation_steps=1 "
+                         f"and nan_guard=False (got {lr_scaling!r}, {accumulation_steps!r}, {nan_guard!r})")
+    launch = prepare(params, grads, [exp_avgs])
+    if launch is None:
+        return
+    lr_arg, lr_ptr = lr_argument(lr, params[0].device)
+    cfg = launch.config
+    u_p, u_g, u_m = launch.units
+    _tiger_kernel[launch.grid](
+        launch.table, launch.work, launch.gtab, *launch.bases, lr_arg, float(beta), 1.0 - float(beta),
+        float(weight_decay),
+        NCOLS=3, U_P=u_p, U_G=u_g, U_M=u_m, MAXIMIZE=bool(maximize), LR_PTR=lr_ptr,
+        ROUND_BF16=launch.round_bf16, BLOCK=cfg.block, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
+    launch.finish()
