@@ -305,6 +305,8 @@ def test_invalid_values_in_added_group_are_rejected() -> None:
 def test_impossible_flag_combinations_fail_in_init(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="fused"):
         Tiger([torch.zeros(2, requires_grad=True)], foreach=True, fused=True)
+    with pytest.raises(ValueError, match="capturable"):
+        AdaX([torch.zeros(2, requires_grad=True)], capturable=True, foreach=True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     tigeropt.kernels.triton_status.cache_clear()
     try:

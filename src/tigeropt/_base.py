@@ -24,6 +24,8 @@ Shared flag documentation (every optimizer accepts these keyword arguments):
         under ``TRITON_INTERPRET=1``).  ``None`` (default) picks the fastest
         path available: Triton on CUDA, the fused C kernel on CPU, else foreach.
         ``foreach=False`` with ``fused`` unset selects the plain reference path.
+    capturable (bool): keep the step count on the parameters' device so the
+        fused CUDA step can be captured in a CUDA graph (Triton path only).
     on_nonfinite ("ignore" | "skip" | "raise"): what to do when a group's
         gradients hold inf/NaN. "skip" leaves parameters, state and step count
         untouched for that group; "raise" raises ``FloatingPointError``. The
@@ -100,6 +102,7 @@ class TigerOptimizer(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         on_nonfinite: str = "ignore",
+        capturable: bool = False,
     ) -> None:
         check(on_nonfinite in _NONFINITE, "on_nonfinite", on_nonfinite, f"one of {_NONFINITE}")
         if fused and foreach:
@@ -107,15 +110,17 @@ class TigerOptimizer(Optimizer):
         if fused and (self.kernel is None or not kernels.triton_usable()):
             why = kernels.triton_status() if self.kernel else "this optimizer has no fused kernel"
             raise RuntimeError(f"{type(self).__name__}(fused=True) is not available: {why}")
+        if capturable and (fused is False or foreach):
+            raise ValueError("capturable=True needs the fused Triton path (leave fused unset or True)")
         defaults = dict(defaults, maximize=maximize, foreach=foreach, fused=fused,
-                        on_nonfinite=on_nonfinite, lazy=defaults.get("lazy", False))
+                        on_nonfinite=on_nonfinite, capturable=capturable, lazy=defaults.get("lazy", False))
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in (("maximize", False), ("foreach", None), ("fused", None),
-                               ("on_nonfinite", "ignore"), ("lazy", False)):
+                               ("on_nonfinite", "ignore"), ("lazy", False), ("capturable", False)):
                 group.setdefault(key, value)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -139,7 +144,8 @@ class TigerOptimizer(Optimizer):
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         """Fresh state for ``p``: the step count and one tensor per state key."""
-        state = {"step": torch.tensor(0.0, dtype=_scalar_dtype())}
+        device = p.device if group["capturable"] else "cpu"
+        state = {"step": torch.tensor(0.0, dtype=_scalar_dtype(), device=device)}
         for key in self.state_keys:
             t = torch.zeros_like(p, dtype=state_dtype(p.dtype), memory_format=torch.preserve_format)
             value = self._initial_value(key, group)
@@ -163,6 +169,12 @@ class TigerOptimizer(Optimizer):
 
     def _path(self, group: dict[str, Any], device: torch.device, dtype: torch.dtype) -> str:
         fused, foreach = group["fused"], group["foreach"]
+        if group["capturable"] and device.type == "cuda":
+            if not (self.kernel and self._fused_ok(group) and dtype in TRITON_DTYPES
+                    and kernels.triton_usable()):
+                raise RuntimeError(f"{type(self).__name__}(capturable=True) needs the fused Triton path "
+                                   "for these parameters and options")
+            return "fused"
         if fused:
             if not self._fused_ok(group):
                 raise RuntimeError(f"{type(self).__name__}(fused=True) does not support the options "
@@ -239,11 +251,7 @@ class TigerOptimizer(Optimizer):
 
         for (device, dtype), lists in buckets.items():
             steps = lists[-1]
-            if steps[0].device.type == "cpu" and len(steps) > 1:
-                torch._foreach_add_(steps, 1)
-            else:
-                for s in steps:
-                    s += 1
+            torch._foreach_add_(steps, 1)
             impl = self._impl(self._path(group, device, dtype))
             impl(*lists[:-1], steps, **hyper)
 
@@ -273,6 +281,9 @@ class TigerOptimizer(Optimizer):
         p.index_copy_(0, idx, p_rows)
         for s, s_rows in zip(states, state_rows):
             s.index_copy_(0, idx, s_rows)
+
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
 
     # ----------------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -311,10 +322,10 @@ class TigerOptimizer(Optimizer):
             for key in self.state_keys:
                 mine[key] = st[key].to(device=p.device, dtype=state_dtype(p.dtype), copy=True)
             step = st.get("step")
-            if isinstance(step, Tensor):
-                mine["step"] = step.detach().to(device="cpu", dtype=_scalar_dtype(), copy=True)
-            elif step is not None:
-                mine["step"] = torch.tensor(float(step), dtype=_scalar_dtype())
+            if step is not None:
+                step = step.detach() if isinstance(step, Tensor) else torch.tensor(float(step))
+                device = p.device if self._group_of(p).get("capturable") else "cpu"
+                mine["step"] = step.to(device=device, dtype=_scalar_dtype(), copy=True)
 
 
 def _scalar_dtype() -> torch.dtype:

@@ -118,7 +118,7 @@ class Adagrad(TigerOptimizer):
         glove: the GloVe-style update of the module docstring.
         grad_clip_value: GloVe-style only: clip each gradient component to [-c, c].
         skip_nonfinite_rows: GloVe-style only: newer glove.c's skip of non-finite row updates.
-        maximize, foreach, fused, on_nonfinite: see :mod:`tigeropt._base`.
+        maximize, foreach, fused, on_nonfinite, capturable: see :mod:`tigeropt._base`.
         lazy: per-group; with dense gradients only rows that have a non-zero change.
     """
 
@@ -133,14 +133,15 @@ class Adagrad(TigerOptimizer):
                  initial_accumulator_value: float | None = None, eps: float = 1e-10, *,
                  glove: bool = False, grad_clip_value: float | None = None,
                  skip_nonfinite_rows: bool = False, maximize: bool = False, foreach: bool | None = None,
-                 fused: bool | None = None, lazy: bool = False, on_nonfinite: str = "ignore") -> None:
+                 fused: bool | None = None, lazy: bool = False, on_nonfinite: str = "ignore",
+                 capturable: bool = False) -> None:
         if initial_accumulator_value is None:
             initial_accumulator_value = 1.0 if glove else 0.0
         defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, eps=eps, glove=glove,
                         grad_clip_value=grad_clip_value, skip_nonfinite_rows=skip_nonfinite_rows, lazy=lazy)
         super().__init__(params, defaults, maximize=maximize, foreach=foreach, fused=fused,
-                         on_nonfinite=on_nonfinite)
+                         on_nonfinite=on_nonfinite, capturable=capturable)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])

@@ -66,7 +66,7 @@ class Lion(TigerOptimizer):
         lr: learning rate (default 1e-4, as in the paper's recommendation of 3-10x below AdamW).
         betas: (b1, b2) — b1 interpolates the update direction, b2 is the momentum decay.
         weight_decay: decoupled weight decay (``p *= 1 - lr*wd``).
-        maximize, foreach, fused, on_nonfinite: see :mod:`tigeropt._base`.
+        maximize, foreach, fused, on_nonfinite, capturable: see :mod:`tigeropt._base`.
         lazy: per-group; only rows (dim 0) with gradient change (sparse gradients allowed).
     """
 
@@ -78,10 +78,10 @@ class Lion(TigerOptimizer):
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, *,
                  maximize: bool = False, foreach: bool | None = None, fused: bool | None = None,
-                 lazy: bool = False, on_nonfinite: str = "ignore") -> None:
+                 lazy: bool = False, on_nonfinite: str = "ignore", capturable: bool = False) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, lazy=lazy)
         super().__init__(params, defaults, maximize=maximize, foreach=foreach, fused=fused,
-                         on_nonfinite=on_nonfinite)
+                         on_nonfinite=on_nonfinite, capturable=capturable)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])

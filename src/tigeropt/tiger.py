@@ -113,7 +113,7 @@ class Tiger(TigerOptimizer):
         lr: learning rate (default 1e-3, the original's).
         beta: momentum decay (default 0.965).
         weight_decay: ``p -= lr*wd*p`` (default 0.01).
-        maximize, foreach, fused, on_nonfinite: see :mod:`tigeropt._base`.
+        maximize, foreach, fused, on_nonfinite, capturable: see :mod:`tigeropt._base`.
         lr_scaling, accumulation_steps, nan_guard, shrink_ratio, kind: the original's extras.
         lazy: per-group; only rows (dim 0) with gradient change (sparse gradients allowed).
     """
@@ -127,12 +127,13 @@ class Tiger(TigerOptimizer):
                  beta: float = 0.965, weight_decay: float = 0.01, *, maximize: bool = False,
                  foreach: bool | None = None, fused: bool | None = None, lr_scaling: bool = False,
                  accumulation_steps: int = 1, nan_guard: bool = False, shrink_ratio: float = 0.99,
-                 kind: str = "auto", lazy: bool = False, on_nonfinite: str = "ignore") -> None:
+                 kind: str = "auto", lazy: bool = False, on_nonfinite: str = "ignore",
+                 capturable: bool = False) -> None:
         defaults = dict(lr=lr, beta=beta, weight_decay=weight_decay, lr_scaling=lr_scaling,
                         accumulation_steps=accumulation_steps, nan_guard=nan_guard,
                         shrink_ratio=shrink_ratio, kind=kind, lazy=lazy)
         super().__init__(params, defaults, maximize=maximize, foreach=foreach, fused=fused,
-                         on_nonfinite=on_nonfinite)
+                         on_nonfinite=on_nonfinite, capturable=capturable)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
