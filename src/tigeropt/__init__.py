@@ -7,9 +7,15 @@
 from ._base import TigerOptimizer
 from .adagrad import Adagrad
 from .adax import AdaX
+from .lazy import LazyOptimizer, embedding_weights
 from .lion import Lion
+from .mixed import MixedOptimizer, split_embeddings
 from .tiger import Tiger, kind_groups
 
 __version__ = "0.1.0"
 
-__all__ = ["Tiger", "Lion", "AdaX", "Adagrad", "TigerOptimizer", "kind_groups", "__version__"]
+__all__ = [
+    "Tiger", "Lion", "AdaX", "Adagrad", "TigerOptimizer", "kind_groups",
+    "LazyOptimizer", "embedding_weights", "MixedOptimizer", "split_embeddings",
+    "__version__",
+]

@@ -271,7 +271,8 @@ class TigerOptimizer(Optimizer):
                                    f"{g.sparse_dim()}")
             idx, rows = g.indices()[0], g.values()
         else:
-            idx = g.reshape(g.shape[0], -1).ne(0).any(dim=1).nonzero().squeeze(1)
+            touched = g.flatten(1).any(dim=1) if g.dim() > 1 else g.ne(0)
+            idx = touched.nonzero().squeeze(1)
             rows = g.index_select(0, idx)
         if idx.numel() == 0:
             return
