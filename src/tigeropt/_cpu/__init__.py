@@ -1,13 +1,448 @@
-"""Fused CPU step (placeholder until the C kernels land): reports itself unavailable."""
+"""The fused CPU step: one C call updates every tensor of a parameter group.
+
+An optimizer step is memory-bound, and the foreach path on CPU makes one pass
+over memory per elementary operation (7 to 10 passes).  The C kernels in
+``kernels.c`` read p, g and the state once and write p and the state once, for
+the whole tensor list in one OpenMP parallel region (the elements of all tensors
+are split into one contiguous range per thread).
+
+Mechanism: ``kernels.c`` is compiled on first use with the system C compiler
+(``$CC``, else ``cc``/``gcc``/``clang``) as
+``-O3 -march=native -fopenmp -ffp-contract=off -fno-math-errno -shared -fPIC``
+(dropping ``-march=native`` and then ``-fopenmp`` if the compiler refuses them)
+into ``$TIGEROPT_CACHE`` (default ``$XDG_CACHE_HOME/tigeropt`` or
+``~/.cache/tigeropt``), under a name that hashes the source, the compiler and
+its version, the flags and the CPU model, so a shared home directory never
+hands one machine another machine's instructions.  The file is written under
+a temporary name and renamed atomically, so concurrent processes never load a
+half-written library.  It is loaded with :mod:`ctypes`; no torch headers are
+needed and a build takes about a second.  Without a compiler, or if the build
+fails, :func:`available` is False (one ``RuntimeWarning`` says why) and the
+optimizers use the foreach path.  ``TIGEROPT_CPU_FUSED=0`` switches the fused
+CPU step off.
+
+Numerics are those of the reference (``_single_tensor_<name>``) functions,
+operation by operation (see ``kernels.c``): math in the state dtype (fp32 for
+bf16/fp16 parameters), parameters rounded once, to nearest even, at the store.
+
+The launchers :func:`fused_tiger`, :func:`fused_lion`, :func:`fused_adax` and
+:func:`fused_adagrad` take exactly the arguments of the foreach functions
+``_multi_tensor_<name>``.  Tensors the kernels cannot take (non-contiguous,
+sparse, not on the CPU, an unsupported dtype or a state dtype other than
+:func:`tigeropt._base.state_dtype` of the parameter) and options they do not
+implement (Tiger's ``lr_scaling``/``accumulation_steps``/``nan_guard``,
+Adagrad's ``skip_nonfinite_rows``) go through the foreach function instead.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import hashlib
+import operator
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from array import array
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
 import torch
+from torch import Tensor
+
+__all__ = ["supports", "available", "status", "build", "cache_dir", "fused_tiger", "fused_lion",
+           "fused_adax", "fused_adagrad", "SOURCE", "NAMES"]
+
+SOURCE = Path(__file__).with_name("kernels.c")
+NAMES = ("tiger", "lion", "adax", "adagrad")
+ABI = 1
+
+_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+_STATE = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32,
+          torch.float16: torch.float32}
+_BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
+# Tried in order; the first that builds wins.
+_FLAG_SETS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
+_STRIDED = torch.strided
+_IS_CPU = operator.attrgetter("is_cpu")
+_lock = threading.Lock()
 
 
-def supports(name: str, dtype: torch.dtype) -> bool:
-    return False
+# ---------------------------------------------------------------------------------------------- build
+def cache_dir() -> Path:
+    """Where builds live: ``$TIGEROPT_CACHE``, else ``$XDG_CACHE_HOME/tigeropt`` or ``~/.cache/tigeropt``."""
+    env = os.environ.get("TIGEROPT_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tigeropt"
+
+
+def _find_compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc) or cc
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@functools.cache
+def _cpu_identity() -> str:
+    """The CPU model and feature flags (``-march=native`` code only runs on the same kind of CPU)."""
+    parts = [platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part"):
+                    parts.append(line.strip())
+                if line.strip() == "":  # the first processor is enough
+                    break
+    except OSError:
+        pass
+    return "\n".join(parts)
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+        return out.stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown ({exc})"
+
+
+def build(cache: Path | None = None, compiler: str | None = None) -> Path:
+    """Compile ``kernels.c`` (or reuse the cached build) and return the library's path.
+
+    Raises ``RuntimeError`` with the compiler's message when no flag set builds.
+    """
+    cc = compiler or _find_compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC or install cc/gcc/clang)")
+    if cache is None:
+        cache = cache_dir()
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            if not os.access(cache, os.W_OK):
+                raise OSError(f"{cache} is not writable")
+        except OSError:  # e.g. a read-only home directory
+            cache = Path(tempfile.gettempdir()) / f"tigeropt-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    source = SOURCE.read_bytes()
+    version = _compiler_version(cc)
+    errors = []
+    for extra in _FLAG_SETS:
+        flags = _BASE_FLAGS + extra
+        key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(flags).encode(),
+                                         _cpu_identity().encode()])).hexdigest()[:20]
+        lib = cache / f"kernels-{key}.so"
+        failed = cache / f"kernels-{key}.failed"
+        if lib.exists():
+            return lib
+        if failed.exists():
+            errors.append(f"{' '.join(extra) or 'plain'}: failed before (see {failed})")
+            continue
+        fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=cache)
+        os.close(fd)
+        refused = False
+        try:
+            out = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                                 timeout=300)
+            if out.returncode == 0:
+                os.replace(tmp, lib)  # atomic: other processes see no file or a whole one
+                return lib
+            message, refused = (out.stderr or out.stdout).strip(), True
+        except (OSError, subprocess.SubprocessError) as exc:
+            message = f"{type(exc).__name__}: {exc}"
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        errors.append(f"{' '.join(extra) or 'plain'}: {message[-500:]}")
+        if refused:  # the compiler said no: remember it, so later processes skip this flag set at once
+            try:
+                failed.write_text(message)
+            except OSError:
+                pass
+    raise RuntimeError(f"building {SOURCE.name} with {cc} failed: " + " | ".join(errors))
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    vp, i32 = ctypes.c_void_p, ctypes.c_int
+    for name, nlists in (("tiger", 3), ("lion", 3), ("adax", 4), ("adagrad", 3)):
+        fn = getattr(lib, f"tigeropt_{name}")
+        per = [vp] if name in ("adax", "adagrad") else []
+        fn.argtypes = [i32, i32] + [vp] * nlists + [vp, vp] + per + [i32]
+        fn.restype = None
+    for name in ("tigeropt_abi", "tigeropt_has_openmp", "tigeropt_has_f16"):
+        getattr(lib, name).restype = i32
+        getattr(lib, name).argtypes = []
+
+
+_state: dict[str, Any] = {}
+
+
+def _load() -> ctypes.CDLL | None:
+    """The loaded library, or None (the reason is in ``status()``); builds on first call."""
+    if "lib" in _state:
+        return _state["lib"]
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]
+        lib, why = None, "ok"
+        if os.environ.get("TIGEROPT_CPU_FUSED", "1") == "0":
+            why = "switched off by TIGEROPT_CPU_FUSED=0"
+        else:
+            try:
+                lib = ctypes.CDLL(str(build()))
+                _declare(lib)
+                if lib.tigeropt_abi() != ABI:
+                    raise RuntimeError(f"library ABI {lib.tigeropt_abi()} != {ABI}")
+            except Exception as exc:  # never crash: fall back to foreach
+                lib, why = None, f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"tigeropt: the fused CPU step is unavailable ({why}); using the foreach "
+                              "path", RuntimeWarning, stacklevel=3)
+        _state["why"] = why
+        _state["lib"] = lib
+        return lib
+
+
+def status() -> str:
+    """'ok', or why the fused CPU step cannot be used (builds the library on first call)."""
+    _load()
+    return _state["why"]
 
 
 def available() -> bool:
-    return False
+    """Whether the fused CPU step can run here (builds it on first call; False warns once why)."""
+    return _load() is not None
+
+
+def has_openmp() -> bool:
+    """Whether the built library runs on several threads."""
+    lib = _load()
+    return bool(lib is not None and lib.tigeropt_has_openmp())
+
+
+def supports(name: str, dtype: torch.dtype) -> bool:
+    """Whether the fused CPU step implements optimizer ``name`` for parameters of ``dtype``.
+
+    fp32, fp64 and bf16 always; fp16 when the compiler has fp16 conversions.
+    """
+    if name not in NAMES or dtype not in _CODES:
+        return False
+    if dtype == torch.float16:
+        lib = _load()
+        return bool(lib is not None and lib.tigeropt_has_f16())
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- launch
+def _ptrs(tensors: Sequence[Tensor]) -> array:
+    return array("Q", map(Tensor.data_ptr, tensors))
+
+
+def _addr(a: array) -> int:
+    return a.buffer_info()[0]
+
+
+def _uniform(lists: Sequence[Sequence[Tensor]], f16: bool) -> int | None:
+    """The dtype code when the kernels take every tensor (the common case, checked list-wise), else None."""
+    params, grads, *states = lists
+    dtype = params[0].dtype
+    code = _CODES.get(dtype)
+    if code is None or (code == 3 and not f16):
+        return None
+    sd = _STATE[dtype]
+    try:
+        for lst, want in ((params, dtype), (grads, dtype), *((s, sd) for s in states)):
+            if (any(t.dtype is not want for t in lst) or not all(map(_IS_CPU, lst))
+                    or not all(map(Tensor.is_contiguous, lst))):
+                return None
+    except RuntimeError:  # is_contiguous() of a sparse tensor
+        return None
+    numel = list(map(Tensor.numel, params))
+    for lst in lists[1:]:
+        if list(map(Tensor.numel, lst)) != numel:
+            return None
+    return code
+
+
+def _split(lists: Sequence[Sequence[Tensor]], f16: bool) -> tuple[dict[int, list[int]], list[int]]:
+    """Indices per dtype code of the tensors the kernels take, and the others."""
+    params, grads, *states = lists
+    code = _uniform(lists, f16)
+    if code is not None:
+        return {code: list(range(len(params)))}, []
+    groups: dict[int, list[int]] = {}
+    other: list[int] = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        code = _CODES.get(p.dtype)
+        ok = (code is not None and (code != 3 or f16) and g.layout is _STRIDED and p.layout is _STRIDED
+              and g.dtype is p.dtype and p.is_cpu and g.is_cpu and p.is_contiguous() and g.is_contiguous()
+              and g.numel() == p.numel())
+        if ok:
+            sd = _STATE[p.dtype]
+            for s in states:
+                t = s[i]
+                if not (t.dtype is sd and t.layout is _STRIDED and t.is_cpu and t.is_contiguous()
+                        and t.numel() == p.numel()):
+                    ok = False
+                    break
+        if ok:
+            groups.setdefault(code, []).append(i)  # type: ignore[arg-type]
+        else:
+            other.append(i)
+    return groups, other
+
+
+def _pick(lst: Sequence[Any], idx: list[int]) -> list[Any]:
+    return [lst[i] for i in idx]
+
+
+def _launch(name: str, lists: list[Sequence[Tensor]], state_steps: Sequence[Tensor], hp: list[float],
+            per: Callable[[list[Tensor]], list[float]] | None,
+            fallback: Callable[..., None], kwargs: dict[str, Any]) -> None:
+    """Run the C kernel ``name`` on the tensors it takes and ``fallback`` on the rest."""
+    lib = _load()
+    if lib is None:
+        fallback(*lists, state_steps, **kwargs)
+        return
+    groups, other = _split(lists, bool(lib.tigeropt_has_f16()))
+    if other:
+        fallback(*[_pick(lst, other) for lst in lists], _pick(state_steps, other), **kwargs)
+    if not groups:
+        return
+    fn = getattr(lib, f"tigeropt_{name}")
+    hp_arr = array("d", hp)
+    nthreads = torch.get_num_threads()
+    for code, idx in groups.items():
+        sub = lists if len(idx) == len(lists[0]) else [_pick(lst, idx) for lst in lists]
+        ptrs = [_ptrs(lst) for lst in sub]
+        numel = array("q", map(Tensor.numel, sub[0]))
+        args: list[Any] = [len(idx), code, *[_addr(a) for a in ptrs], _addr(numel), _addr(hp_arr)]
+        if per is not None:
+            steps = state_steps if len(idx) == len(state_steps) else _pick(state_steps, idx)
+            per_arr = array("d", per(steps))
+            args.append(_addr(per_arr))
+        fn(*args, nthreads)
+        # Writes through raw pointers: tell autograd the tensors changed, as an in-place op would.
+        torch.autograd.graph.increment_version([t for lst in sub[:1] + sub[2:] for t in lst])
+
+
+def _scalar(x: float | Tensor) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def fused_tiger(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], state_steps: list[Tensor],
+                *, lr: float | Tensor, beta: float, weight_decay: float, maximize: bool,
+                lr_scaling: bool = False, accumulation_steps: int = 1, nan_guard: bool = False,
+                shrink_ratio: float = 0.99, kind: str = "auto") -> None:
+    """Tiger, ``m = beta*m + (1-beta)*g; p = p - lr*(sign(m) + wd*p)``, in one C call.
+
+    Same arguments and numbers as :func:`tigeropt.tiger._multi_tensor_tiger`; the
+    original's extras (lr_scaling, accumulation_steps > 1, nan_guard) run there.
+    """
+    from ..tiger import _multi_tensor_tiger
+
+    kwargs = dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize, lr_scaling=lr_scaling,
+                  accumulation_steps=accumulation_steps, nan_guard=nan_guard, shrink_ratio=shrink_ratio,
+                  kind=kind)
+    if lr_scaling or accumulation_steps > 1 or nan_guard or not params:
+        _multi_tensor_tiger(params, grads, exp_avgs, state_steps, **kwargs)
+        return
+    lr_f = _scalar(lr)
+    hp = [beta, 1 - beta, weight_decay, -lr_f, -1.0 if maximize else 1.0]
+    _launch("tiger", [params, grads, exp_avgs], state_steps, hp, None, _multi_tensor_tiger, kwargs)
+
+
+def fused_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], state_steps: list[Tensor],
+               *, lr: float | Tensor, beta1: float, beta2: float, weight_decay: float,
+               maximize: bool) -> None:
+    """Lion, ``c = b1*m + (1-b1)*g; p = p*(1-lr*wd) - lr*sign(c); m = b2*m + (1-b2)*g``, in one C call.
+
+    Same arguments and numbers as :func:`tigeropt.lion._multi_tensor_lion`.
+    """
+    from ..lion import _multi_tensor_lion
+
+    if not params:
+        return
+    lr_f = _scalar(lr)
+    hp = [beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr_f * weight_decay, -lr_f, -1.0 if maximize else 1.0]
+    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
+    _launch("lion", [params, grads, exp_avgs], state_steps, hp, None, _multi_tensor_lion, kwargs)
+
+
+def fused_adax(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+               state_steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
+               weight_decay: float, decoupled_weight_decay: bool, maximize: bool) -> None:
+    """AdaX (stable form) in one C call; per-tensor (bhat, 1-bhat, eps/sqrt(bc)) from ``adax_scalars``.
+
+    ``m = b1*m + (1-b1)*g; vhat = bhat*vhat + (1-bhat)*g^2; p -= lr*m/(sqrt(vhat) + eps/sqrt(bc))``,
+    with L2 (``g += wd*p``) or decoupled (``p *= 1-lr*wd``) weight decay.  Same arguments and
+    numbers as :func:`tigeropt.adax._multi_tensor_adax`.
+    """
+    from ..adax import _multi_tensor_adax, adax_scalars
+
+    if not params:
+        return
+    lr_f = _scalar(lr)
+    l2 = weight_decay != 0.0 and not decoupled_weight_decay
+    dec = weight_decay != 0.0 and decoupled_weight_decay
+    hp = [beta1, 1 - beta1, weight_decay, float(l2), 1 - lr_f * weight_decay, float(dec), -lr_f,
+          -1.0 if maximize else 1.0]
+
+    def per(steps: list[Tensor]) -> list[float]:
+        memo: dict[float, tuple[float, float, float]] = {}
+        out: list[float] = []
+        for s in steps:
+            t = s.item()
+            sc = memo.get(t)
+            if sc is None:
+                sc = memo[t] = adax_scalars(t, beta2, eps)
+            out.extend(sc)
+        return out
+
+    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                  decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+    _launch("adax", [params, grads, exp_avgs, exp_avg_sqs], state_steps, hp, per, _multi_tensor_adax, kwargs)
+
+
+def fused_adagrad(params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor],
+                  state_steps: list[Tensor], *, lr: float | Tensor, lr_decay: float, weight_decay: float,
+                  eps: float, glove: bool, grad_clip_value: float | None, skip_nonfinite_rows: bool,
+                  maximize: bool) -> None:
+    """Adagrad, standard (== ``torch.optim.Adagrad``) or GloVe-style, in one C call.
+
+    Standard: ``G += g^2; p -= clr*g/(sqrt(G) + eps)``; GloVe-style: ``u = clr*clip(g);
+    p -= u/sqrt(G); G += u^2``; ``clr = lr/(1 + (t-1)*lr_decay)`` per tensor.  Same arguments
+    and numbers as :func:`tigeropt.adagrad._multi_tensor_adagrad`; ``skip_nonfinite_rows`` runs there.
+    """
+    from ..adagrad import _multi_tensor_adagrad
+
+    kwargs = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, glove=glove,
+                  grad_clip_value=grad_clip_value, skip_nonfinite_rows=skip_nonfinite_rows, maximize=maximize)
+    if not params:
+        return
+    if glove and skip_nonfinite_rows:
+        _multi_tensor_adagrad(params, grads, state_sums, state_steps, **kwargs)
+        return
+    lr_f = _scalar(lr)
+    clip = grad_clip_value is not None
+    hp = [weight_decay, float(weight_decay != 0.0), eps, -1.0 if maximize else 1.0, float(glove),
+          float(grad_clip_value) if clip else 0.0, float(clip)]
+
+    def per(steps: list[Tensor]) -> list[float]:
+        if lr_decay == 0.0:
+            return [lr_f] * len(steps)
+        return [lr_f / (1 + (s.item() - 1) * lr_decay) for s in steps]
+
+    _launch("adagrad", [params, grads, state_sums], state_steps, hp, per, _multi_tensor_adagrad, kwargs)

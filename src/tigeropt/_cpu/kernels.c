@@ -1,0 +1,408 @@
+/*
+ * tigeropt fused CPU step: one call updates a whole list of tensors.
+ *
+ * Built on first use by tigeropt/_cpu/__init__.py with the system C compiler
+ * (cc -O3 -march=native -fopenmp -ffp-contract=off -fno-math-errno -shared -fPIC)
+ * and loaded with ctypes.  No Python or torch headers are needed.
+ *
+ * Every entry point takes the tensors of one call as arrays of data pointers
+ * plus their element counts, the hyperparameters as doubles (hp), optional
+ * per-tensor scalars as doubles (per), and a thread count.  The tensors are cut
+ * into work items of at most CHUNK elements that the threads of one OpenMP
+ * parallel region take in turn, so one region covers the whole list and each
+ * byte of p, g and the state is read once and p and the state written once.
+ *
+ * Numerics follow the reference (single-tensor torch) implementation
+ * operation by operation: the math runs in the state dtype (fp32 for bf16 and
+ * fp16 parameters), scalars are rounded to that dtype as torch rounds a Python
+ * float, `add_(x, alpha=a)` is fma(x, a, self) like ATen's vectorized add,
+ * addcmul is fma(value*t1, t2, self) and addcdiv self + (value*t1)/t2, sign(0) =
+ * sign(NaN) = 0, and low-precision parameters are rounded once, at the store,
+ * to nearest even.  -ffp-contract=off keeps the compiler from fusing anything
+ * else.
+ *
+ * dtype codes: 0 float32, 1 float64, 2 bfloat16, 3 float16 (state is float32
+ * for codes 2 and 3, else the parameter's dtype).
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#define TIGEROPT_F16 1
+#elif defined(__FLT16_MAX__)
+#define TIGEROPT_F16 2
+#else
+#define TIGEROPT_F16 0
+#endif
+
+#define TIGEROPT_ABI 1
+
+enum { DT_F32 = 0, DT_F64 = 1, DT_BF16 = 2, DT_F16 = 3 };
+
+/* Elements per thread below which fewer threads are used, elements per work item, and the
+   block of low-precision elements converted to fp32 at a time (stays in L1). */
+#define MIN_PER_THREAD 32768
+#define CHUNK 65536
+#define BLOCK 512
+
+int tigeropt_abi(void) { return TIGEROPT_ABI; }
+
+int tigeropt_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int tigeropt_has_f16(void) { return TIGEROPT_F16 != 0; }
+
+/* ------------------------------------------------------------------ conversions */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* c10::BFloat16's round_to_nearest_even. */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if (f != f) return (uint16_t)0x7FC0;
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static void load_bf16(float *restrict dst, const uint16_t *restrict src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
+}
+
+static void store_bf16(uint16_t *restrict dst, const float *restrict src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+}
+
+#if TIGEROPT_F16 == 1
+static void load_f16(float *restrict dst, const uint16_t *restrict src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = _cvtsh_ss(src[i]);
+}
+
+static void store_f16(uint16_t *restrict dst, const float *restrict src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) dst[i] = (uint16_t)_cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+}
+#elif TIGEROPT_F16 == 2
+static void load_f16(float *restrict dst, const uint16_t *restrict src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        _Float16 h;
+        memcpy(&h, src + i, sizeof h);
+        dst[i] = (float)h;
+    }
+}
+
+static void store_f16(uint16_t *restrict dst, const float *restrict src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        _Float16 h = (_Float16)src[i];
+        memcpy(dst + i, &h, sizeof h);
+    }
+}
+#endif
+
+/* ------------------------------------------------------------------ core loops
+ * One definition per math type T (float, double).  FMA is fmaf/fma, SQRT the
+ * correctly rounded square root; gs is +1 or -1 (maximize), exact.
+ */
+
+#define SIGN(T, x) ((T)((x) > (T)0) - (T)((x) < (T)0))
+
+#define DEFINE_CORES(T, SUF, FMA, SQRT)                                                           \
+    /* m = beta*m + (1-beta)*g;  p = p - lr*(sign(m) + wd*p) */                                   \
+    static void tiger_core_##SUF(T *restrict p, const T *restrict g, T *restrict m, int64_t n,    \
+                                 T beta, T alpha, T wd, T nlr, T gs) {                            \
+        for (int64_t i = 0; i < n; i++) {                                                         \
+            T mi = FMA(g[i] * gs, alpha, m[i] * beta);                                            \
+            m[i] = mi;                                                                            \
+            T pi = p[i];                                                                          \
+            p[i] = FMA(FMA(pi, wd, SIGN(T, mi)), nlr, pi);                                           \
+        }                                                                                         \
+    }                                                                                             \
+    /* c = b1*m + (1-b1)*g;  p = p*(1-lr*wd) - lr*sign(c);  m = b2*m + (1-b2)*g */                \
+    static void lion_core_##SUF(T *restrict p, const T *restrict g, T *restrict m, int64_t n,     \
+                                T b1, T a1, T b2, T a2, T decay, T nlr, T gs) {                   \
+        for (int64_t i = 0; i < n; i++) {                                                         \
+            T gi = g[i] * gs;                                                                     \
+            T mi = m[i];                                                                          \
+            T c = FMA(gi, a1, mi * b1);                                                           \
+            p[i] = FMA(SIGN(T, c), nlr, p[i] * decay);                                               \
+            m[i] = FMA(gi, a2, mi * b2);                                                          \
+        }                                                                                         \
+    }                                                                                             \
+    /* g += wd*p (L2);  m = b1*m + (1-b1)*g;  v = bhat*v + (1-bhat)*g^2;                          \
+       p *= 1-lr*wd (decoupled);  p -= lr*m/(sqrt(v) + eps_t) */                                  \
+    static void adax_core_##SUF(T *restrict p, const T *restrict g, T *restrict m, T *restrict v, \
+                                int64_t n, T b1, T a1, T wd, int l2, T decay, int decoupled,      \
+                                T nlr, T gs, T bhat, T omb, T eps_t) {                            \
+        for (int64_t i = 0; i < n; i++) {                                                         \
+            T pi = p[i];                                                                          \
+            T gi = g[i] * gs;                                                                     \
+            if (l2) gi = FMA(pi, wd, gi);                                                         \
+            T mi = FMA(gi, a1, m[i] * b1);                                                        \
+            m[i] = mi;                                                                            \
+            T vi = FMA(omb * gi, gi, v[i] * bhat);                                                 \
+            v[i] = vi;                                                                            \
+            T d = SQRT(vi) + eps_t;                                                               \
+            if (decoupled) pi = pi * decay;                                                       \
+            p[i] = pi + (nlr * mi) / d;                                                           \
+        }                                                                                         \
+    }                                                                                             \
+    /* g += wd*p;  G += g^2;  p -= clr*g/(sqrt(G) + eps)      (torch.optim.Adagrad) */            \
+    static void adagrad_core_##SUF(T *restrict p, const T *restrict g, T *restrict acc,           \
+                                   int64_t n, T wd, int l2, T eps, T gs, T nclr) {                \
+        for (int64_t i = 0; i < n; i++) {                                                         \
+            T pi = p[i];                                                                          \
+            T gi = g[i] * gs;                                                                     \
+            if (l2) gi = FMA(pi, wd, gi);                                                         \
+            T a = FMA(gi, gi, acc[i]);                                                               \
+            acc[i] = a;                                                                           \
+            p[i] = pi + (nclr * gi) / (SQRT(a) + eps);                                            \
+        }                                                                                         \
+    }                                                                                             \
+    /* g += wd*p;  u = clr*clip(g, -c, c);  p -= u/sqrt(G);  G += u^2      (GloVe) */             \
+    static void glove_core_##SUF(T *restrict p, const T *restrict g, T *restrict acc, int64_t n,  \
+                                 T wd, int l2, T clip, int do_clip, T gs, T clr) {                \
+        for (int64_t i = 0; i < n; i++) {                                                         \
+            T pi = p[i];                                                                          \
+            T gi = g[i] * gs;                                                                     \
+            if (l2) gi = FMA(pi, wd, gi);                                                         \
+            if (do_clip) gi = gi < -clip ? -clip : (gi > clip ? clip : gi);                       \
+            T u = gi * clr;                                                                       \
+            T a = acc[i];                                                                         \
+            p[i] = pi - u / SQRT(a);                                                              \
+            acc[i] = FMA(u, u, a);                                                                   \
+        }                                                                                         \
+    }
+
+DEFINE_CORES(float, f32, fmaf, sqrtf)
+DEFINE_CORES(double, f64, fma, sqrt)
+
+/* ------------------------------------------------------------------ call arguments */
+
+typedef struct {
+    int dtype;
+    void *const *p;
+    void *const *g;
+    void *const *s1;
+    void *const *s2;
+    const double *hp;  /* global hyperparameters (meaning per optimizer) */
+    const double *per; /* per-tensor scalars, `nper` per tensor, or NULL */
+    int nper;
+} Args;
+
+typedef void (*RangeFn)(const Args *a, int t, int64_t start, int64_t len);
+
+/* Work items are (tensor, start, length) pieces of at most CHUNK elements.  Threads take
+   them in order from a shared counter (OpenMP dynamic schedule): the work balances itself
+   over threads, and a thread that starts late (another process holds its core) finds the
+   work already done by the others instead of making them wait for its share. */
+typedef struct {
+    int t;
+    int64_t start, len;
+} Item;
+
+static void run_items(const Item *items, int64_t nitems, int nt, RangeFn fn, const Args *a) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+#endif
+    for (int64_t k = 0; k < nitems; k++) fn(a, items[k].t, items[k].start, items[k].len);
+}
+
+static void run(int n, const int64_t *numel, int nthreads, RangeFn fn, const Args *a) {
+    int64_t total = 0, nitems = 0;
+    for (int i = 0; i < n; i++) {
+        total += numel[i];
+        nitems += (numel[i] + CHUNK - 1) / CHUNK;
+    }
+    if (total <= 0) return;
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if ((int64_t)nt * MIN_PER_THREAD > total) nt = (int)(total / MIN_PER_THREAD);
+    if (nt < 1) nt = 1;
+    if (nt == 1) {
+        for (int i = 0; i < n; i++)
+            if (numel[i] > 0) fn(a, i, 0, numel[i]);
+        return;
+    }
+    Item stack_items[256];
+    Item *items = nitems <= 256 ? stack_items : (Item *)malloc((size_t)nitems * sizeof(Item));
+    if (items == NULL) { /* out of memory: one thread, no table */
+        for (int i = 0; i < n; i++)
+            if (numel[i] > 0) fn(a, i, 0, numel[i]);
+        return;
+    }
+    int64_t k = 0;
+    for (int i = 0; i < n; i++)
+        for (int64_t s = 0; s < numel[i]; s += CHUNK) {
+            items[k].t = i;
+            items[k].start = s;
+            items[k].len = numel[i] - s < CHUNK ? numel[i] - s : CHUNK;
+            k++;
+        }
+    run_items(items, nitems, nt, fn, a);
+    if (items != stack_items) free(items);
+}
+
+/* Low-precision parameters: convert blocks of p and g to fp32, run the fp32
+   core on them and the fp32 state, round p back. */
+#if TIGEROPT_F16
+#define LOWP_LOAD(dst, src, n, dt) ((dt) == DT_BF16 ? load_bf16(dst, src, n) : load_f16(dst, src, n))
+#define LOWP_STORE(dst, src, n, dt) ((dt) == DT_BF16 ? store_bf16(dst, src, n) : store_f16(dst, src, n))
+#else
+#define LOWP_LOAD(dst, src, n, dt) load_bf16(dst, src, n)
+#define LOWP_STORE(dst, src, n, dt) store_bf16(dst, src, n)
+#endif
+
+#define LOWP_BLOCKS(a, t, start, len, CALL)                                                       \
+    do {                                                                                          \
+        uint16_t *p16 = (uint16_t *)(a)->p[t] + (start);                                          \
+        const uint16_t *g16 = (const uint16_t *)(a)->g[t] + (start);                              \
+        float pb[BLOCK], gb[BLOCK];                                                               \
+        for (int64_t o = 0; o < (len); o += BLOCK) {                                              \
+            int64_t k = (len) - o < BLOCK ? (len) - o : BLOCK;                                    \
+            LOWP_LOAD(pb, p16 + o, k, (a)->dtype);                                                \
+            LOWP_LOAD(gb, g16 + o, k, (a)->dtype);                                                \
+            CALL;                                                                                 \
+            LOWP_STORE(p16 + o, pb, k, (a)->dtype);                                               \
+        }                                                                                         \
+    } while (0)
+
+#define PTR(T, arr, t, start) ((T *)(arr)[t] + (start))
+
+/* ------------------------------------------------------------------ Tiger
+   hp = [beta, 1-beta, wd, -lr, gs] */
+static void tiger_range(const Args *a, int t, int64_t s, int64_t n) {
+    const double *h = a->hp;
+    if (a->dtype == DT_F64) {
+        tiger_core_f64(PTR(double, a->p, t, s), PTR(const double, a->g, t, s), PTR(double, a->s1, t, s),
+                       n, h[0], h[1], h[2], h[3], h[4]);
+    } else if (a->dtype == DT_F32) {
+        tiger_core_f32(PTR(float, a->p, t, s), PTR(const float, a->g, t, s), PTR(float, a->s1, t, s), n,
+                       (float)h[0], (float)h[1], (float)h[2], (float)h[3], (float)h[4]);
+    } else {
+        float *m = PTR(float, a->s1, t, s);
+        LOWP_BLOCKS(a, t, s, n,
+                    tiger_core_f32(pb, gb, m + o, k, (float)h[0], (float)h[1], (float)h[2], (float)h[3],
+                                   (float)h[4]));
+    }
+}
+
+void tigeropt_tiger(int n, int dtype, void *const *p, void *const *g, void *const *m, const int64_t *numel,
+                    const double *hp, int nthreads) {
+    Args a = {dtype, p, g, m, NULL, hp, NULL, 0};
+    run(n, numel, nthreads, tiger_range, &a);
+}
+
+/* ------------------------------------------------------------------ Lion
+   hp = [b1, 1-b1, b2, 1-b2, 1-lr*wd, -lr, gs] */
+static void lion_range(const Args *a, int t, int64_t s, int64_t n) {
+    const double *h = a->hp;
+    if (a->dtype == DT_F64) {
+        lion_core_f64(PTR(double, a->p, t, s), PTR(const double, a->g, t, s), PTR(double, a->s1, t, s), n,
+                      h[0], h[1], h[2], h[3], h[4], h[5], h[6]);
+    } else if (a->dtype == DT_F32) {
+        lion_core_f32(PTR(float, a->p, t, s), PTR(const float, a->g, t, s), PTR(float, a->s1, t, s), n,
+                      (float)h[0], (float)h[1], (float)h[2], (float)h[3], (float)h[4], (float)h[5],
+                      (float)h[6]);
+    } else {
+        float *m = PTR(float, a->s1, t, s);
+        LOWP_BLOCKS(a, t, s, n,
+                    lion_core_f32(pb, gb, m + o, k, (float)h[0], (float)h[1], (float)h[2], (float)h[3],
+                                  (float)h[4], (float)h[5], (float)h[6]));
+    }
+}
+
+void tigeropt_lion(int n, int dtype, void *const *p, void *const *g, void *const *m, const int64_t *numel,
+                   const double *hp, int nthreads) {
+    Args a = {dtype, p, g, m, NULL, hp, NULL, 0};
+    run(n, numel, nthreads, lion_range, &a);
+}
+
+/* ------------------------------------------------------------------ AdaX
+   hp = [b1, 1-b1, wd, l2, 1-lr*wd, decoupled, -lr, gs]; per = [bhat, 1-bhat, eps_t] per tensor */
+static void adax_range(const Args *a, int t, int64_t s, int64_t n) {
+    const double *h = a->hp, *q = a->per + 3 * (int64_t)t;
+    int l2 = h[3] != 0.0, dec = h[5] != 0.0;
+    if (a->dtype == DT_F64) {
+        adax_core_f64(PTR(double, a->p, t, s), PTR(const double, a->g, t, s), PTR(double, a->s1, t, s),
+                      PTR(double, a->s2, t, s), n, h[0], h[1], h[2], l2, h[4], dec, h[6], h[7], q[0], q[1],
+                      q[2]);
+    } else if (a->dtype == DT_F32) {
+        adax_core_f32(PTR(float, a->p, t, s), PTR(const float, a->g, t, s), PTR(float, a->s1, t, s),
+                      PTR(float, a->s2, t, s), n, (float)h[0], (float)h[1], (float)h[2], l2, (float)h[4],
+                      dec, (float)h[6], (float)h[7], (float)q[0], (float)q[1], (float)q[2]);
+    } else {
+        float *m = PTR(float, a->s1, t, s), *v = PTR(float, a->s2, t, s);
+        LOWP_BLOCKS(a, t, s, n,
+                    adax_core_f32(pb, gb, m + o, v + o, k, (float)h[0], (float)h[1], (float)h[2], l2,
+                                  (float)h[4], dec, (float)h[6], (float)h[7], (float)q[0], (float)q[1],
+                                  (float)q[2]));
+    }
+}
+
+void tigeropt_adax(int n, int dtype, void *const *p, void *const *g, void *const *m, void *const *v,
+                   const int64_t *numel, const double *hp, const double *per, int nthreads) {
+    Args a = {dtype, p, g, m, v, hp, per, 3};
+    run(n, numel, nthreads, adax_range, &a);
+}
+
+/* ------------------------------------------------------------------ Adagrad
+   hp = [wd, l2, eps, gs, glove, clip, do_clip]; per = [clr] per tensor */
+static void adagrad_range(const Args *a, int t, int64_t s, int64_t n) {
+    const double *h = a->hp;
+    double clr = a->per[t];
+    int l2 = h[1] != 0.0, glove = h[4] != 0.0, do_clip = h[6] != 0.0;
+    if (a->dtype == DT_F64) {
+        double *p = PTR(double, a->p, t, s), *acc = PTR(double, a->s1, t, s);
+        const double *g = PTR(const double, a->g, t, s);
+        if (glove)
+            glove_core_f64(p, g, acc, n, h[0], l2, h[5], do_clip, h[3], clr);
+        else
+            adagrad_core_f64(p, g, acc, n, h[0], l2, h[2], h[3], -clr);
+    } else if (a->dtype == DT_F32) {
+        float *p = PTR(float, a->p, t, s), *acc = PTR(float, a->s1, t, s);
+        const float *g = PTR(const float, a->g, t, s);
+        if (glove)
+            glove_core_f32(p, g, acc, n, (float)h[0], l2, (float)h[5], do_clip, (float)h[3], (float)clr);
+        else
+            adagrad_core_f32(p, g, acc, n, (float)h[0], l2, (float)h[2], (float)h[3], (float)-clr);
+    } else {
+        float *acc = PTR(float, a->s1, t, s);
+        if (glove)
+            LOWP_BLOCKS(a, t, s, n,
+                        glove_core_f32(pb, gb, acc + o, k, (float)h[0], l2, (float)h[5], do_clip,
+                                       (float)h[3], (float)clr));
+        else
+            LOWP_BLOCKS(a, t, s, n,
+                        adagrad_core_f32(pb, gb, acc + o, k, (float)h[0], l2, (float)h[2], (float)h[3],
+                                         (float)-clr));
+    }
+}
+
+void tigeropt_adagrad(int n, int dtype, void *const *p, void *const *g, void *const *acc,
+                      const int64_t *numel, const double *hp, const double *per, int nthreads) {
+    Args a = {dtype, p, g, acc, NULL, hp, per, 1};
+    run(n, numel, nthreads, adagrad_range, &a);
+}

@@ -1,0 +1,384 @@
+"""Demo: a small character-level language model trained with AdamW, Tiger, Lion and AdaX on CPU.
+
+    python -m tigeropt.demo                       # about two minutes on 2 CPU cores
+    python -m tigeropt.demo --steps 600 --optimizers adamw,tiger
+
+The text is the Python standard library's own source (the ``*.py`` files in
+``sysconfig.get_paths()["stdlib"]``), so it runs offline on every machine.  Every
+optimizer starts from the same model initialisation and sees the same batches;
+only the optimizer (and its learning rate / weight decay) changes.  The table at
+the end lists the final loss on training and held-out text (cross-entropy in nats
+per character, on fixed evaluation batches), the time per training step and per
+``optimizer.step()``, and the bytes of optimizer state (step counters excluded):
+Tiger and Lion keep one buffer per parameter, AdamW and AdaX two.
+
+The pieces (:func:`load_corpus`, :class:`CharTransformer`, :func:`make_optimizer`,
+:func:`train`, :func:`state_bytes`) are reused by ``benchmarks/bench_quality.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import sysconfig
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .adagrad import Adagrad
+from .adax import AdaX
+from .lion import Lion
+from .tiger import Tiger
+
+__all__ = ["CharCorpus", "CharTransformer", "Recipe", "RECIPES", "RunResult", "load_corpus", "make_optimizer",
+           "state_bytes", "param_bytes", "evaluate", "train", "markdown_table", "main"]
+
+# --------------------------------------------------------------------------- data
+#: Fixed vocabulary: newline, tab, printable ASCII, and one "other" token (non-ASCII bytes).
+VOCAB = "\n\t" + "".join(chr(c) for c in range(32, 127))
+UNK = len(VOCAB)
+VOCAB_SIZE = len(VOCAB) + 1
+
+
+@dataclass
+class CharCorpus:
+    """Token ids (uint8) of the training and held-out text, and where they came from."""
+
+    train: Tensor
+    heldout: Tensor
+    files: int
+    source: str
+
+    def batch(self, split: str, batch_size: int, context: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Random windows: inputs ``x`` (B, T) and next-character targets ``y`` (B, T), int64."""
+        ids = self.train if split == "train" else self.heldout
+        start = torch.randint(0, ids.numel() - context - 1, (batch_size,), generator=gen)
+        rows = start[:, None] + torch.arange(context + 1)
+        window = ids[rows].long()
+        return window[:, :-1], window[:, 1:]
+
+
+def encode(raw: bytes) -> Tensor:
+    """UTF-8 bytes to token ids of :data:`VOCAB` (bytes outside it become the UNK token)."""
+    table = torch.full((256,), UNK, dtype=torch.uint8)
+    for i, ch in enumerate(VOCAB):
+        table[ord(ch)] = i
+    if not raw:
+        return torch.empty(0, dtype=torch.uint8)
+    return table[torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()]
+
+
+def load_corpus(max_chars: int | None = None, heldout_every: int = 10,
+                root: str | Path | None = None) -> CharCorpus:
+    """The standard library's top-level ``*.py`` files as character ids.
+
+    Files are taken in sorted order; every ``heldout_every``-th file is held out
+    (a split by file, so held-out text is code the model never saw).  ``max_chars``
+    caps the total size read (None: everything, about 5 MB).
+    """
+    base = Path(root) if root is not None else Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(base.glob("*.py"))
+    if not files:
+        raise FileNotFoundError(f"no *.py files in {base} to train on")
+    train_parts: list[bytes] = []
+    heldout_parts: list[bytes] = []
+    total = 0
+    for i, f in enumerate(files):
+        raw = f.read_bytes()
+        (heldout_parts if i % heldout_every == heldout_every - 1 else train_parts).append(raw)
+        total += len(raw)
+        if max_chars is not None and total >= max_chars:
+            break
+    if not heldout_parts:  # a tiny cap: hold out the last file read
+        heldout_parts.append(train_parts.pop())
+    train_ids, heldout_ids = encode(b"\n".join(train_parts)), encode(b"\n".join(heldout_parts))
+    return CharCorpus(train_ids, heldout_ids, len(train_parts) + len(heldout_parts), str(base))
+
+
+# --------------------------------------------------------------------------- model
+class CharTransformer(nn.Module):
+    """A small pre-norm causal transformer over characters (learned positions, GELU MLP, untied head)."""
+
+    def __init__(self, vocab_size: int = VOCAB_SIZE, d_model: int = 128, n_layers: int = 2, n_heads: int = 4,
+                 context: int = 64) -> None:
+        super().__init__()
+        self.context = context
+        self.tok = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(context, d_model)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(d_model, n_heads, 4 * d_model, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True)
+            for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size)
+        nn.init.normal_(self.tok.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        t = idx.shape[1]
+        h = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        mask = nn.Transformer.generate_square_subsequent_mask(t, device=idx.device)
+        for block in self.blocks:
+            h = block(h, src_mask=mask, is_causal=True)
+        return self.head(self.norm(h))
+
+
+# --------------------------------------------------------------------------- optimizers
+@dataclass(frozen=True)
+class Recipe:
+    """How to build one optimizer, with the demo's learning rate and weight decay."""
+
+    label: str
+    build: Callable[[list[dict[str, Any]], float, float], torch.optim.Optimizer]
+    lr: float
+    weight_decay: float
+
+
+def _adamw(groups: list[dict[str, Any]], lr: float, wd: float) -> torch.optim.Optimizer:
+    """torch's AdamW on its fastest path: the fused kernel (CPU too since torch 2.4), else its default."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=wd, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
+
+
+def _adax(groups: list[dict[str, Any]], lr: float, wd: float) -> torch.optim.Optimizer:
+    return AdaX(groups, lr=lr, weight_decay=wd, decoupled_weight_decay=True)
+
+
+#: lr / wd for the demo model: Tiger and Lion take an lr several times below AdamW's and a weight
+#: decay several times above it (their update has unit size per element), as their authors advise.
+RECIPES: dict[str, Recipe] = {
+    "adamw": Recipe("AdamW", _adamw, 3e-3, 0.1),
+    "tiger": Recipe("Tiger", lambda g, lr, wd: Tiger(g, lr=lr, weight_decay=wd), 5e-4, 0.5),
+    "lion": Recipe("Lion", lambda g, lr, wd: Lion(g, lr=lr, weight_decay=wd), 5e-4, 0.5),
+    "adax": Recipe("AdaX-W", _adax, 3e-3, 0.1),
+    "adagrad": Recipe("Adagrad", lambda g, lr, wd: Adagrad(g, lr=lr, weight_decay=wd), 2e-2, 0.0),
+}
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float | None = None,
+                   weight_decay: float | None = None) -> tuple[torch.optim.Optimizer, float, float]:
+    """Optimizer ``name`` (a key of :data:`RECIPES`) over ``model``: (optimizer, lr, weight decay).
+
+    Matrices and embeddings get the weight decay; biases and norm weights (ndim <= 1) none.
+    """
+    if name not in RECIPES:
+        raise ValueError(f"Invalid optimizer: {name!r} (one of {sorted(RECIPES)})")
+    recipe = RECIPES[name]
+    lr = recipe.lr if lr is None else lr
+    wd = recipe.weight_decay if weight_decay is None else weight_decay
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [dict(params=decay), dict(params=no_decay, weight_decay=0.0)]
+    return recipe.build(groups, lr, wd), lr, wd
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's per-parameter state tensors (the scalar ``step`` counters excluded)."""
+    total = 0
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if key != "step" and isinstance(value, Tensor):
+                total += value.numel() * value.element_size()
+    return total
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- training
+@dataclass
+class RunResult:
+    name: str
+    label: str
+    lr: float
+    weight_decay: float
+    train_loss: float
+    heldout_loss: float
+    ms_per_step: float
+    opt_ms_per_step: float
+    state_bytes: int
+    param_bytes: int
+    first_loss: float
+    wall_s: float
+    curve: list[float] = field(default_factory=list)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, corpus: CharCorpus, split: str, *, batches: int, batch_size: int,
+             seed: int) -> float:
+    """Mean cross-entropy (nats/char) over ``batches`` fixed random windows of ``split``."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    total = 0.0
+    for _ in range(batches):
+        x, y = corpus.batch(split, batch_size, model.context, gen)
+        total += float(nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()))
+    model.train(was_training)
+    return total / batches
+
+
+def cosine_with_warmup(steps: int, warmup_frac: float = 0.05, floor: float = 0.1) -> Callable[[int], float]:
+    """lr multiplier: linear warm-up over ``warmup_frac`` of the steps, then cosine down to ``floor``."""
+    warmup = max(1, int(steps * warmup_frac))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def train(name: str, corpus: CharCorpus, *, steps: int, seed: int = 0, batch_size: int = 32,
+          d_model: int = 128, n_layers: int = 2, n_heads: int = 4, context: int = 64, lr: float | None = None,
+          weight_decay: float | None = None, eval_batches: int = 16, clip: float = 1.0,
+          progress: bool = True) -> RunResult:
+    """Train a fresh :class:`CharTransformer` (seeded by ``seed``) with optimizer ``name``.
+
+    Same ``seed`` -> same initial weights and the same batches, whatever the optimizer.
+    Warm-up + cosine lr schedule, gradient clipping at ``clip``.  ``curve`` holds the
+    training loss of every step.
+    """
+    torch.manual_seed(seed)
+    model = CharTransformer(VOCAB_SIZE, d_model, n_layers, n_heads, context)
+    optimizer, lr, wd = make_optimizer(name, model, lr, weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(steps))
+    gen = torch.Generator().manual_seed(seed)
+    first = evaluate(model, corpus, "train", batches=eval_batches, batch_size=batch_size, seed=seed)
+    bar = _progress(steps, RECIPES[name].label) if progress else None
+    curve: list[float] = []
+    step_s = opt_s = 0.0
+    timed = 0
+    start = time.perf_counter()
+    for step in range(steps):
+        x, y = corpus.batch("train", batch_size, context, gen)
+        t0 = time.perf_counter()
+        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        t1 = time.perf_counter()
+        optimizer.step()
+        t2 = time.perf_counter()
+        scheduler.step()
+        if step > 0 or steps == 1:  # the first step also allocates the state
+            step_s += t2 - t0
+            opt_s += t2 - t1
+            timed += 1
+        curve.append(loss.item())
+        if bar is not None:
+            bar(step, curve[-1])
+    wall = time.perf_counter() - start
+    if bar is not None:
+        bar(None, curve[-1] if curve else float("nan"))
+    final = {split: evaluate(model, corpus, split, batches=eval_batches, batch_size=batch_size, seed=seed)
+             for split in ("train", "heldout")}
+    return RunResult(
+        name=name, label=RECIPES[name].label, lr=lr, weight_decay=wd,
+        train_loss=final["train"], heldout_loss=final["heldout"],
+        ms_per_step=1e3 * step_s / max(1, timed), opt_ms_per_step=1e3 * opt_s / max(1, timed),
+        state_bytes=state_bytes(optimizer), param_bytes=param_bytes(model), first_loss=first, wall_s=wall,
+        curve=curve)
+
+
+def _progress(total: int, label: str) -> Callable[[int | None, float], None]:
+    """A tqdm bar if tqdm is installed (``pip install tigeropt[demo]``), else a line every ~10%."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        bar = tqdm(total=total, desc=f"{label:>8}", unit="step", leave=True, dynamic_ncols=True)
+
+        def update(step: int | None, loss: float) -> None:
+            if step is None:
+                bar.close()
+                return
+            bar.update(1)
+            if step % 10 == 0 or step == total - 1:
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+        return update
+    every = max(1, total // 10)
+
+    def report(step: int | None, loss: float) -> None:
+        if step is not None and ((step + 1) % every == 0 or step == total - 1):
+            print(f"{label:>8} step {step + 1:>5}/{total}  loss {loss:.3f}", file=sys.stderr, flush=True)
+
+    return report
+
+
+def markdown_table(results: Sequence[RunResult]) -> str:
+    """The results as a markdown table (loss in nats/char)."""
+    lines = ["| optimizer | lr | weight decay | train loss | held-out loss | ms / step | ms / optimizer.step "
+             "| state bytes | state / params |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r.label} | {r.lr:g} | {r.weight_decay:g} | {r.train_loss:.3f} "
+                     f"| {r.heldout_loss:.3f} | {r.ms_per_step:.1f} | {r.opt_ms_per_step:.2f} "
+                     f"| {r.state_bytes:,} | {r.state_bytes / r.param_bytes:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> list[RunResult]:
+    parser = argparse.ArgumentParser(prog="python -m tigeropt.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=300, help="training steps per optimizer (default 300)")
+    parser.add_argument("--optimizers", default="adamw,tiger,lion,adax",
+                        help=f"comma-separated, from {','.join(RECIPES)} (default adamw,tiger,lion,adax)")
+    parser.add_argument("--seed", type=int, default=0, help="model init and batch order (default 0)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--context", type=int, default=64, help="characters per training window")
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--max-chars", type=int, default=None, help="read at most this much stdlib text")
+    parser.add_argument("--eval-batches", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    names = [n.strip().lower() for n in args.optimizers.split(",") if n.strip()]
+    for n in names:
+        if n not in RECIPES:
+            parser.error(f"unknown optimizer {n!r}; choose from {', '.join(RECIPES)}")
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    corpus = load_corpus(args.max_chars)
+    model_size = sum(p.numel() for p in CharTransformer(VOCAB_SIZE, args.d_model, args.layers, args.heads,
+                                                        args.context).parameters())
+    print(f"tigeropt demo: char-level transformer ({model_size:,} parameters, {args.layers} layers, "
+          f"d={args.d_model}) on {corpus.train.numel():,} training / {corpus.heldout.numel():,} held-out "
+          f"characters of "
+          f"{corpus.files} stdlib files; {args.steps} steps x {args.batch_size} x {args.context} chars, "
+          f"seed {args.seed}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    results = [train(n, corpus, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                     d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, context=args.context,
+                     eval_batches=args.eval_batches, progress=not args.no_progress)
+               for n in names]
+    print()
+    print(markdown_table(results))
+    print(f"\nLoss: cross-entropy in nats per character on {args.eval_batches} fixed batches (initial "
+          f"{results[0].first_loss:.3f}; ln {VOCAB_SIZE} = {math.log(VOCAB_SIZE):.3f}). State bytes: "
+          "optimizer state tensors, step counters excluded. AdamW uses torch's fused kernel; AdaX-W is "
+          "AdaX with decoupled weight decay.", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
