@@ -7,6 +7,8 @@
 from ._base import TigerOptimizer
 from .adagrad import Adagrad
 from .adax import AdaX
+from . import gan
+from .gan import GradNormCritic, gradient_penalty
 from .lazy import LazyOptimizer, embedding_weights
 from .lion import Lion
 from .mixed import MixedOptimizer, split_embeddings
@@ -17,5 +19,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Tiger", "Lion", "AdaX", "Adagrad", "TigerOptimizer", "kind_groups",
     "LazyOptimizer", "embedding_weights", "MixedOptimizer", "split_embeddings",
+    "GradNormCritic", "gradient_penalty", "gan",
     "__version__",
 ]
