@@ -4,10 +4,10 @@
     optimizer = Tiger(model.parameters(), lr=1e-3, weight_decay=0.01)   # instead of torch.optim.AdamW
 """
 
+from . import gan
 from ._base import TigerOptimizer
 from .adagrad import Adagrad
 from .adax import AdaX
-from . import gan
 from .gan import GradNormCritic, gradient_penalty
 from .lazy import LazyOptimizer, embedding_weights
 from .lion import Lion
