@@ -44,7 +44,22 @@ from torch.optim import Optimizer
 
 from . import kernels
 
-__all__ = ["TigerOptimizer", "Impl", "check", "check_lr", "to_float", "state_dtype", "working", "write_back"]
+try:  # DTensor parameters (FSDP2, tensor parallel); public module since torch 2.5
+    from torch.distributed.tensor import DTensor as _DTensor
+    from torch.distributed.tensor import Partial as _Partial
+    from torch.distributed.tensor import Replicate as _Replicate
+    from torch.distributed.tensor import Shard as _Shard
+except ImportError:  # pragma: no cover - torch 2.4 or a build without torch.distributed
+    try:
+        from torch.distributed._tensor import DTensor as _DTensor
+        from torch.distributed._tensor import Partial as _Partial
+        from torch.distributed._tensor import Replicate as _Replicate
+        from torch.distributed._tensor import Shard as _Shard
+    except ImportError:
+        _DTensor = _Partial = _Replicate = _Shard = None  # type: ignore[assignment,misc]
+
+__all__ = ["TigerOptimizer", "Impl", "check", "check_lr", "global_bool", "to_float", "state_dtype", "working",
+           "write_back"]
 
 Impl = Callable[..., None]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -252,7 +267,15 @@ class TigerOptimizer(Optimizer):
         for (device, dtype), lists in buckets.items():
             steps = lists[-1]
             torch._foreach_add_(steps, 1)
-            impl = self._impl(self._path(group, device, dtype))
+            path = self._path(group, device, dtype)
+            if path in ("fused", "cpu"):
+                # The kernels read raw storage, which a DTensor (FSDP2) does not have: give them the
+                # local shards (views, so the updates land in the DTensors).  Only element-wise rules
+                # reach these paths (_fused_ok), so the local shards are all they need.  The reference
+                # and foreach paths keep DTensors, whose ops make whole-tensor statistics (Tiger's
+                # lr_scaling RMS, nan_guard) global.
+                lists = [[_local(t) for t in lst] for lst in lists]
+            impl = self._impl(path)
             impl(*lists[:-1], steps, **hyper)
 
     def _rows_update(self, tensors: list[Tensor], step: Tensor, hyper: dict[str, Any]) -> None:
@@ -263,6 +286,11 @@ class TigerOptimizer(Optimizer):
         parameters and state are gathered, updated by the reference rule exactly
         as a dense step would, and scattered back; other rows do not change.
         """
+        if _is_dtensor(tensors[0]):
+            # Gathering rows (nonzero/index_select) has no DTensor sharding rule; with whole rows on
+            # every rank (FSDP2 shards dim 0) the local rows are exactly the global rows.
+            _check_whole_rows(tensors[0])
+            tensors = [_local(t) for t in tensors]
         p, g, *states = tensors
         if g.is_sparse:
             g = g.coalesce()
@@ -333,9 +361,46 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (a view: in-place updates reach the DTensor); other tensors as they are."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _check_whole_rows(p: Tensor) -> None:
+    """Row-wise updates on local shards equal the global update only if each rank holds whole rows."""
+    placements = p.placements  # type: ignore[attr-defined]
+    if not all(isinstance(pl, _Replicate) or (isinstance(pl, _Shard) and pl.dim == 0) for pl in placements):
+        raise RuntimeError("lazy=True and sparse gradients need DTensor parameters sharded along dim 0 "
+                           f"(FSDP2's default) or replicated, got placements {placements}")
+
+
 def _all_finite(grads: list[Tensor]) -> bool:
-    flags = [torch.isfinite(g._values() if g.is_sparse else g).all() for g in grads]
-    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+    """Whether every gradient is finite, agreed by all ranks for DTensor gradients (FSDP2).
+
+    Each rank holds only its shard, and ``bool()`` of a reduction of a sharded DTensor reads
+    this rank's partial value; one all-reduce (min) per device mesh makes the decision global.
+    """
+    local = [_local(g) for g in grads]
+    flags = [torch.isfinite(g._values() if g.is_sparse else g).all() for g in local]
+    ok = torch.stack([f.to(flags[0].device) for f in flags]).all()
+    meshes = {g.device_mesh: None for g in grads if _is_dtensor(g)}
+    for mesh in meshes:
+        partial = [_Partial("min")] * mesh.ndim
+        ok = _DTensor.from_local(ok.to(torch.int32).reshape(1), mesh, partial).full_tensor()[0].bool()
+    return bool(ok)
+
+
+def global_bool(t: Tensor) -> bool:
+    """``bool(t)`` of a one-element result, the same on every rank when ``t`` is a DTensor.
+
+    A reduction of a sharded DTensor (``isnan(g).any()``) is a *Partial* DTensor whose ``bool()``
+    would read this rank's part only; ``full_tensor()`` all-reduces it first.
+    """
+    return bool(t.full_tensor() if _is_dtensor(t) else t)
 
 
 def _sparse_as_real(g: Tensor) -> Tensor:

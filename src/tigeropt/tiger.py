@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._base import TigerOptimizer, check, check_lr, to_float, working, write_back
+from ._base import TigerOptimizer, check, check_lr, global_bool, to_float, working, write_back
 
 __all__ = ["Tiger", "kind_groups"]
 
@@ -54,7 +54,7 @@ def _single_tensor_tiger(params: list[Tensor], grads: list[Tensor], exp_avgs: li
         if maximize:
             g = -g
         this_kind = kind if kind != "auto" else ("bias" if p.dim() <= 1 else "dense")
-        if nan_guard and bool(torch.isnan(g).any()):
+        if nan_guard and global_bool(torch.isnan(g).any()):
             c = 1.0 if this_kind == "norm" else 0.0
             p.sub_(c).mul_(shrink_ratio).add_(c)
         else:

@@ -1,0 +1,419 @@
+"""DDP and FSDP2 (DTensor parameters) on CPU with gloo: the same numbers as one process on the full batch.
+
+Two worker processes (the ranks) are started once per module: each runs every
+scenario below and stores the final (full) parameters; the tests compare them
+with a single-process run on the whole batch, computed here.  Models are fp64
+so that the order of the gradient reductions changes nothing visible (the
+sign-based optimizers would amplify fp32 rounding into a flipped sign now and then).
+
+Scenarios, each on a small MLP whose 7-row weight is split unevenly (4/3) by FSDP2:
+* DDP + Tiger on every path; plain ``state_dict`` save at step k and resume.
+* FSDP2 + every optimizer on every path (Tiger's ``lr_scaling`` needs the RMS of the
+  whole tensor, not of the local shard); state sharded like the parameters.
+* FSDP2 checkpoints through ``torch.distributed.checkpoint``: save at step k with 2
+  ranks, resume with 2 ranks and with 1 rank (resharding); equal to not stopping.
+* A NaN in one rank's gradient shard: ``on_nonfinite="skip"`` and Tiger's ``nan_guard``
+  decide the same on every rank (whole-tensor semantics).
+* ``lazy=True`` (touched rows only) on an FSDP2-sharded embedding.
+
+The workers are this file run as a script (``python test_distributed.py RANK WORLD DIR PHASE``)
+with a ``FileStore`` rendezvous, so no port has to be chosen.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+import tigeropt
+from tigeropt import Adagrad, AdaX, Lion, Tiger
+
+WORLD = 2
+STEPS = 6
+RESUME_AT = 3
+NAN_STEP = 2
+NAN_AT = (5, 1)  # element of the first weight (7 x 5) that gets a NaN gradient; row 5 lives on rank 1
+WORKER_TIMEOUT_S = 180
+
+CONFIGS: dict[str, tuple[type, dict[str, Any]]] = {
+    "tiger": (Tiger, dict(lr=1e-2, weight_decay=0.1)),
+    "tiger_lr_scaling": (Tiger, dict(lr=1e-2, lr_scaling=True)),
+    "lion": (Lion, dict(lr=1e-2, weight_decay=0.1)),
+    "adax": (AdaX, dict(lr=1e-2)),
+    "adagrad": (Adagrad, dict(lr=1e-1, weight_decay=0.01)),
+    "adagrad_glove": (Adagrad, dict(lr=5e-2, glove=True)),
+}
+CHECKPOINTED = ["tiger", "lion", "adax", "adagrad"]
+NONFINITE = {
+    "skip": (Tiger, dict(lr=1e-2, on_nonfinite="skip")),
+    "nan_guard": (Tiger, dict(lr=1e-2, nan_guard=True)),
+}
+LAZY = {
+    "tiger_lazy": (Tiger, dict(lr=1e-2, lazy=True)),
+    "adax_lazy": (AdaX, dict(lr=1e-2, lazy=True)),
+}
+
+
+def _paths() -> dict[str, dict[str, Any]]:
+    paths: dict[str, dict[str, Any]] = {"reference": dict(foreach=False), "foreach": dict(foreach=True),
+                                        "default": {}}
+    kernels_present = all(importlib.util.find_spec(f"tigeropt.kernels.{k}") is not None
+                          for k in ("tiger", "lion", "adax", "adagrad"))
+    if kernels_present and tigeropt.kernels.triton_usable():
+        paths["fused"] = dict(fused=True)
+    return paths
+
+
+PATHS = _paths()
+
+
+def _combos(configs: dict[str, tuple[type, dict[str, Any]]]) -> list[tuple[str, str]]:
+    """(config, path) pairs; fused only where the kernels implement the config's options."""
+    out = []
+    for name, (cls, kw) in configs.items():
+        opt = cls([nn.Parameter(torch.zeros(1))], **kw)
+        out += [(name, p) for p in PATHS if p != "fused" or opt._fused_ok(opt.param_groups[0])]
+    return out
+
+
+def _dtype(path: str) -> torch.dtype:
+    """fp64 everywhere, except on the fused path whose kernels take fp32/bf16/fp16 only."""
+    return torch.float32 if path == "fused" else torch.float64
+
+
+# --------------------------------------------------------------------------- model, data, training
+def _model(kind: str = "mlp", seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Sequential:
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
+    return nn.Sequential(nn.Embedding(9, 6), nn.Linear(6, 3)).to(dtype)
+
+
+def _batches(kind: str, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(1234)
+    out = []
+    for _ in range(STEPS):
+        if kind == "mlp":
+            x = torch.randn(8, 5, generator=gen, dtype=torch.float64).to(dtype)
+        else:  # rows 5..8 of the embedding are never looked up
+            x = torch.randint(0, 5, (8,), generator=gen)
+        out.append((x, torch.randn(8, 3, generator=gen, dtype=torch.float64).to(dtype)))
+    return out
+
+
+def _inject_nan(model: nn.Module, rank: int, world: int) -> None:
+    """Put a NaN into the gradient element NAN_AT of the first weight (only on the rank owning it)."""
+    grad = next(iter(model.parameters())).grad
+    row, col = NAN_AT
+    if hasattr(grad, "to_local"):
+        per_rank = math.ceil(grad.shape[0] / world)  # FSDP2 shards dim 0 like torch.chunk
+        if row // per_rank == rank:
+            grad.to_local()[row - rank * per_rank, col] = float("nan")
+    else:
+        grad[row, col] = float("nan")
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, *, kind: str = "mlp", rank: int = 0,
+           world: int = 1, nan_step: int | None = None) -> None:
+    batches = _batches(kind, next(iter(model.parameters())).dtype)
+    for t in steps:
+        x, y = batches[t]
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        opt.zero_grad()
+        (model(x) - y).square().mean().backward()
+        if t == nan_step:
+            _inject_nan(model, rank, world)
+        opt.step()
+
+
+def _full(model: nn.Module) -> list[Tensor]:
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for p in model.parameters()]
+
+
+def _single(cls: type, kw: dict[str, Any], *, kind: str = "mlp", nan_step: int | None = None,
+            dtype: torch.dtype = torch.float64) -> list[Tensor]:
+    model = _model(kind, dtype=dtype)
+    opt = cls(model.parameters(), **{**kw, "foreach": False})
+    _train(model, opt, range(STEPS), kind=kind, nan_step=nan_step)
+    return _full(model)
+
+
+# --------------------------------------------------------------------------- worker side
+def _fsdp(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _dcp_resume(cls: type, kw: dict[str, Any], ckpt: str, rank: int, world: int) -> list[Tensor]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = _fsdp(_model(seed=1))  # other initial values: only the checkpoint can make this right
+    opt = cls(model.parameters(), **kw)
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+    _train(model, opt, range(RESUME_AT, STEPS), rank=rank, world=world)
+    return _full(model)
+
+
+def _scenarios(rank: int, world: int, outdir: str) -> dict[str, Callable[[], Any]]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    jobs: dict[str, Callable[[], Any]] = {}
+
+    def ddp(pname: str) -> list[Tensor]:
+        model = DDP(_model(dtype=_dtype(pname)))
+        opt = Tiger(model.parameters(), **{**CONFIGS["tiger"][1], **PATHS[pname]})
+        _train(model, opt, range(STEPS), rank=rank, world=world)
+        return _full(model.module)
+
+    def ddp_resume() -> list[Tensor]:
+        kw = CONFIGS["tiger"][1]
+        model = DDP(_model())
+        opt = Tiger(model.parameters(), **kw)
+        _train(model, opt, range(RESUME_AT), rank=rank, world=world)
+        file = os.path.join(outdir, "ddp.pt")
+        if rank == 0:
+            torch.save({"model": model.module.state_dict(), "optim": opt.state_dict()}, file)
+        dist.barrier()
+        ck = torch.load(file, weights_only=True)
+        model = DDP(_model(seed=1))
+        model.module.load_state_dict(ck["model"])
+        opt = Tiger(model.parameters(), **kw)
+        opt.load_state_dict(ck["optim"])
+        _train(model, opt, range(RESUME_AT, STEPS), rank=rank, world=world)
+        return _full(model.module)
+
+    def fsdp(cls: type, kw: dict[str, Any], *, kind: str = "mlp", nan_step: int | None = None,
+             pname: str = "default") -> list[Tensor]:
+        model = _fsdp(_model(kind, dtype=_dtype(pname)))
+        kw = {**kw, **PATHS[pname]}
+        opt = cls(model.parameters(), **kw)
+        _train(model, opt, range(STEPS), kind=kind, rank=rank, world=world, nan_step=nan_step)
+        return _full(model)
+
+    def fsdp_state(cls: type, kw: dict[str, Any]) -> list[tuple[str, str, bool]]:
+        """(state key, placements, local state shape == local param shape) for every tensor state."""
+        model = _fsdp(_model())
+        opt = cls(model.parameters(), **kw)
+        _train(model, opt, range(1), rank=rank, world=world)
+        out = []
+        for p in model.parameters():
+            for key, s in opt.state[p].items():
+                if key != "step":
+                    same = hasattr(s, "to_local") and s.to_local().shape == p.to_local().shape
+                    out.append((key, str(getattr(s, "placements", None)), same))
+        return out
+
+    def fsdp_checkpoint(name: str) -> list[Tensor]:
+        cls, kw = CONFIGS[name]
+        model = _fsdp(_model())
+        opt = cls(model.parameters(), **kw)
+        _train(model, opt, range(RESUME_AT), rank=rank, world=world)
+        ckpt = os.path.join(outdir, f"ckpt_{name}")
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=ckpt)
+        return _dcp_resume(cls, kw, ckpt, rank, world)
+
+    for pname in PATHS:
+        jobs[f"ddp/{pname}"] = lambda pname=pname: ddp(pname)
+    jobs["ddp_resume"] = ddp_resume
+    for name, pname in _combos(CONFIGS):
+        jobs[f"fsdp/{name}/{pname}"] = lambda name=name, pname=pname: fsdp(*CONFIGS[name], pname=pname)
+    for name, (cls, kw) in CONFIGS.items():
+        jobs[f"fsdp_state/{name}"] = lambda cls=cls, kw=kw: fsdp_state(cls, kw)
+    for name in CHECKPOINTED:
+        jobs[f"fsdp_dcp/{name}"] = lambda name=name: fsdp_checkpoint(name)
+    for name, pname in _combos(NONFINITE):
+        jobs[f"nonfinite/{name}/{pname}"] = lambda name=name, pname=pname: fsdp(
+            *NONFINITE[name], nan_step=NAN_STEP, pname=pname)
+    for name, (cls, kw) in LAZY.items():
+        jobs[f"lazy/{name}"] = lambda cls=cls, kw=kw: fsdp(cls, kw, kind="emb")
+    return jobs
+
+
+def _worker(rank: int, world: int, outdir: str, phase: str) -> None:
+    faulthandler.enable()  # a crash in a kernel shows its Python stack in the test failure
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(outdir, f"store_{phase}"), world),
+                            rank=rank, world_size=world)
+    if phase == "main":
+        jobs = _scenarios(rank, world, outdir)
+    else:  # resume the 2-rank checkpoints on `world` ranks
+        jobs = {f"reshard/{name}": lambda name=name: _dcp_resume(
+            *CONFIGS[name], os.path.join(outdir, f"ckpt_{name}"), rank, world) for name in CHECKPOINTED}
+    results: dict[str, Any] = {}
+    for key, job in jobs.items():
+        try:
+            results[key] = job()
+        except Exception:  # recorded, and reported by the test that reads it
+            results[key] = "".join(traceback.format_exc(limit=-6))
+        dist.barrier()
+    torch.save(results, os.path.join(outdir, f"{phase}_rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # gloo's worker threads can abort the interpreter's shutdown ("terminate called without an
+    # active exception"); everything is written, so leave without it.
+    os._exit(0)
+
+
+# --------------------------------------------------------------------------- test side
+def _launch(world: int, outdir: str, phase: str) -> dict[str, Any]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), outdir, phase], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=WORKER_TIMEOUT_S)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if any(p.returncode != 0 for p in procs):
+        codes = [p.returncode for p in procs]
+        raise RuntimeError(f"distributed workers ({phase}) failed, exit codes {codes}:\n"
+                           + "\n".join(log[-4000:] for log in logs))
+    merged: dict[str, Any] = {}
+    for r in range(world):
+        for key, value in torch.load(os.path.join(outdir, f"{phase}_rank{r}.pt"), weights_only=False).items():
+            if isinstance(value, str):  # an error on any rank is the result
+                if not isinstance(merged.get(key), str):
+                    merged[key] = f"rank {r}:\n{value}"
+            elif r == 0:
+                merged[key] = value
+    return merged
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, Any]:
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    with tempfile.TemporaryDirectory() as outdir:
+        out = _launch(WORLD, outdir, "main")
+        out.update(_launch(1, outdir, "reshard"))
+    return out
+
+
+def _get(results: dict[str, Any], key: str) -> Any:
+    value = results[key]
+    if isinstance(value, str):
+        pytest.fail(f"{key} raised in the worker:\n{value}")
+    return value
+
+
+def _assert_same(got: list[Tensor], want: list[Tensor]) -> None:
+    """Equal up to the order of the gradient reduction (fp64: 1e-12; fp32 on the fused path: 1e-5)."""
+    assert len(got) == len(want)
+    tol = 1e-12 if want[0].dtype == torch.float64 else 1e-5
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_ddp_tiger_matches_single_process(results: dict[str, Any], path: str) -> None:
+    want = _single(*CONFIGS["tiger"], dtype=_dtype(path))
+    initial = _model(dtype=_dtype(path)).parameters()
+    assert not any(torch.equal(w, p) for w, p in zip(want, initial))  # it trained
+    _assert_same(_get(results, f"ddp/{path}"), want)
+
+
+def test_ddp_state_dict_resume_equals_not_stopping(results: dict[str, Any]) -> None:
+    _assert_same(_get(results, "ddp_resume"), _single(*CONFIGS["tiger"]))
+
+
+@pytest.mark.parametrize(("name", "path"), _combos(CONFIGS))
+def test_fsdp2_matches_single_process(results: dict[str, Any], name: str, path: str) -> None:
+    _assert_same(_get(results, f"fsdp/{name}/{path}"), _single(*CONFIGS[name], dtype=_dtype(path)))
+
+
+def test_tiger_lr_scaling_uses_whole_tensor_rms(results: dict[str, Any]) -> None:
+    """A per-shard RMS would differ: the two shards of the first weight have different RMS."""
+    weight = _model()[0].weight.detach()
+    rms_shards = [s.square().mean().sqrt() for s in weight.chunk(WORLD)]
+    assert abs(float(rms_shards[0] - rms_shards[1])) > 1e-3  # so the check below can tell them apart
+    got = _get(results, "fsdp/tiger_lr_scaling/default")
+    _assert_same(got, _single(*CONFIGS["tiger_lr_scaling"]))
+    assert not torch.allclose(got[0], _single(*CONFIGS["tiger"])[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fsdp2_state_is_sharded_like_the_parameters(results: dict[str, Any], name: str) -> None:
+    info = _get(results, f"fsdp_state/{name}")
+    cls = CONFIGS[name][0]
+    assert len(info) == len(cls.state_keys) * len(list(_model().parameters()))
+    for key, placements, same_local_shape in info:
+        assert key in cls.state_keys
+        assert placements == "(Shard(dim=0),)", (key, placements)
+        assert same_local_shape
+
+
+@pytest.mark.parametrize("name", CHECKPOINTED)
+def test_fsdp2_dcp_resume_equals_not_stopping(results: dict[str, Any], name: str) -> None:
+    want = _get(results, f"fsdp/{name}/default")
+    _assert_same(_get(results, f"fsdp_dcp/{name}"), want)
+    _assert_same(want, _single(*CONFIGS[name]))
+
+
+@pytest.mark.parametrize("name", CHECKPOINTED)
+def test_fsdp2_dcp_reshards_two_ranks_to_one(results: dict[str, Any], name: str) -> None:
+    _assert_same(_get(results, f"reshard/{name}"), _single(*CONFIGS[name]))
+
+
+@pytest.mark.parametrize(("name", "path"), _combos(NONFINITE))
+def test_nan_in_one_shard_is_handled_alike_on_every_rank(results: dict[str, Any], name: str,
+                                                         path: str) -> None:
+    cls, kw = NONFINITE[name]
+    want = _single(cls, kw, nan_step=NAN_STEP, dtype=_dtype(path))
+    assert all(torch.isfinite(w).all() for w in want)
+    # the NaN step did something different from a clean step (skip / shrink), so the check is not vacuous
+    assert not torch.allclose(want[0], _single(cls, kw, dtype=_dtype(path))[0], atol=1e-4)
+    _assert_same(_get(results, f"nonfinite/{name}/{path}"), want)
+
+
+@pytest.mark.parametrize("name", list(LAZY))
+def test_fsdp2_lazy_rows(results: dict[str, Any], name: str) -> None:
+    cls, kw = LAZY[name]
+    want = _single(cls, kw, kind="emb")
+    got = _get(results, f"lazy/{name}")
+    _assert_same(got, want)
+    untouched = _model("emb")[0].weight.detach()[5:]
+    torch.testing.assert_close(got[0][5:], untouched, atol=0, rtol=0)
+    assert not torch.equal(got[0][:5], _model("emb")[0].weight.detach()[:5])
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
