@@ -12,6 +12,7 @@ from .gan import GradNormCritic, gradient_penalty
 from .lazy import LazyOptimizer, embedding_weights
 from .lion import Lion
 from .mixed import MixedOptimizer, split_embeddings
+from .param_groups import DEFAULT_NO_DECAY, describe, param_groups
 from .tiger import Tiger, kind_groups
 
 __version__ = "0.1.0"
@@ -20,5 +21,6 @@ __all__ = [
     "Tiger", "Lion", "AdaX", "Adagrad", "TigerOptimizer", "kind_groups",
     "LazyOptimizer", "embedding_weights", "MixedOptimizer", "split_embeddings",
     "GradNormCritic", "gradient_penalty", "gan",
+    "param_groups", "describe", "DEFAULT_NO_DECAY",
     "__version__",
 ]
