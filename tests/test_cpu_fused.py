@@ -301,6 +301,25 @@ def test_non_contiguous_tensors_fall_back_and_match() -> None:
     _compare(a, b, torch.float32, exact=False)
 
 
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_tensor_subclasses_take_the_foreach_path() -> None:
+    """DTensor, FakeTensor and friends have no plain storage: only plain tensors reach the C kernel."""
+    ref, fused, nstate, kw, init = CASES["lion"]
+    sizes = [100, 37]
+    a = _make(sizes, torch.float32, nstate, init)
+    b = copy.deepcopy(a)
+    b[0][0] = b[0][0].as_subclass(_Subclass)
+    groups, other = _cpu._split([b[0], _grads(sizes, torch.float32, 0), b[1]], True)
+    assert other == [0] and groups == {0: [1]}
+    grads = _grads(sizes, torch.float32, 0)
+    _run(ref, a, grads, kw)
+    _run(fused, b, grads, kw)
+    _compare(a, b, torch.float32, exact=True)
+
+
 def test_results_do_not_depend_on_the_thread_count() -> None:
     ref, fused, nstate, kw, init = CASES["adax-l2"]
     sizes = [200_003, 7, 70_001]

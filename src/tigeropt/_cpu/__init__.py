@@ -70,6 +70,9 @@ _BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"
 _FLAG_SETS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
 _STRIDED = torch.strided
 _IS_CPU = operator.attrgetter("is_cpu")
+# Tensor subclasses (DTensor, FakeTensor under torch.compile, quantized wrappers) have no plain
+# storage to hand to C: they take the foreach path.
+_PLAIN = frozenset({Tensor, torch.nn.Parameter})
 _lock = threading.Lock()
 
 
@@ -264,8 +267,8 @@ def _uniform(lists: Sequence[Sequence[Tensor]], f16: bool) -> int | None:
     sd = _STATE[dtype]
     try:
         for lst, want in ((params, dtype), (grads, dtype), *((s, sd) for s in states)):
-            if (any(t.dtype is not want for t in lst) or not all(map(_IS_CPU, lst))
-                    or not all(map(Tensor.is_contiguous, lst))):
+            if (not all(map(_PLAIN.__contains__, map(type, lst))) or any(t.dtype is not want for t in lst)
+                    or not all(map(_IS_CPU, lst)) or not all(map(Tensor.is_contiguous, lst))):
                 return None
     except RuntimeError:  # is_contiguous() of a sparse tensor
         return None
@@ -286,14 +289,16 @@ def _split(lists: Sequence[Sequence[Tensor]], f16: bool) -> tuple[dict[int, list
     other: list[int] = []
     for i, (p, g) in enumerate(zip(params, grads)):
         code = _CODES.get(p.dtype)
-        ok = (code is not None and (code != 3 or f16) and g.layout is _STRIDED and p.layout is _STRIDED
+        ok = (code is not None and (code != 3 or f16) and type(p) in _PLAIN and type(g) in _PLAIN
+              and g.layout is _STRIDED and p.layout is _STRIDED
               and g.dtype is p.dtype and p.is_cpu and g.is_cpu and p.is_contiguous() and g.is_contiguous()
               and g.numel() == p.numel())
         if ok:
             sd = _STATE[p.dtype]
             for s in states:
                 t = s[i]
-                if not (t.dtype is sd and t.layout is _STRIDED and t.is_cpu and t.is_contiguous()
+                if not (type(t) in _PLAIN and t.dtype is sd and t.layout is _STRIDED and t.is_cpu
+                        and t.is_contiguous()
                         and t.numel() == p.numel()):
                     ok = False
                     break
@@ -335,7 +340,10 @@ def _launch(name: str, lists: list[Sequence[Tensor]], state_steps: Sequence[Tens
             args.append(_addr(per_arr))
         fn(*args, nthreads)
         # Writes through raw pointers: tell autograd the tensors changed, as an in-place op would.
-        torch.autograd.graph.increment_version([t for lst in sub[:1] + sub[2:] for t in lst])
+        try:
+            torch.autograd.graph.increment_version([t for lst in sub[:1] + sub[2:] for t in lst])
+        except RuntimeError:  # inference tensors have no version counter
+            pass
 
 
 def _scalar(x: float | Tensor) -> float:

@@ -8,7 +8,7 @@
  * Every entry point takes the tensors of one call as arrays of data pointers
  * plus their element counts, the hyperparameters as doubles (hp), optional
  * per-tensor scalars as doubles (per), and a thread count.  The tensors are cut
- * into work items of at most CHUNK elements that the threads of one OpenMP
+ * into work items (up to 2^20 elements) that the threads of one OpenMP
  * parallel region take in turn, so one region covers the whole list and each
  * byte of p, g and the state is read once and p and the state written once.
  *
@@ -47,10 +47,13 @@
 
 enum { DT_F32 = 0, DT_F64 = 1, DT_BF16 = 2, DT_F16 = 3 };
 
-/* Elements per thread below which fewer threads are used, elements per work item, and the
-   block of low-precision elements converted to fp32 at a time (stays in L1). */
+/* Elements per thread below which fewer threads are used; bounds of the elements per work
+   item (about total / (4 * threads): long streams suit the prefetchers, several items per
+   thread balance the load); the block of low-precision elements converted to fp32 at a time
+   (stays in L1). */
 #define MIN_PER_THREAD 32768
-#define CHUNK 65536
+#define MIN_CHUNK 16384
+#define MAX_CHUNK 1048576
 #define BLOCK 512
 
 int tigeropt_abi(void) { return TIGEROPT_ABI; }
@@ -215,7 +218,7 @@ typedef struct {
 
 typedef void (*RangeFn)(const Args *a, int t, int64_t start, int64_t len);
 
-/* Work items are (tensor, start, length) pieces of at most CHUNK elements.  Threads take
+/* Work items are (tensor, start, length) pieces of at most `chunk` elements.  Threads take
    them in order from a shared counter (OpenMP dynamic schedule): the work balances itself
    over threads, and a thread that starts late (another process holds its core) finds the
    work already done by the others instead of making them wait for its share. */
@@ -233,14 +236,15 @@ static void run_items(const Item *items, int64_t nitems, int nt, RangeFn fn, con
 
 static void run(int n, const int64_t *numel, int nthreads, RangeFn fn, const Args *a) {
     int64_t total = 0, nitems = 0;
-    for (int i = 0; i < n; i++) {
-        total += numel[i];
-        nitems += (numel[i] + CHUNK - 1) / CHUNK;
-    }
+    for (int i = 0; i < n; i++) total += numel[i];
     if (total <= 0) return;
     int nt = nthreads < 1 ? 1 : nthreads;
     if ((int64_t)nt * MIN_PER_THREAD > total) nt = (int)(total / MIN_PER_THREAD);
     if (nt < 1) nt = 1;
+    int64_t chunk = total / (4 * (int64_t)nt);
+    chunk = (chunk + 4095) / 4096 * 4096;
+    chunk = chunk < MIN_CHUNK ? MIN_CHUNK : (chunk > MAX_CHUNK ? MAX_CHUNK : chunk);
+    for (int i = 0; i < n; i++) nitems += (numel[i] + chunk - 1) / chunk;
     if (nt == 1) {
         for (int i = 0; i < n; i++)
             if (numel[i] > 0) fn(a, i, 0, numel[i]);
@@ -255,10 +259,10 @@ static void run(int n, const int64_t *numel, int nthreads, RangeFn fn, const Arg
     }
     int64_t k = 0;
     for (int i = 0; i < n; i++)
-        for (int64_t s = 0; s < numel[i]; s += CHUNK) {
+        for (int64_t s = 0; s < numel[i]; s += chunk) {
             items[k].t = i;
             items[k].start = s;
-            items[k].len = numel[i] - s < CHUNK ? numel[i] - s : CHUNK;
+            items[k].len = numel[i] - s < chunk ? numel[i] - s : chunk;
             k++;
         }
     run_items(items, nitems, nt, fn, a);
