@@ -11,6 +11,16 @@ from tigeropt import Adagrad, AdaX, Lion, Tiger, kind_groups
 from tigeropt.adax import adax_scalars
 
 PATHS = [dict(foreach=False), dict(foreach=True), {}]
+
+
+def step_both(ours_opt, theirs_opt, ours: list, theirs: list, gen: torch.Generator, steps: int) -> None:
+    """Give both optimizers the same random gradients for ``steps`` steps."""
+    for _ in range(steps):
+        for a, b in zip(ours, theirs):
+            g = torch.randn(a.shape, generator=gen)
+            a.grad, b.grad = g.clone(), g.clone()
+        ours_opt.step()
+        theirs_opt.step()
 PATH_IDS = ["reference", "foreach", "default"]
 F64 = torch.float64
 
@@ -239,12 +249,7 @@ def test_adagrad_equals_torch_dense(options: dict, path: dict) -> None:
     ours = [b.clone().requires_grad_() for b in base]
     theirs = [b.clone().requires_grad_() for b in base]
     o, t = Adagrad(ours, **options, **path), torch.optim.Adagrad(theirs, **options)
-    for _ in range(5):
-        for a, b in zip(ours, theirs):
-            g = torch.randn(a.shape, generator=gen)
-            a.grad, b.grad = g.clone(), g.clone()
-        o.step()
-        t.step()
+    step_both(o, t, ours, theirs, gen, 5)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(o.state[a]["sum"], t.state[b]["sum"], rtol=1e-6, atol=1e-7)
@@ -329,12 +334,7 @@ def test_lion_equals_lion_pytorch(path: dict) -> None:
     theirs = [b.clone().requires_grad_() for b in base]
     o = Lion(ours, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, **path)
     t = lion_pytorch.Lion(theirs, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
-    for _ in range(10):
-        for a, b in zip(ours, theirs):
-            g = torch.randn(a.shape, generator=gen)
-            a.grad, b.grad = g.clone(), g.clone()
-        o.step()
-        t.step()
+    step_both(o, t, ours, theirs, gen, 10)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(o.state[a]["exp_avg"], t.state[b]["exp_avg"], rtol=1e-6, atol=1e-7)

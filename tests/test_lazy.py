@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,13 +21,6 @@ from tigeropt.lazy import LazyOptimizer, embedding_weights
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: extra intra-op threads only wait on each other (very slow on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # (name, class, hyperparameters): large lr and weight decay so that any wrong row shows up.
 NATIVE = [

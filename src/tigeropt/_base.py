@@ -268,7 +268,8 @@ class TigerOptimizer(Optimizer):
             steps = lists[-1]
             torch._foreach_add_(steps, 1)
             path = self._path(group, device, dtype)
-            if path in ("fused", "cpu"):
+            if path in ("fused", "cpu") and _DTensor is not None and any(
+                    isinstance(p, _DTensor) for p in lists[0]):
                 # The kernels read raw storage, which a DTensor (FSDP2) does not have: give them the
                 # local shards (views, so the updates land in the DTensors).  Only element-wise rules
                 # reach these paths (_fused_ok), so the local shards are all they need.  The reference
