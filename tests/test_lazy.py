@@ -235,23 +235,124 @@ def test_adagrad_sparse_without_lazy_equals_lazy(glove: bool) -> None:
 
 
 def test_lazy_group_next_to_dense_group_and_small_tensors() -> None:
-    """Only lazy groups are lazy; a 1-D tensor's rows are its elements; a 0-dim tensor updates densely."""
+    """Only lazy groups are lazy; a 1-D tensor's rows are its elements; a 0-d tensor is one row."""
     W = torch.ones(4, 2, dtype=F64, requires_grad=True)
     v = torch.ones(4, dtype=F64, requires_grad=True)
     s = torch.ones((), dtype=F64, requires_grad=True)
+    s2 = torch.ones((), dtype=F64, requires_grad=True)
     D = torch.ones(4, 2, dtype=F64, requires_grad=True)
-    opt = Tiger([{"params": [W, v, s], "lazy": True}, {"params": [D]}], lr=0.1, weight_decay=0.5)
+    opt = Tiger([{"params": [W, v, s, s2], "lazy": True}, {"params": [D]}], lr=0.1, weight_decay=0.5)
     g = torch.zeros(4, 2, dtype=F64)
     g[1] = 1.0
     W.grad, D.grad = g.clone(), g.clone()
     v.grad = torch.tensor([0.0, 0.0, 2.0, 0.0], dtype=F64)
     s.grad = torch.tensor(0.0, dtype=F64)
+    s2.grad = torch.tensor(-3.0, dtype=F64)
     opt.step()
     # touched: m = 0.035*g > 0, p = 1 - 0.1*(1 + 0.5*1) = 0.85; untouched lazy rows stay 1
     assert W.detach().tolist() == [[1, 1], [0.85, 0.85], [1, 1], [1, 1]]
     assert v.detach().tolist() == [1, 1, 0.85, 1]
-    torch.testing.assert_close(s.detach(), torch.tensor(0.95, dtype=F64))  # dense: decay only (sign(0) = 0)
+    assert s.detach().item() == 1.0 and opt.state[s]["exp_avg"].item() == 0.0  # zero gradient: untouched
+    torch.testing.assert_close(s2.detach(), torch.tensor(1 - 0.1 * (-1 + 0.5), dtype=F64))  # 1.05
+    assert float(opt.state[s]["step"]) == float(opt.state[s2]["step"]) == 1  # the count is per tensor
     torch.testing.assert_close(D.detach()[0], torch.tensor([0.95, 0.95], dtype=F64))  # dense rows decay
+
+
+# ------------------------------------------------------------------------------ "touched" = non-zero gradient
+def _zero_listed_sparse(dtype: torch.dtype = F64) -> torch.Tensor:
+    """Sparse gradient listing rows 2 (all-zero values), 5 (duplicates that cancel) and 4 (non-zero)."""
+    idx = torch.tensor([[2, 5, 4, 5, 2]])
+    vals = torch.tensor([[0.0, 0.0, 0.0], [1.5, -2.0, 0.25], [0.5, -1.0, 2.0], [-1.5, 2.0, -0.25],
+                         [0.0, -0.0, 0.0]], dtype=dtype)
+    return torch.sparse_coo_tensor(idx, vals, (ROWS, DIM), check_invariants=True)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("name,cls,kwargs", NATIVE, ids=NATIVE_IDS)
+def test_sparse_rows_with_zero_gradient_are_untouched(name: str, cls: type, kwargs: dict, path: str) -> None:
+    """Issue 10 item 2: a listed row whose coalesced gradient is zero does not move, like dense-lazy."""
+    W0 = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(21), dtype=F64)
+    a, b = W0.clone().requires_grad_(), W0.clone().requires_grad_()
+    oa, ob = cls([a], lazy=True, **kwargs, **PATHS[path]), cls([b], lazy=True, **kwargs, **PATHS[path])
+    for _ in range(5):
+        a.grad = _zero_listed_sparse()
+        b.grad = a.grad.to_dense()
+        oa.step()
+        ob.step()
+    assert torch.equal(a.detach()[[2, 5]], W0[[2, 5]])
+    assert not torch.equal(a.detach()[4], W0[4])
+    assert torch.equal(a.detach(), b.detach())  # sparse-lazy == dense-lazy, bit for bit
+    for k, v in oa.state[a].items():
+        assert torch.equal(v, ob.state[b][k]), k
+
+
+@pytest.mark.parametrize("glove", [False, True])
+def test_adagrad_plain_sparse_rows_with_zero_gradient_are_untouched(glove: bool) -> None:
+    """Adagrad's sparse path without lazy=True: L2 weight decay would move a listed zero row."""
+    W0 = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(22), dtype=F64)
+    W = W0.clone().requires_grad_()
+    opt = Adagrad([W], lr=0.1, weight_decay=0.5, glove=glove)
+    for _ in range(3):
+        W.grad = _zero_listed_sparse()
+        opt.step()
+    assert torch.equal(W.detach()[[2, 5]], W0[[2, 5]])
+    init = opt.param_groups[0]["initial_accumulator_value"]
+    assert opt.state[W]["sum"][[2, 5]].eq(init).all()
+    assert not torch.equal(W.detach()[4], W0[4])
+
+
+def test_tiger_sparse_padding_row_does_not_drift() -> None:
+    """The issue's case: a masked pad token (no padding_idx) gives its row zero values: no drift."""
+    emb = torch.nn.Embedding(ROWS, DIM, sparse=True)
+    start = emb.weight.detach().clone()
+    opt = Tiger(emb.parameters(), lr=0.01, lazy=True)
+    idx = torch.tensor([[0, 3, 3, 0]])
+    mask = (idx != 0).unsqueeze(-1).float()
+    for _ in range(100):
+        opt.zero_grad()
+        (emb(idx) * mask).sum().backward()
+        opt.step()
+    assert torch.equal(emb.weight.detach()[0], start[0])
+    assert not torch.equal(emb.weight.detach()[3], start[3])
+
+
+def test_lazy_optimizer_sparse_rows_with_zero_gradient_are_untouched() -> None:
+    W0 = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(23), dtype=F64)
+    a, b = W0.clone().requires_grad_(), W0.clone().requires_grad_()
+    oa, ob = LazyOptimizer(_adamw([a]), [a]), LazyOptimizer(_adamw([b]), [b])
+    for _ in range(3):
+        a.grad = _zero_listed_sparse()
+        b.grad = a.grad.to_dense()
+        oa.step()
+        ob.step()
+    assert torch.equal(a.detach()[[2, 5]], W0[[2, 5]])
+    assert torch.equal(a.detach(), b.detach())
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(oa.state[a][k], ob.state[b][k])
+        assert oa.state[a][k][[2, 5]].eq(0).all()
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_zero_dim_parameter_is_one_row(wrapped: bool) -> None:
+    """One rule for a 0-d parameter, native lazy=True and LazyOptimizer: updated iff its gradient != 0."""
+    s = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    ref = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    if wrapped:
+        opt: torch.optim.Optimizer = LazyOptimizer(_adamw([s]), [s])
+        dense: torch.optim.Optimizer = _adamw([ref])
+    else:
+        opt = Tiger([s], lr=0.1, weight_decay=0.5, lazy=True)
+        dense = Tiger([ref], lr=0.1, weight_decay=0.5)
+    s.grad = torch.tensor(2.0, dtype=F64)
+    ref.grad = torch.tensor(2.0, dtype=F64)
+    opt.step()
+    dense.step()
+    assert torch.equal(s.detach(), ref.detach()) and s.item() != 1.0
+    after, m = s.item(), opt.state[s]["exp_avg"].clone()
+    s.grad = torch.tensor(0.0, dtype=F64)
+    opt.step()  # zero gradient: no decay, no momentum step
+    assert s.item() == after and torch.equal(opt.state[s]["exp_avg"], m)
+    assert float(opt.state[s]["step"]) == 2  # the tensor's step keeps counting
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -412,9 +513,8 @@ def test_lazy_params_from_groups_modules_and_errors() -> None:
         LazyOptimizer(_adamw(model.parameters()))
     with pytest.raises(ValueError, match="not in the wrapped"):
         LazyOptimizer(_adamw(lin.parameters()), [emb.weight])
-    with pytest.raises(ValueError, match="dim >= 1"):
-        s = torch.zeros((), requires_grad=True)
-        LazyOptimizer(_adamw([s]), [s])
+    s = torch.zeros((), requires_grad=True)
+    assert LazyOptimizer(_adamw([s]), [s])._lazy_params() == [s]  # a 0-d tensor is one row
     with pytest.raises(ValueError, match="no tensor"):
         LazyOptimizer(_adamw(lin.parameters()), lin)
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):

@@ -59,7 +59,7 @@ except ImportError:  # pragma: no cover - torch 2.4 or a build without torch.dis
         _DTensor = _Partial = _Replicate = _Shard = None  # type: ignore[assignment,misc]
 
 __all__ = ["TigerOptimizer", "Impl", "check", "check_lr", "global_bool", "to_float", "state_dtype", "working",
-           "write_back"]
+           "write_back", "touched_rows"]
 
 Impl = Callable[..., None]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -256,7 +256,7 @@ class TigerOptimizer(Optimizer):
             if torch.is_complex(p):
                 tensors = [torch.view_as_real(t) if not t.is_sparse else _sparse_as_real(t)
                            for t in tensors]
-            if g.is_sparse or (lazy and p.dim() > 0):
+            if g.is_sparse or lazy:
                 state["step"] += 1
                 self._rows_update(tensors, state["step"], hyper)
                 continue
@@ -280,30 +280,25 @@ class TigerOptimizer(Optimizer):
             impl(*lists[:-1], steps, **hyper)
 
     def _rows_update(self, tensors: list[Tensor], step: Tensor, hyper: dict[str, Any]) -> None:
-        """Update only the rows (slices along dim 0) the gradient touches.
+        """Update only the rows (slices along dim 0) that have a non-zero gradient.
 
-        Sparse COO gradients give their rows (duplicates summed); dense gradients
-        of a ``lazy=True`` group touch the rows holding any non-zero.  The rows'
-        parameters and state are gathered, updated by the reference rule exactly
-        as a dense step would, and scattered back; other rows do not change.
+        A row is *touched* when its gradient holds any non-zero (NaN and inf count as non-zero):
+        for a dense gradient of a ``lazy=True`` group, rows holding a non-zero; for a sparse COO
+        gradient, the rows it lists whose values, after coalescing (duplicates summed), are not
+        all zero.  A 0-d parameter is one row.  The touched rows' parameters and state are
+        gathered, updated by the reference rule exactly as a dense step would, and scattered
+        back; other rows do not change.
         """
         if _is_dtensor(tensors[0]):
             # Gathering rows (nonzero/index_select) has no DTensor sharding rule; with whole rows on
             # every rank (FSDP2 shards dim 0) the local rows are exactly the global rows.
             _check_whole_rows(tensors[0])
             tensors = [_local(t) for t in tensors]
+        if tensors[0].dim() == 0:  # a 0-d parameter is one row
+            tensors = [t.reshape(1) for t in tensors]
         p, g, *states = tensors
-        if g.is_sparse:
-            g = g.coalesce()
-            if g.sparse_dim() != 1:
-                raise RuntimeError(f"sparse gradients must be sparse along dim 0 only, got sparse_dim="
-                                   f"{g.sparse_dim()}")
-            idx, rows = g.indices()[0], g.values()
-        else:
-            touched = g.flatten(1).any(dim=1) if g.dim() > 1 else g.ne(0)
-            idx = touched.nonzero().squeeze(1)
-            rows = g.index_select(0, idx)
-        if idx.numel() == 0:
+        idx, rows = touched_rows(g)
+        if idx.numel() == 0 or rows is None:
             return
         p_rows = p.index_select(0, idx)
         state_rows = [s.index_select(0, idx) for s in states]
@@ -356,6 +351,32 @@ class TigerOptimizer(Optimizer):
                 step = step.detach() if isinstance(step, Tensor) else torch.tensor(float(step))
                 device = p.device if self._group_of(p).get("capturable") else "cpu"
                 mine["step"] = step.to(device=device, dtype=_scalar_dtype(), copy=True)
+
+
+def touched_rows(g: Tensor, gather: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(row indices, their gradient rows) of the rows of ``g`` that hold a non-zero.
+
+    The one definition of "touched" for lazy rows and sparse gradients: a dense gradient's
+    rows (slices along dim 0; elements of a 1-D tensor) holding any non-zero; a sparse COO
+    gradient's rows, after coalescing (duplicates summed), whose values are not all zero (a
+    listed row whose values are zero, or whose duplicates cancel, is not touched).  Indices
+    are sorted and unique (int64).  ``gather=False`` skips gathering a dense gradient's rows
+    (returns None for them).
+    """
+    if g.is_sparse:
+        g = g.coalesce()
+        if g.sparse_dim() != 1:
+            raise RuntimeError(f"sparse gradients must be sparse along dim 0 only, got sparse_dim="
+                               f"{g.sparse_dim()}")
+        idx, rows = g.indices()[0], g.values()
+        nonzero = rows.flatten(1).any(dim=1) if rows.dim() > 1 else rows.ne(0)
+        if not bool(nonzero.all()):
+            keep = nonzero.nonzero().squeeze(1)
+            idx, rows = idx.index_select(0, keep), rows.index_select(0, keep)
+        return idx, rows
+    touched = g.flatten(1).any(dim=1) if g.dim() > 1 else g.ne(0)
+    idx = touched.nonzero().squeeze(1)
+    return idx, g.index_select(0, idx) if gather else None
 
 
 def _scalar_dtype() -> torch.dtype:

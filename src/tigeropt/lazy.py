@@ -6,8 +6,12 @@ receiving gradient keeps moving by ``lr*sign(m)`` until it sits at
 updates (TensorFlow's ``LazyAdam``, torch's ``SparseAdam``) leave a row alone
 in a step where its gradient is all zero:
 
-    touched_i = any(g[i] != 0)            (dense gradient: row i = slice p[i] along dim 0)
-    touched_i = i in g.indices()          (sparse COO gradient: the rows it lists)
+    touched_i = any(g[i] != 0)            (row i = slice p[i] along dim 0; a 0-d tensor is one row)
+
+A sparse COO gradient is coalesced first (duplicates summed), so a row it lists
+with all-zero values, or whose duplicates cancel, is untouched exactly like the
+same row of a dense gradient: "touched" means "has a non-zero gradient", on
+every path (:func:`tigeropt._base.touched_rows` is the one definition).
     p[i], state[i] = update(p[i], g[i], state[i])   if touched_i
     p[i], state[i] unchanged                        otherwise (no weight decay either)
 
@@ -29,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._base import TigerOptimizer
+from ._base import TigerOptimizer, touched_rows
 
 __all__ = ["LazyOptimizer", "embedding_weights"]
 
@@ -140,15 +144,17 @@ class LazyOptimizer(_WrapperOptimizer):
             step, so groups added later count too).  Otherwise an iterable of
             tensors and/or modules (a module stands for the weights of every
             ``nn.Embedding``/``nn.EmbeddingBag`` in it), or a single module.
-            Every tensor must be in the wrapped optimizer and have dim >= 1.
+            Every tensor must be in the wrapped optimizer (a 0-d tensor is one row:
+            it keeps its value and state in a step where its gradient is zero).
 
     Semantics and limits:
 
-    * Which rows are touched: with a dense gradient, rows holding any non-zero;
-      with a sparse COO gradient (``nn.Embedding(sparse=True)``), the rows it
-      lists.  A sparse gradient is handed to the wrapped optimizer densified
-      (most torch optimizers reject sparse gradients) and put back afterwards,
-      so the wrapped step costs as much as a dense one.
+    * Which rows are touched: rows whose gradient holds any non-zero, for dense
+      and sparse COO gradients alike (a sparse gradient is coalesced first: a
+      listed row with all-zero values is untouched).  A sparse gradient is
+      handed to the wrapped optimizer densified (most torch optimizers reject
+      sparse gradients) and put back afterwards, so the wrapped step costs as
+      much as a dense one.
     * Restored state: every per-parameter state tensor of the parameter's shape
       (AdamW's ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``; SGD's
       ``momentum_buffer``; Adagrad's ``sum``; ...).  Other state is left as the
@@ -224,9 +230,6 @@ class LazyOptimizer(_WrapperOptimizer):
             if id(p) not in owned:
                 raise ValueError(f"LazyOptimizer: a lazy parameter of shape {tuple(p.shape)} is not in the "
                                  f"wrapped {type(self.optimizer).__name__}'s param groups")
-            if p.dim() == 0:
-                raise ValueError("LazyOptimizer: a lazy parameter needs dim >= 1 (rows are slices along "
-                                 "dim 0), got a 0-dim tensor")
             out.append(p)
         if not out:
             raise ValueError("LazyOptimizer: params holds no tensor (a module stands for its nn.Embedding/"
@@ -243,7 +246,7 @@ class LazyOptimizer(_WrapperOptimizer):
             return [p for p in self._explicit if id(p) not in natively_lazy]
         if native:
             return []
-        return [p for g in self.optimizer.param_groups if g.get("lazy") for p in g["params"] if p.dim() > 0]
+        return [p for g in self.optimizer.param_groups if g.get("lazy") for p in g["params"]]
 
     # ----------------------------------------------------------------- views of the wrapped optimizer
     @property  # type: ignore[override]
@@ -313,29 +316,38 @@ class LazyOptimizer(_WrapperOptimizer):
         sparse_grad = None
         if grad.is_sparse:
             sparse_grad = grad
-            grad = grad.coalesce()
-            touched = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
-            touched[grad.indices()[0]] = True
             p.grad = grad.to_dense()
-        else:
-            nonzero = grad.ne(0)
-            touched = nonzero.flatten(1).any(dim=1) if grad.dim() > 1 else nonzero
+        idx, _ = touched_rows(grad if p.dim() else grad.reshape(1), gather=False)
+        rows_of = _rows_view(p)
+        touched = torch.zeros(rows_of(p).shape[0], dtype=torch.bool, device=p.device)
+        touched[idx] = True
         untouched = (~touched).nonzero().squeeze(1)
         if untouched.numel() == 0:
             return p, sparse_grad, None, {}
-        rows = {"": p.index_select(0, untouched)}
+        rows = {"": rows_of(p).index_select(0, untouched)}
         for key, value in self.optimizer.state.get(p, {}).items():
-            if isinstance(value, Tensor) and value.shape == p.shape:
-                rows[key] = value.index_select(0, untouched)
+            if _per_row_state(key, value, p):
+                rows[key] = rows_of(value).index_select(0, untouched)
         return p, sparse_grad, untouched, rows
 
     def _restore(self, p: Tensor, sparse_grad: Tensor | None, untouched: Tensor | None,
                  rows: dict[str, Tensor]) -> None:
         if untouched is not None:
             state = self.optimizer.state.get(p, {})
+            rows_of = _rows_view(p)
             for key, saved in rows.items():
                 target = p if key == "" else state.get(key)
-                if isinstance(target, Tensor) and target.shape == p.shape:
-                    target.index_copy_(0, untouched, saved.to(target.dtype))
+                if target is p or _per_row_state(key, target, p):
+                    rows_of(target).index_copy_(0, untouched, saved.to(target.dtype))
         if sparse_grad is not None:
             p.grad = sparse_grad
+
+
+def _rows_view(p: Tensor) -> Callable[[Tensor], Tensor]:
+    """Tensors of ``p``'s shape as rows: themselves, or a one-row view for a 0-d ``p``."""
+    return (lambda t: t) if p.dim() else (lambda t: t.view(1))
+
+
+def _per_row_state(key: str, value: Any, p: Tensor) -> bool:
+    """State restored with its rows: tensors of the parameter's shape, except the step counter."""
+    return isinstance(value, Tensor) and value.shape == p.shape and key != "step"
