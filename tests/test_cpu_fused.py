@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import functools
 import math
 import sys
 import warnings
@@ -24,10 +25,10 @@ from torch import Tensor
 
 import tigeropt
 from tigeropt import _cpu
-from tigeropt.adagrad import _single_tensor_adagrad
-from tigeropt.adax import _single_tensor_adax
-from tigeropt.lion import _single_tensor_lion
-from tigeropt.tiger import _single_tensor_tiger
+from tigeropt.adagrad import _multi_tensor_adagrad, _single_tensor_adagrad
+from tigeropt.adax import _multi_tensor_adax, _single_tensor_adax
+from tigeropt.lion import _multi_tensor_lion, _single_tensor_lion
+from tigeropt.tiger import _multi_tensor_tiger, _single_tensor_tiger
 
 if _cpu._find_compiler() is None:
     pytest.skip("no C compiler: the fused CPU step cannot be built here", allow_module_level=True)
@@ -46,36 +47,43 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # stay single-threaded, which keeps the tests fast on a loaded machine).
 SIZES = [1, 7, 15, 16, 17, 63, 64, 65, 0, 1000, (33, 17), (4, 5, 6), 32_000, 31_999]
 
+# The C launchers import nothing from the optimizer modules: the caller (the optimizer base) names the
+# foreach function that takes what the kernels cannot.  These tests pass it as the base does.
+_fused_tiger = functools.partial(_cpu.fused_tiger, fallback=_multi_tensor_tiger)
+_fused_lion = functools.partial(_cpu.fused_lion, fallback=_multi_tensor_lion)
+_fused_adax = functools.partial(_cpu.fused_adax, fallback=_multi_tensor_adax)
+_fused_adagrad = functools.partial(_cpu.fused_adagrad, fallback=_multi_tensor_adagrad)
+
 Case = tuple[Callable[..., None], Callable[..., None], int, dict[str, Any], float]
 # name -> (reference, fused, number of state tensors, hyperparameters, initial state value)
 CASES: dict[str, Case] = {
-    "tiger": (_single_tensor_tiger, _cpu.fused_tiger, 1,
+    "tiger": (_single_tensor_tiger, _fused_tiger, 1,
               dict(lr=0.01, beta=0.965, weight_decay=0.01, maximize=False), 0.0),
-    "tiger-nowd-max": (_single_tensor_tiger, _cpu.fused_tiger, 1,
+    "tiger-nowd-max": (_single_tensor_tiger, _fused_tiger, 1,
                        dict(lr=0.01, beta=0.9, weight_decay=0.0, maximize=True), 0.0),
-    "lion": (_single_tensor_lion, _cpu.fused_lion, 1,
+    "lion": (_single_tensor_lion, _fused_lion, 1,
              dict(lr=0.01, beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=False), 0.0),
-    "lion-max": (_single_tensor_lion, _cpu.fused_lion, 1,
+    "lion-max": (_single_tensor_lion, _fused_lion, 1,
                  dict(lr=0.003, beta1=0.95, beta2=0.98, weight_decay=0.0, maximize=True), 0.0),
-    "adax-l2": (_single_tensor_adax, _cpu.fused_adax, 2,
+    "adax-l2": (_single_tensor_adax, _fused_adax, 2,
                 dict(lr=0.01, beta1=0.9, beta2=1e-4, eps=1e-12, weight_decay=5e-4,
                      decoupled_weight_decay=False, maximize=False), 0.0),
-    "adax-w-max": (_single_tensor_adax, _cpu.fused_adax, 2,
+    "adax-w-max": (_single_tensor_adax, _fused_adax, 2,
                    dict(lr=0.005, beta1=0.9, beta2=1e-3, eps=1e-8, weight_decay=5e-2,
                         decoupled_weight_decay=True, maximize=True), 0.0),
-    "adax-nowd": (_single_tensor_adax, _cpu.fused_adax, 2,
+    "adax-nowd": (_single_tensor_adax, _fused_adax, 2,
                   dict(lr=0.01, beta1=0.8, beta2=1e-4, eps=1e-12, weight_decay=0.0,
                        decoupled_weight_decay=False, maximize=False), 0.0),
-    "adagrad": (_single_tensor_adagrad, _cpu.fused_adagrad, 1,
+    "adagrad": (_single_tensor_adagrad, _fused_adagrad, 1,
                 dict(lr=0.1, lr_decay=0.0, weight_decay=0.0, eps=1e-10, glove=False, grad_clip_value=None,
                      skip_nonfinite_rows=False, maximize=False), 0.0),
-    "adagrad-wd-decay-max": (_single_tensor_adagrad, _cpu.fused_adagrad, 1,
+    "adagrad-wd-decay-max": (_single_tensor_adagrad, _fused_adagrad, 1,
                              dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, eps=1e-10, glove=False,
                                   grad_clip_value=None, skip_nonfinite_rows=False, maximize=True), 0.1),
-    "glove": (_single_tensor_adagrad, _cpu.fused_adagrad, 1,
+    "glove": (_single_tensor_adagrad, _fused_adagrad, 1,
               dict(lr=0.05, lr_decay=0.0, weight_decay=0.0, eps=1e-10, glove=True, grad_clip_value=None,
                    skip_nonfinite_rows=False, maximize=False), 1.0),
-    "glove-clip-wd-max": (_single_tensor_adagrad, _cpu.fused_adagrad, 1,
+    "glove-clip-wd-max": (_single_tensor_adagrad, _fused_adagrad, 1,
                           dict(lr=0.05, lr_decay=0.0, weight_decay=0.01, eps=1e-10, glove=True,
                                grad_clip_value=0.7, skip_nonfinite_rows=False, maximize=True), 1.0),
 }
@@ -204,7 +212,7 @@ def test_golden_values() -> None:
 
     p, m, s = one(), zero(), step()
     s[0] += 1
-    _cpu.fused_tiger(p, [torch.tensor([0.5], dtype=torch.float64)], m, s, lr=0.1, beta=0.945,
+    _fused_tiger(p, [torch.tensor([0.5], dtype=torch.float64)], m, s, lr=0.1, beta=0.945,
                      weight_decay=0.01, maximize=False)
     assert math.isclose(m[0].item(), 0.0275, rel_tol=1e-12)
     assert math.isclose(p[0].item(), 0.899, rel_tol=1e-12)
@@ -212,14 +220,14 @@ def test_golden_values() -> None:
     p, m, s = one(), zero(), step()
     for g, pe, me in ((0.5, 0.899, 0.005), (-0.2, 0.998101, 0.00295), (0.0, 0.897102899, 0.0029205)):
         s[0] += 1
-        _cpu.fused_lion(p, [torch.tensor([g], dtype=torch.float64)], m, s, lr=0.1, beta1=0.9, beta2=0.99,
+        _fused_lion(p, [torch.tensor([g], dtype=torch.float64)], m, s, lr=0.1, beta1=0.9, beta2=0.99,
                         weight_decay=0.01, maximize=False)
         assert math.isclose(p[0].item(), pe, rel_tol=1e-12) and math.isclose(m[0].item(), me, rel_tol=1e-9)
 
     p, m, v, s = one(), zero(), zero(), step()
     for g, pe in ((0.5, 0.990000000002), (0.5, 0.971000000005), (-0.25, 0.957028356335)):
         s[0] += 1
-        _cpu.fused_adax(p, [torch.tensor([g], dtype=torch.float64)], m, v, s, lr=0.1, beta1=0.9, beta2=1e-4,
+        _fused_adax(p, [torch.tensor([g], dtype=torch.float64)], m, v, s, lr=0.1, beta1=0.9, beta2=1e-4,
                         eps=1e-12, weight_decay=0.0, decoupled_weight_decay=False, maximize=False)
         assert math.isclose(p[0].item(), pe, rel_tol=1e-11)
 
@@ -228,7 +236,7 @@ def test_golden_values() -> None:
         p, acc, s = one(), [torch.tensor([acc0], dtype=torch.float64)], step()
         for pe in expected:
             s[0] += 1
-            _cpu.fused_adagrad(p, [torch.tensor([0.5], dtype=torch.float64)], acc, s, lr=0.1, lr_decay=0.0,
+            _fused_adagrad(p, [torch.tensor([0.5], dtype=torch.float64)], acc, s, lr=0.1, lr_decay=0.0,
                                weight_decay=0.0, eps=1e-10, glove=glove, grad_clip_value=None,
                                skip_nonfinite_rows=False, maximize=False)
             assert math.isclose(p[0].item(), pe, rel_tol=1e-12)
@@ -237,7 +245,7 @@ def test_golden_values() -> None:
 def test_sign_of_zero_and_nonfinite_gradients() -> None:
     """sign(0) = 0: zero gradient and momentum move p by weight decay only; NaN/inf as the reference."""
     p, m = [torch.tensor([2.0, 2.0], dtype=torch.float64)], [torch.zeros(2, dtype=torch.float64)]
-    _cpu.fused_tiger(p, [torch.zeros(2, dtype=torch.float64)], m, [torch.tensor(1.0)], lr=0.1, beta=0.9,
+    _fused_tiger(p, [torch.zeros(2, dtype=torch.float64)], m, [torch.tensor(1.0)], lr=0.1, beta=0.9,
                      weight_decay=0.5, maximize=False)
     assert p[0].tolist() == [2.0 - 0.1 * 0.5 * 2.0] * 2
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1.0, -1.0] * 20)
@@ -358,7 +366,7 @@ def test_tiger_extras_and_glove_skip_rows_use_the_reference_rule() -> None:
     for k in range(2):
         grads = _grads(sizes, torch.float32, k)
         _run(_single_tensor_tiger, a, grads, kw)
-        _run(_cpu.fused_tiger, b, grads, kw)
+        _run(_fused_tiger, b, grads, kw)
     _compare(a, b, torch.float32, exact=True)
     kw = dict(CASES["glove"][3], skip_nonfinite_rows=True)
     a = _make(sizes, torch.float32, 1, 1.0)
@@ -366,7 +374,7 @@ def test_tiger_extras_and_glove_skip_rows_use_the_reference_rule() -> None:
     grads = _grads(sizes, torch.float32, 0)
     grads[0][2, 1] = float("inf")
     _run(_single_tensor_adagrad, a, grads, kw)
-    _run(_cpu.fused_adagrad, b, grads, kw)
+    _run(_fused_adagrad, b, grads, kw)
     _compare(a, b, torch.float32, exact=True)
     assert torch.equal(b[0][0][2], _make(sizes, torch.float32, 1, 1.0)[0][0][2])  # the row was skipped
 
@@ -465,3 +473,35 @@ def test_property_random_lists_and_hyperparameters(name: str, sizes: list[int], 
     _run(ref, a, grads, kw)
     _run(fused, b, grads, kw)
     _compare(a, b, dtype, exact=name in EXACT)
+
+
+def test_launchers_without_fallback_refuse_what_they_cannot_take() -> None:
+    """Without a fallback the C launchers raise rather than silently picking an optimizer's path."""
+    sizes = [(6, 5)]
+    a = _make(sizes, torch.float32, 1, 0.0)
+    a[0][0] = a[0][0].t()  # non-contiguous: not for the C kernel
+    with pytest.raises(ValueError, match="no fallback"):
+        _run(_cpu.fused_lion, a, [torch.zeros(5, 6)], CASES["lion"][3])
+    with pytest.raises(ValueError, match="no fallback"):
+        _run(_cpu.fused_tiger, _make(sizes, torch.float32, 1, 0.0), _grads(sizes, torch.float32, 0),
+             dict(CASES["tiger"][3], nan_guard=True))
+
+
+def test_kernels_import_nothing_from_optimizer_modules() -> None:
+    """Layering: the C launchers and Triton kernels never import tigeropt's optimizer modules."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(tigeropt.__file__).parent
+    optimizer_modules = {"tiger", "lion", "adax", "adagrad", "_base", "lazy", "mixed", "gan", "param_groups",
+                         "demo"}
+    files = [root / "_cpu" / "__init__.py", *sorted((root / "kernels").glob("*.py"))]
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2:  # from ..x import
+                top = (node.module or "").split(".")[0]
+                assert top not in optimizer_modules, f"{f.name} imports ..{node.module}"
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                parts = node.module.split(".")
+                assert not (parts[0] == "tigeropt" and len(parts) > 1 and parts[1] in optimizer_modules), \
+                    f"{f.name} imports {node.module}"

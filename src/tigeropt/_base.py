@@ -34,6 +34,7 @@ Shared flag documentation (every optimizer accepts these keyword arguments):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -215,7 +216,10 @@ class TigerOptimizer(Optimizer):
         if path == "foreach":
             return type(self).foreach_impl
         assert self.kernel is not None
-        return kernels.get_impl(self.kernel, path)
+        impl = kernels.get_impl(self.kernel, path)
+        if path == "cpu":  # the C step hands what it cannot take to the path the base chooses
+            return functools.partial(impl, fallback=type(self).foreach_impl)
+        return impl
 
     # ----------------------------------------------------------------- the step
     @torch.no_grad()

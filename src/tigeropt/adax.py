@@ -24,7 +24,6 @@ lr=5e-3, wd=5e-2 there).  State: ``exp_avg`` (m) and ``exp_avg_sq`` (vhat).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,18 +31,9 @@ import torch
 from torch import Tensor
 
 from ._base import TigerOptimizer, check, check_lr, to_float, working, write_back
+from ._math import adax_scalars
 
 __all__ = ["AdaX", "adax_scalars"]
-
-
-def adax_scalars(step: float, beta2: float, eps: float) -> tuple[float, float, float]:
-    """(bhat, 1 - bhat, eps/sqrt(bc)) at step t, computed stably in float64."""
-    try:
-        bc = math.expm1(step * math.log1p(beta2))
-    except OverflowError:
-        bc = math.inf
-    one_minus_bhat = beta2 / bc
-    return 1.0 - one_minus_bhat, one_minus_bhat, eps / math.sqrt(bc)
 
 
 def _single_tensor_adax(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],

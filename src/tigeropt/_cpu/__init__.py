@@ -26,12 +26,15 @@ operation by operation (see ``kernels.c``): math in the state dtype (fp32 for
 bf16/fp16 parameters), parameters rounded once, to nearest even, at the store.
 
 The launchers :func:`fused_tiger`, :func:`fused_lion`, :func:`fused_adax` and
-:func:`fused_adagrad` take exactly the arguments of the foreach functions
-``_multi_tensor_<name>``.  Tensors the kernels cannot take (non-contiguous,
-sparse, not on the CPU, an unsupported dtype or a state dtype other than
-:func:`tigeropt._base.state_dtype` of the parameter) and options they do not
-implement (Tiger's ``lr_scaling``/``accumulation_steps``/``nan_guard``,
-Adagrad's ``skip_nonfinite_rows``) go through the foreach function instead.
+:func:`fused_adagrad` take the arguments of the foreach functions
+``_multi_tensor_<name>`` plus ``fallback``: the function (chosen by the caller,
+normally the optimizer base, which knows every path) that runs what the kernels
+cannot take.  Tensors the kernels cannot take (non-contiguous, sparse, not on
+the CPU, an unsupported dtype or a state dtype other than the parameter's
+optimizer-state dtype) and options they do not implement (Tiger's
+``lr_scaling``/``accumulation_steps``/``nan_guard``, Adagrad's
+``skip_nonfinite_rows``) go to ``fallback``; without one they raise
+``ValueError``.  This package imports nothing from the optimizer modules.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .._math import adax_scalars
 
 __all__ = ["supports", "available", "status", "build", "cache_dir", "fused_tiger", "fused_lion",
            "fused_adax", "fused_adagrad", "SOURCE", "NAMES"]
@@ -315,15 +320,16 @@ def _pick(lst: Sequence[Any], idx: list[int]) -> list[Any]:
 
 def _launch(name: str, lists: list[Sequence[Tensor]], state_steps: Sequence[Tensor], hp: list[float],
             per: Callable[[list[Tensor]], list[float]] | None,
-            fallback: Callable[..., None], kwargs: dict[str, Any]) -> None:
+            fallback: Callable[..., None] | None, kwargs: dict[str, Any]) -> None:
     """Run the C kernel ``name`` on the tensors it takes and ``fallback`` on the rest."""
     lib = _load()
     if lib is None:
-        fallback(*lists, state_steps, **kwargs)
+        _fallback(fallback, name, "the library is unavailable")(*lists, state_steps, **kwargs)
         return
     groups, other = _split(lists, bool(lib.tigeropt_has_f16()))
     if other:
-        fallback(*[_pick(lst, other) for lst in lists], _pick(state_steps, other), **kwargs)
+        _fallback(fallback, name, f"tensors {other} are not plain contiguous CPU tensors of the kernel's "
+                  "dtypes")(*[_pick(lst, other) for lst in lists], _pick(state_steps, other), **kwargs)
     if not groups:
         return
     fn = getattr(lib, f"tigeropt_{name}")
@@ -346,6 +352,13 @@ def _launch(name: str, lists: list[Sequence[Tensor]], state_steps: Sequence[Tens
             pass
 
 
+def _fallback(fallback: Callable[..., None] | None, name: str, why: str) -> Callable[..., None]:
+    if fallback is None:
+        raise ValueError(f"fused_{name}: {why}, and no fallback was given (pass fallback=, e.g. the "
+                         "optimizer's foreach function)")
+    return fallback
+
+
 def _scalar(x: float | Tensor) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
@@ -353,53 +366,52 @@ def _scalar(x: float | Tensor) -> float:
 def fused_tiger(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], state_steps: list[Tensor],
                 *, lr: float | Tensor, beta: float, weight_decay: float, maximize: bool,
                 lr_scaling: bool = False, accumulation_steps: int = 1, nan_guard: bool = False,
-                shrink_ratio: float = 0.99, kind: str = "auto") -> None:
+                shrink_ratio: float = 0.99, kind: str = "auto",
+                fallback: Callable[..., None] | None = None) -> None:
     """Tiger, ``m = beta*m + (1-beta)*g; p = p - lr*(sign(m) + wd*p)``, in one C call.
 
     Same arguments and numbers as :func:`tigeropt.tiger._multi_tensor_tiger`; the
-    original's extras (lr_scaling, accumulation_steps > 1, nan_guard) run there.
+    original's extras (lr_scaling, accumulation_steps > 1, nan_guard) run in ``fallback``.
     """
-    from ..tiger import _multi_tensor_tiger
-
     kwargs = dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize, lr_scaling=lr_scaling,
                   accumulation_steps=accumulation_steps, nan_guard=nan_guard, shrink_ratio=shrink_ratio,
                   kind=kind)
-    if lr_scaling or accumulation_steps > 1 or nan_guard or not params:
-        _multi_tensor_tiger(params, grads, exp_avgs, state_steps, **kwargs)
+    if not params:
+        return
+    if lr_scaling or accumulation_steps > 1 or nan_guard:
+        _fallback(fallback, "tiger", "lr_scaling/accumulation_steps/nan_guard are not in the kernel")(
+            params, grads, exp_avgs, state_steps, **kwargs)
         return
     lr_f = _scalar(lr)
     hp = [beta, 1 - beta, weight_decay, -lr_f, -1.0 if maximize else 1.0]
-    _launch("tiger", [params, grads, exp_avgs], state_steps, hp, None, _multi_tensor_tiger, kwargs)
+    _launch("tiger", [params, grads, exp_avgs], state_steps, hp, None, fallback, kwargs)
 
 
 def fused_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], state_steps: list[Tensor],
                *, lr: float | Tensor, beta1: float, beta2: float, weight_decay: float,
-               maximize: bool) -> None:
+               maximize: bool, fallback: Callable[..., None] | None = None) -> None:
     """Lion, ``c = b1*m + (1-b1)*g; p = p*(1-lr*wd) - lr*sign(c); m = b2*m + (1-b2)*g``, in one C call.
 
     Same arguments and numbers as :func:`tigeropt.lion._multi_tensor_lion`.
     """
-    from ..lion import _multi_tensor_lion
-
     if not params:
         return
     lr_f = _scalar(lr)
     hp = [beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr_f * weight_decay, -lr_f, -1.0 if maximize else 1.0]
     kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
-    _launch("lion", [params, grads, exp_avgs], state_steps, hp, None, _multi_tensor_lion, kwargs)
+    _launch("lion", [params, grads, exp_avgs], state_steps, hp, None, fallback, kwargs)
 
 
 def fused_adax(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                state_steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
-               weight_decay: float, decoupled_weight_decay: bool, maximize: bool) -> None:
+               weight_decay: float, decoupled_weight_decay: bool, maximize: bool,
+               fallback: Callable[..., None] | None = None) -> None:
     """AdaX (stable form) in one C call; per-tensor (bhat, 1-bhat, eps/sqrt(bc)) from ``adax_scalars``.
 
     ``m = b1*m + (1-b1)*g; vhat = bhat*vhat + (1-bhat)*g^2; p -= lr*m/(sqrt(vhat) + eps/sqrt(bc))``,
     with L2 (``g += wd*p``) or decoupled (``p *= 1-lr*wd``) weight decay.  Same arguments and
     numbers as :func:`tigeropt.adax._multi_tensor_adax`.
     """
-    from ..adax import _multi_tensor_adax, adax_scalars
-
     if not params:
         return
     lr_f = _scalar(lr)
@@ -421,27 +433,27 @@ def fused_adax(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
 
     kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                   decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
-    _launch("adax", [params, grads, exp_avgs, exp_avg_sqs], state_steps, hp, per, _multi_tensor_adax, kwargs)
+    _launch("adax", [params, grads, exp_avgs, exp_avg_sqs], state_steps, hp, per, fallback, kwargs)
 
 
 def fused_adagrad(params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor],
                   state_steps: list[Tensor], *, lr: float | Tensor, lr_decay: float, weight_decay: float,
                   eps: float, glove: bool, grad_clip_value: float | None, skip_nonfinite_rows: bool,
-                  maximize: bool) -> None:
+                  maximize: bool, fallback: Callable[..., None] | None = None) -> None:
     """Adagrad, standard (== ``torch.optim.Adagrad``) or GloVe-style, in one C call.
 
     Standard: ``G += g^2; p -= clr*g/(sqrt(G) + eps)``; GloVe-style: ``u = clr*clip(g);
     p -= u/sqrt(G); G += u^2``; ``clr = lr/(1 + (t-1)*lr_decay)`` per tensor.  Same arguments
-    and numbers as :func:`tigeropt.adagrad._multi_tensor_adagrad`; ``skip_nonfinite_rows`` runs there.
+    and numbers as :func:`tigeropt.adagrad._multi_tensor_adagrad`; ``skip_nonfinite_rows`` runs in
+    ``fallback``.
     """
-    from ..adagrad import _multi_tensor_adagrad
-
     kwargs = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, glove=glove,
                   grad_clip_value=grad_clip_value, skip_nonfinite_rows=skip_nonfinite_rows, maximize=maximize)
     if not params:
         return
     if glove and skip_nonfinite_rows:
-        _multi_tensor_adagrad(params, grads, state_sums, state_steps, **kwargs)
+        _fallback(fallback, "adagrad", "skip_nonfinite_rows is not in the kernel")(
+            params, grads, state_sums, state_steps, **kwargs)
         return
     lr_f = _scalar(lr)
     clip = grad_clip_value is not None
@@ -453,4 +465,4 @@ def fused_adagrad(params: list[Tensor], grads: list[Tensor], state_sums: list[Te
             return [lr_f] * len(steps)
         return [lr_f / (1 + (s.item() - 1) * lr_decay) for s in steps]
 
-    _launch("adagrad", [params, grads, state_sums], state_steps, hp, per, _multi_tensor_adagrad, kwargs)
+    _launch("adagrad", [params, grads, state_sums], state_steps, hp, per, fallback, kwargs)

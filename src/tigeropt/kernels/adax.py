@@ -9,7 +9,7 @@ The overflow-free form of :mod:`tigeropt.adax` (state ``m`` and ``vhat``, float3
     p    = p*(1 - lr*wd)                          (AdaX-W, decoupled)
     p    = p - lr * m / (sqrt(vhat) + eps_t)
 
-with the per-tensor scalars ``(bhat, 1-bhat, eps_t) = tigeropt.adax.adax_scalars(t, b2, eps)``
+with the per-tensor scalars ``(bhat, 1-bhat, eps_t) = tigeropt._math.adax_scalars(t, b2, eps)``
 computed in float64: once on the host when every tensor has the same step (the usual case,
 passed as kernel arguments), else one row per tensor in a small device table.  Step counts kept
 on the GPU are turned into that table by device ops (no host synchronization; capturable).
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..adax import adax_scalars
+from .._math import adax_scalars
 from ._common import (
     _ld,
     _lr_value,
