@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -45,19 +46,19 @@ from torch.optim import Optimizer
 
 from . import kernels
 
-try:  # DTensor parameters (FSDP2, tensor parallel); public module since torch 2.5
-    from torch.distributed.tensor import DTensor as _DTensor
-    from torch.distributed.tensor import Partial as _Partial
-    from torch.distributed.tensor import Replicate as _Replicate
-    from torch.distributed.tensor import Shard as _Shard
-except ImportError:  # pragma: no cover - torch 2.4 or a build without torch.distributed
-    try:
-        from torch.distributed._tensor import DTensor as _DTensor
-        from torch.distributed._tensor import Partial as _Partial
-        from torch.distributed._tensor import Replicate as _Replicate
-        from torch.distributed._tensor import Shard as _Shard
-    except ImportError:
-        _DTensor = _Partial = _Replicate = _Shard = None  # type: ignore[assignment,misc]
+# DTensor (FSDP2, tensor parallel) is looked up, never imported: importing torch.distributed.tensor costs
+# about half a second, and while nobody has imported it no tensor can be a DTensor.
+_DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")  # public since torch 2.5
+
+
+def _dtensor_module() -> Any:
+    """The module defining DTensor if someone imported it (else None: no DTensor can exist)."""
+    for name in _DTENSOR_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "DTensor"):
+            return module
+    return None
+
 
 __all__ = ["TigerOptimizer", "Impl", "check", "check_lr", "global_bool", "to_float", "state_dtype", "working",
            "write_back", "touched_rows"]
@@ -272,8 +273,7 @@ class TigerOptimizer(Optimizer):
             steps = lists[-1]
             torch._foreach_add_(steps, 1)
             path = self._path(group, device, dtype)
-            if path in ("fused", "cpu") and _DTensor is not None and any(
-                    isinstance(p, _DTensor) for p in lists[0]):
+            if path in ("fused", "cpu") and any(_is_dtensor(p) for p in lists[0]):
                 # The kernels read raw storage, which a DTensor (FSDP2) does not have: give them the
                 # local shards (views, so the updates land in the DTensors).  Only element-wise rules
                 # reach these paths (_fused_ok), so the local shards are all they need.  The reference
@@ -388,7 +388,8 @@ def _scalar_dtype() -> torch.dtype:
 
 
 def _is_dtensor(t: Tensor) -> bool:
-    return _DTensor is not None and isinstance(t, _DTensor)
+    module = _dtensor_module()
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def _local(t: Tensor) -> Tensor:
@@ -399,7 +400,9 @@ def _local(t: Tensor) -> Tensor:
 def _check_whole_rows(p: Tensor) -> None:
     """Row-wise updates on local shards equal the global update only if each rank holds whole rows."""
     placements = p.placements  # type: ignore[attr-defined]
-    if not all(isinstance(pl, _Replicate) or (isinstance(pl, _Shard) and pl.dim == 0) for pl in placements):
+    dt = _dtensor_module()
+    if not all(isinstance(pl, dt.Replicate) or (isinstance(pl, dt.Shard) and pl.dim == 0)
+               for pl in placements):
         raise RuntimeError("lazy=True and sparse gradients need DTensor parameters sharded along dim 0 "
                            f"(FSDP2's default) or replicated, got placements {placements}")
 
@@ -415,8 +418,9 @@ def _all_finite(grads: list[Tensor]) -> bool:
     ok = torch.stack([f.to(flags[0].device) for f in flags]).all()
     meshes = {g.device_mesh: None for g in grads if _is_dtensor(g)}
     for mesh in meshes:
-        partial = [_Partial("min")] * mesh.ndim
-        ok = _DTensor.from_local(ok.to(torch.int32).reshape(1), mesh, partial).full_tensor()[0].bool()
+        dt = _dtensor_module()
+        partial = [dt.Partial("min")] * mesh.ndim
+        ok = dt.DTensor.from_local(ok.to(torch.int32).reshape(1), mesh, partial).full_tensor()[0].bool()
     return bool(ok)
 
 
