@@ -60,8 +60,9 @@ def _dtensor_module() -> Any:
     return None
 
 
-__all__ = ["TigerOptimizer", "Impl", "check", "check_lr", "global_bool", "to_float", "state_dtype", "working",
-           "write_back", "touched_rows"]
+__all__ = ["TigerOptimizer", "Impl", "check", "check_lr", "global_bool", "nan_sign", "to_float",
+           "state_dtype",
+           "working", "write_back", "touched_rows"]
 
 Impl = Callable[..., None]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -84,6 +85,15 @@ def check_lr(lr: float | Tensor) -> None:
         value = lr
     check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0,
           "lr", lr, "must be a finite number >= 0")
+
+
+def nan_sign(x: Tensor) -> Tensor:
+    """``sign(x)``, but NaN where ``x`` is inf or NaN (torch.sign gives 0 for NaN on CPU and +-1 for inf).
+
+    The sign optimizers use it so that a non-finite gradient reaches the parameter visibly, as it
+    does with AdamW (``inf/inf``), instead of silently freezing the element: ``sign(x) + 0*x``.
+    """
+    return torch.sign(x).add_(x, alpha=0.0)
 
 
 def to_float(x: float | Tensor) -> float:

@@ -6,7 +6,8 @@
 
 Defaults from the paper: betas=(0.9, 0.99), weight_decay=0.  Use an lr 3-10x
 smaller than AdamW's and a weight decay 3-10x larger.  State: ``exp_avg`` (m),
-one tensor the size of the parameter.  ``sign(0) = 0`` on every path.
+one tensor the size of the parameter.  ``sign(0) = 0`` on every path; the sign of an
+inf/NaN c is NaN, so a non-finite gradient reaches the parameter visibly (as with AdamW).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import TigerOptimizer, check, check_lr, to_float, working, write_back
+from ._base import TigerOptimizer, check, check_lr, nan_sign, to_float, working, write_back
 
 __all__ = ["Lion"]
 
@@ -32,7 +33,7 @@ def _single_tensor_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
         if maximize:
             g = -g
         c = m.mul(beta1).add_(g, alpha=1 - beta1)
-        p.mul_(1 - lr * weight_decay).add_(c.sign_(), alpha=-lr)
+        p.mul_(1 - lr * weight_decay).add_(nan_sign(c), alpha=-lr)
         m.mul_(beta2).add_(g, alpha=1 - beta2)
         if p is not param:
             param.copy_(p)
@@ -50,9 +51,10 @@ def _multi_tensor_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         gs = torch._foreach_neg(gs)
     c = torch._foreach_mul(exp_avgs, beta1)
     torch._foreach_add_(c, gs, alpha=1 - beta1)
-    torch._foreach_sign_(c)
+    sign_c = torch._foreach_sign(c)
+    torch._foreach_add_(sign_c, c, alpha=0.0)  # nan_sign: NaN for a non-finite c
     torch._foreach_mul_(ps, 1 - lr * weight_decay)
-    torch._foreach_add_(ps, c, alpha=-lr)
+    torch._foreach_add_(ps, sign_c, alpha=-lr)
     torch._foreach_mul_(exp_avgs, beta2)
     torch._foreach_add_(exp_avgs, gs, alpha=1 - beta2)
     write_back(params, ps)

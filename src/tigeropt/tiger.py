@@ -5,6 +5,9 @@ Lion with b1 = b2 = beta, so the interpolation and the momentum are one tensor:
     m = beta*m + (1-beta)*g
     p = p - lr*(sign(m) + wd*p)
 
+sign(0) = 0; sign of an inf/NaN momentum is NaN on every path, so a non-finite
+gradient makes the element's parameter NaN (as AdamW does), never a silent freeze.
+
 Defaults are the original's: lr=1e-3, beta=0.965, weight_decay=0.01.  State:
 ``exp_avg`` (m), one tensor the size of the parameter — the cheapest optimizer
 here (20 bytes moved per fp32 parameter and step).
@@ -34,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._base import TigerOptimizer, check, check_lr, global_bool, to_float, working, write_back
+from ._base import TigerOptimizer, check, check_lr, global_bool, nan_sign, to_float, working, write_back
 
 __all__ = ["Tiger", "kind_groups"]
 
@@ -71,7 +74,7 @@ def _single_tensor_tiger(params: list[Tensor], grads: list[Tensor], exp_avgs: li
                         lr_t = lr * p.square().mean(dim=-1, keepdim=True).sqrt()
                     else:
                         lr_t = lr * p.square().mean().sqrt()
-                update = torch.sign(m).add_(p, alpha=wd)
+                update = nan_sign(m).add_(p, alpha=wd)
                 if isinstance(lr_t, Tensor):
                     p.sub_(update.mul_(lr_t))
                 else:
@@ -99,6 +102,7 @@ def _multi_tensor_tiger(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     torch._foreach_mul_(exp_avgs, beta)
     torch._foreach_add_(exp_avgs, gs, alpha=-(1 - beta) if maximize else 1 - beta)
     update = torch._foreach_sign(exp_avgs)
+    torch._foreach_add_(update, exp_avgs, alpha=0.0)  # nan_sign: NaN for a non-finite m
     if weight_decay != 0.0:
         torch._foreach_add_(update, ps, alpha=weight_decay)
     torch._foreach_add_(ps, update, alpha=-lr)

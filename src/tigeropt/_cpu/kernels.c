@@ -131,7 +131,8 @@ static void store_f16(uint16_t *restrict dst, const float *restrict src, int64_t
  * correctly rounded square root; gs is +1 or -1 (maximize), exact.
  */
 
-#define SIGN(T, x) ((T)((x) > (T)0) - (T)((x) < (T)0))
+/* sign(x), NaN for an inf/NaN x (x*0 is NaN there, +-0 otherwise): as tigeropt._base.nan_sign */
+#define SIGN(T, x) (((T)((x) > (T)0) - (T)((x) < (T)0)) + (x) * (T)0)
 
 #define DEFINE_CORES(T, SUF, FMA, SQRT)                                                           \
     /* m = beta*m + (1-beta)*g;  p = p - lr*(sign(m) + wd*p) */                                   \

@@ -510,5 +510,5 @@ def _st(ptr, offs, x, n, MASKED: tl.constexpr, ROUND_BF16: tl.constexpr):
 
 @triton.jit
 def _sign(x):
-    """torch.sign: -1, 0 or 1 (0 for +-0, NaN stays NaN)."""
-    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x))
+    """sign(x): -1, 0 or 1, NaN for an inf/NaN x (tigeropt._base.nan_sign: sign(x) + 0*x)."""
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x)) + x * 0.0

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._math import adax_scalars
+from .._math import TINY, adax_scalars
 from ._common import (
     _ld,
     _lr_value,
@@ -98,7 +98,9 @@ def _device_scalars(state_steps: list[Tensor], beta2: float, eps: float) -> Tens
     t = torch.stack([s.reshape(()) for s in state_steps]).to(torch.float64)
     bc = torch.expm1(t * math.log1p(beta2))
     one_minus_bhat = beta2 / bc
-    return torch.stack([1.0 - one_minus_bhat, one_minus_bhat, eps / bc.sqrt()], dim=1).to(torch.float32)
+    one_minus_bhat = torch.where(one_minus_bhat < TINY, 0.0, one_minus_bhat)  # as adax_scalars
+    eps_t = (eps / bc.sqrt()).clamp_min(TINY)
+    return torch.stack([1.0 - one_minus_bhat, one_minus_bhat, eps_t], dim=1).to(torch.float32)
 
 
 @torch.no_grad()
