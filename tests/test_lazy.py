@@ -30,6 +30,8 @@ NATIVE = [
     ("adax_w", AdaX, dict(lr=0.05, weight_decay=0.1, decoupled_weight_decay=True)),
     ("adagrad", Adagrad, dict(lr=0.1, weight_decay=0.1, lr_decay=0.2, initial_accumulator_value=0.3)),
     ("glove", Adagrad, dict(lr=0.05, glove=True, grad_clip_value=0.5, weight_decay=0.1)),
+    ("adagrad_rowwise", Adagrad, dict(lr=0.1, weight_decay=0.1, lr_decay=0.2, initial_accumulator_value=0.3,
+                                      rowwise=True)),
 ]
 NATIVE_IDS = [n for n, _, _ in NATIVE]
 PATHS = {"reference": dict(foreach=False), "foreach": dict(foreach=True), "default": {}}
@@ -101,7 +103,7 @@ def test_native_lazy_rows_equal_dense_update_of_touched_rows(name: str, cls: typ
 def _initial_state(opt: torch.optim.Optimizer, key: str, W: torch.Tensor) -> torch.Tensor:
     group = opt.param_groups[0]
     value = group.get("initial_accumulator_value", 0.0) if key == "sum" else 0.0
-    return torch.full_like(W.detach(), value)
+    return torch.full(opt.state[W][key].shape, value, dtype=opt.state[W][key].dtype)
 
 
 @pytest.mark.parametrize("name,cls,kwargs", [NATIVE[0], NATIVE[1]], ids=NATIVE_IDS[:2])
@@ -142,10 +144,19 @@ def test_paths_give_the_same_lazy_result(name: str, cls: type, kwargs: dict) -> 
             W.grad = g
             opt.step()
         results.append((W.detach().clone(), {k: v.clone() for k, v in opt.state[W].items()}))
-    for W, state in results[1:]:
-        assert torch.equal(W, results[0][0])
-        for k, v in state.items():
-            assert torch.equal(v, results[0][1][k])
+    # reference == foreach bit for bit; the default CPU path (fused C row kernel) too for the sign
+    # optimizers, and within an ulp of a square root for the others (the C kernel's sqrt is correctly
+    # rounded, torch's vectorized CPU sqrt sometimes is not)
+    exact = name in ("tiger", "lion")
+    for i, (W, state) in enumerate(results[1:], start=1):
+        if exact or i == 1:
+            assert torch.equal(W, results[0][0])
+            for k, v in state.items():
+                assert torch.equal(v, results[0][1][k])
+        else:
+            torch.testing.assert_close(W, results[0][0], rtol=1e-6, atol=1e-6)
+            for k, v in state.items():
+                torch.testing.assert_close(v, results[0][1][k], rtol=1e-6, atol=1e-7)
 
 
 def _embedding_pair(bag: bool, padding_idx: int | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -165,6 +165,12 @@ class TigerOptimizer(Optimizer):
         """Keyword arguments of the impls for this group."""
         raise NotImplementedError
 
+    def _state_shape(self, key: str, p: Tensor, group: dict[str, Any]) -> tuple[int, ...]:
+        """Shape of state tensor ``key`` of ``p`` in ``group`` (the parameter's shape unless the
+        optimizer says otherwise, e.g. row-wise Adagrad's ``(rows,)``).  ``_init_state`` creates it
+        and ``load_state_dict`` checks a checkpoint against it."""
+        return tuple(p.shape)
+
     def _initial_value(self, key: str, group: dict[str, Any]) -> float:
         """Starting value of state tensor ``key`` (0 unless the optimizer says otherwise)."""
         return 0.0
@@ -174,7 +180,11 @@ class TigerOptimizer(Optimizer):
         device = p.device if group["capturable"] else "cpu"
         state = {"step": torch.tensor(0.0, dtype=_scalar_dtype(), device=device)}
         for key in self.state_keys:
-            t = torch.zeros_like(p, dtype=state_dtype(p.dtype), memory_format=torch.preserve_format)
+            shape = self._state_shape(key, p, group)
+            if shape == tuple(p.shape):
+                t = torch.zeros_like(p, dtype=state_dtype(p.dtype), memory_format=torch.preserve_format)
+            else:
+                t = torch.zeros(shape, dtype=state_dtype(p.dtype), device=p.device)
             value = self._initial_value(key, group)
             if value != 0.0:  # complex: both components of view_as_real start at value
                 (torch.view_as_real(t) if t.is_complex() else t).fill_(value)
@@ -273,7 +283,7 @@ class TigerOptimizer(Optimizer):
                            for t in tensors]
             if g.is_sparse or lazy:
                 state["step"] += 1
-                self._rows_update(tensors, state["step"], hyper)
+                self._rows_update(tensors, state["step"], hyper, self._rows_path(group, p.device))
                 continue
             bucket = buckets.setdefault((p.device, tensors[0].dtype), [[] for _ in range(n + 3)])
             for lst, t in zip(bucket, tensors + [state["step"]]):
@@ -293,7 +303,17 @@ class TigerOptimizer(Optimizer):
             impl = self._impl(path)
             impl(*lists[:-1], steps, **hyper)
 
-    def _rows_update(self, tensors: list[Tensor], step: Tensor, hyper: dict[str, Any]) -> None:
+    def _rows_path(self, group: dict[str, Any], device: torch.device) -> str:
+        """How lazy rows and sparse gradients are updated: 'cpu' (the fused C row kernel, where the
+        group's dense step would use the fused C step) or 'reference' (gather, reference rule,
+        scatter)."""
+        if (group["fused"] is None and group["foreach"] is None and not group["capturable"]
+                and device.type == "cpu" and self.kernel is not None and self._fused_ok(group)):
+            return "cpu"
+        return "reference"
+
+    def _rows_update(self, tensors: list[Tensor], step: Tensor, hyper: dict[str, Any],
+                     path: str = "reference") -> None:
         """Update only the rows (slices along dim 0) that have a non-zero gradient.
 
         A row is *touched* when its gradient holds any non-zero (NaN and inf count as non-zero):
@@ -301,7 +321,8 @@ class TigerOptimizer(Optimizer):
         gradient, the rows it lists whose values, after coalescing (duplicates summed), are not
         all zero.  A 0-d parameter is one row.  The touched rows' parameters and state are
         gathered, updated by the reference rule exactly as a dense step would, and scattered
-        back; other rows do not change.
+        back; other rows do not change.  On the ``'cpu'`` path the fused C row kernel does the
+        same in one pass (falling back to the above for tensors it cannot take).
         """
         if _is_dtensor(tensors[0]):
             # Gathering rows (nonzero/index_select) has no DTensor sharding rule; with whole rows on
@@ -311,6 +332,9 @@ class TigerOptimizer(Optimizer):
         if tensors[0].dim() == 0:  # a 0-d parameter is one row
             tensors = [t.reshape(1) for t in tensors]
         p, g, *states = tensors
+        if path != "reference" and self.kernel is not None and kernels.get_rows_impl(self.kernel, path)(
+                p, g, states, step, hyper):
+            return
         idx, rows = touched_rows(g)
         if idx.numel() == 0 or rows is None:
             return
@@ -334,8 +358,11 @@ class TigerOptimizer(Optimizer):
         """
         saved = state_dict["state"]
         id_map: dict[Any, Tensor] = {}
+        loaded_group: dict[Any, dict[str, Any]] = {}  # the group each parameter will have once loaded
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             id_map.update(zip(saved_group["params"], group["params"]))
+            merged = {**self.defaults, **group, **saved_group}
+            loaded_group.update(dict.fromkeys(saved_group["params"], merged))
         for pid, st in saved.items():
             p = id_map.get(pid)
             if p is None:
@@ -344,10 +371,11 @@ class TigerOptimizer(Optimizer):
                 if key not in st:
                     raise ValueError(f"{type(self).__name__}.load_state_dict: state of parameter {pid} "
                                      f"lacks {key!r} (has {sorted(st)})")
-                if tuple(st[key].shape) != tuple(p.shape):
+                want = self._state_shape(key, p, loaded_group[pid])
+                if tuple(st[key].shape) != want:
                     raise ValueError(f"{type(self).__name__}.load_state_dict: state {key!r} of parameter "
-                                     f"{pid} has shape {tuple(st[key].shape)}, parameter has "
-                                     f"{tuple(p.shape)}")
+                                     f"{pid} has shape {tuple(st[key].shape)}, expected {want} for a "
+                                     f"parameter of shape {tuple(p.shape)}")
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # e.g. a torch.optim.Adagrad checkpoint lacks our options
             for key, value in self.defaults.items():

@@ -21,8 +21,24 @@ update depends on the scale of the loss; eps is not used.
 dim 0; an element for 0/1-D tensors) whose update sum is inf/NaN is not
 applied, while its accumulator is still updated.  GloVe's own lr is 0.05.
 
-Both forms accept sparse gradients (``nn.Embedding(sparse=True)``): only the
-rows present change (the step count is per parameter, as in torch).
+Row-wise (``rowwise=True``), FBGEMM's exact row-wise Adagrad (the workhorse
+of torchrec/FBGEMM embedding tables): one accumulator per row r of a 2-D
+parameter (row length d), so the state ``sum`` has shape ``(rows,)``:
+
+    g   = g + wd*p                            (if weight_decay)
+    G_r = G_r + (1/d) * sum_j g_rj^2          (the row's mean square, summed in fp64)
+    p_r = p_r - lr_t * g_r / (sqrt(G_r) + eps)
+
+Same ``lr_decay``, ``weight_decay`` (L2), ``initial_accumulator_value``, ``eps``
+and ``maximize`` as the standard form; dense, sparse and lazy gradients (rows
+without gradient keep G_r).  4 bytes of state per row instead of per element.
+Only for real 2-D parameters; not combined with ``glove=True`` (GloVe's update
+divides by the accumulator before adding to it, per element; use one or the
+other).
+
+All forms accept sparse gradients (``nn.Embedding(sparse=True)``): only the
+rows present with a non-zero gradient change (the step count is per
+parameter, as in torch).
 """
 
 from __future__ import annotations
@@ -41,7 +57,7 @@ __all__ = ["Adagrad"]
 def _single_tensor_adagrad(params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor],
                            state_steps: list[Tensor], *, lr: float | Tensor, lr_decay: float,
                            weight_decay: float, eps: float, glove: bool, grad_clip_value: float | None,
-                           skip_nonfinite_rows: bool, maximize: bool) -> None:
+                           skip_nonfinite_rows: bool, maximize: bool, rowwise: bool = False) -> None:
     lr = to_float(lr)
     for param, grad, acc, step_t in zip(params, grads, state_sums, state_steps):
         p = param.to(acc.dtype)
@@ -51,7 +67,12 @@ def _single_tensor_adagrad(params: list[Tensor], grads: list[Tensor], state_sums
         if weight_decay != 0.0:
             g = g.add(p, alpha=weight_decay)
         clr = lr / (1 + (step_t.item() - 1) * lr_decay)
-        if not glove:
+        if rowwise:
+            acc.add_(row_mean_square(g))
+            # (-clr*g) / (sqrt(G)+eps), one correctly rounded op each (addcdiv's rounding depends on
+            # whether an operand is broadcast)
+            p.add_(g.mul(-clr).div_(acc.sqrt().add_(eps).unsqueeze(1)))
+        elif not glove:
             acc.addcmul_(g, g, value=1)
             p.addcdiv_(g, acc.sqrt().add_(eps), value=-clr)
         else:
@@ -72,14 +93,14 @@ def _single_tensor_adagrad(params: list[Tensor], grads: list[Tensor], state_sums
 def _multi_tensor_adagrad(params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor],
                           state_steps: list[Tensor], *, lr: float | Tensor, lr_decay: float,
                           weight_decay: float, eps: float, glove: bool, grad_clip_value: float | None,
-                          skip_nonfinite_rows: bool, maximize: bool) -> None:
+                          skip_nonfinite_rows: bool, maximize: bool, rowwise: bool = False) -> None:
     if not params:
         return
-    if glove and skip_nonfinite_rows:
+    if (glove and skip_nonfinite_rows) or rowwise:  # per-row rules: the reference loop
         _single_tensor_adagrad(params, grads, state_sums, state_steps, lr=lr, lr_decay=lr_decay,
                                weight_decay=weight_decay, eps=eps, glove=glove,
-                               grad_clip_value=grad_clip_value, skip_nonfinite_rows=True,
-                               maximize=maximize)
+                               grad_clip_value=grad_clip_value, skip_nonfinite_rows=skip_nonfinite_rows,
+                               maximize=maximize, rowwise=rowwise)
         return
     lr = to_float(lr)
     dtype = state_sums[0].dtype
@@ -104,8 +125,13 @@ def _multi_tensor_adagrad(params: list[Tensor], grads: list[Tensor], state_sums:
     write_back(params, ps)
 
 
+def row_mean_square(g: Tensor) -> Tensor:
+    """Mean of g^2 over each row of a 2-D ``g``, summed in float64 and rounded once to g's dtype."""
+    return g.to(torch.float64).square().sum(dim=1).div_(g.shape[1]).to(g.dtype)
+
+
 class Adagrad(TigerOptimizer):
-    """Adagrad, standard (== torch.optim.Adagrad) or GloVe-style (``glove=True``).
+    """Adagrad: standard (== torch.optim.Adagrad), GloVe-style (``glove``) or row-wise (``rowwise``).
 
     Args:
         params: parameters or param-group dicts.
@@ -118,6 +144,8 @@ class Adagrad(TigerOptimizer):
         glove: the GloVe-style update of the module docstring.
         grad_clip_value: GloVe-style only: clip each gradient component to [-c, c].
         skip_nonfinite_rows: GloVe-style only: newer glove.c's skip of non-finite row updates.
+        rowwise: FBGEMM's row-wise Adagrad: one accumulator per row of a 2-D parameter
+            (state ``sum`` of shape ``(rows,)``); every parameter of the group must be 2-D and real.
         maximize, foreach, fused, on_nonfinite, capturable: see :mod:`tigeropt._base`.
         lazy: per-group; with dense gradients only rows that have a non-zero change.
     """
@@ -132,14 +160,16 @@ class Adagrad(TigerOptimizer):
                  lr_decay: float = 0.0, weight_decay: float = 0.0,
                  initial_accumulator_value: float | None = None, eps: float = 1e-10, *,
                  glove: bool = False, grad_clip_value: float | None = None,
-                 skip_nonfinite_rows: bool = False, maximize: bool = False, foreach: bool | None = None,
+                 skip_nonfinite_rows: bool = False, rowwise: bool = False, maximize: bool = False,
+                 foreach: bool | None = None,
                  fused: bool | None = None, lazy: bool = False, on_nonfinite: str = "ignore",
                  capturable: bool = False) -> None:
         if initial_accumulator_value is None:
             initial_accumulator_value = 1.0 if glove else 0.0
         defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, eps=eps, glove=glove,
-                        grad_clip_value=grad_clip_value, skip_nonfinite_rows=skip_nonfinite_rows, lazy=lazy)
+                        grad_clip_value=grad_clip_value, skip_nonfinite_rows=skip_nonfinite_rows,
+                        rowwise=rowwise, lazy=lazy)
         super().__init__(params, defaults, maximize=maximize, foreach=foreach, fused=fused,
                          on_nonfinite=on_nonfinite, capturable=capturable)
 
@@ -158,6 +188,27 @@ class Adagrad(TigerOptimizer):
         if not group["glove"]:
             check(clip is None, "grad_clip_value", clip, "only used with glove=True")
             check(not group["skip_nonfinite_rows"], "skip_nonfinite_rows", True, "only used with glove=True")
+        rowwise = group.setdefault("rowwise", False)
+        check(isinstance(rowwise, bool), "rowwise", rowwise, "must be a bool")
+        if rowwise:
+            check(not group["glove"], "rowwise", rowwise,
+                  "not combined with glove=True: choose GloVe-style or row-wise Adagrad")
+            check(not group.get("capturable"), "rowwise", rowwise,
+                  "not combined with capturable=True (row-wise runs no CUDA-graph kernel)")
+            for i, p in enumerate(group["params"]):
+                if p.dim() != 2 or p.is_complex():
+                    raise ValueError(f"Invalid rowwise: True (row-wise Adagrad needs real 2-D parameters, "
+                                     f"params[{i}] has shape {tuple(p.shape)} and dtype {p.dtype}; put other "
+                                     "parameters in a group with rowwise=False)")
+
+    def _state_shape(self, key: str, p: Tensor, group: dict[str, Any]) -> tuple[int, ...]:
+        return (p.shape[0],) if group.get("rowwise") else tuple(p.shape)
+
+    def _path(self, group: dict[str, Any], device: torch.device, dtype: torch.dtype) -> str:
+        path = super()._path(group, device, dtype)
+        if path == "fused" and group.get("rowwise"):
+            return "foreach"  # no Triton kernel for the per-row reduction yet: the reference loop
+        return path
 
     def _initial_value(self, key: str, group: dict[str, Any]) -> float:
         return group["initial_accumulator_value"]
@@ -166,6 +217,9 @@ class Adagrad(TigerOptimizer):
         return not group["skip_nonfinite_rows"]
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
-        return dict(lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
-                    eps=group["eps"], glove=group["glove"], grad_clip_value=group["grad_clip_value"],
-                    skip_nonfinite_rows=group["skip_nonfinite_rows"], maximize=group["maximize"])
+        hyper = dict(lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+                     eps=group["eps"], glove=group["glove"], grad_clip_value=group["grad_clip_value"],
+                     skip_nonfinite_rows=group["skip_nonfinite_rows"], maximize=group["maximize"])
+        if group.get("rowwise"):  # only when on: the flag is new, older impl signatures lack it
+            hyper["rowwise"] = True
+        return hyper

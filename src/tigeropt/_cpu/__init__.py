@@ -439,17 +439,30 @@ def fused_adax(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
 def fused_adagrad(params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor],
                   state_steps: list[Tensor], *, lr: float | Tensor, lr_decay: float, weight_decay: float,
                   eps: float, glove: bool, grad_clip_value: float | None, skip_nonfinite_rows: bool,
-                  maximize: bool, fallback: Callable[..., None] | None = None) -> None:
+                  maximize: bool, rowwise: bool = False,
+                  fallback: Callable[..., None] | None = None) -> None:
     """Adagrad, standard (== ``torch.optim.Adagrad``) or GloVe-style, in one C call.
 
     Standard: ``G += g^2; p -= clr*g/(sqrt(G) + eps)``; GloVe-style: ``u = clr*clip(g);
     p -= u/sqrt(G); G += u^2``; ``clr = lr/(1 + (t-1)*lr_decay)`` per tensor.  Same arguments
     and numbers as :func:`tigeropt.adagrad._multi_tensor_adagrad`; ``skip_nonfinite_rows`` runs in
     ``fallback``.
+    ``rowwise=True`` (one accumulator per row) runs the row kernel of :mod:`tigeropt._cpu.rows`.
     """
     kwargs = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, glove=glove,
                   grad_clip_value=grad_clip_value, skip_nonfinite_rows=skip_nonfinite_rows, maximize=maximize)
     if not params:
+        return
+    if rowwise:  # one C call per tensor (rows kernel, every row); the others run the reference
+        from .rows import fused_rows
+
+        hyper = dict(kwargs, rowwise=True)
+        rest = [i for i, (p, g, acc, s) in enumerate(zip(params, grads, state_sums, state_steps))
+                if not fused_rows("adagrad", p, g, [acc], s, hyper, all_rows=True)]
+        if rest:
+            _fallback(fallback, "adagrad", f"tensors {rest} are not plain contiguous CPU tensors of the "
+                      "kernel's dtypes")(*[_pick(lst, rest) for lst in (params, grads, state_sums, state_steps)],
+                                         **hyper)
         return
     if glove and skip_nonfinite_rows:
         _fallback(fallback, "adagrad", "skip_nonfinite_rows is not in the kernel")(

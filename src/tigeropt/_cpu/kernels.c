@@ -411,3 +411,156 @@ void tigeropt_adagrad(int n, int dtype, void *const *p, void *const *g, void *co
     Args a = {dtype, p, g, acc, NULL, hp, per, 1};
     run(n, numel, nthreads, adagrad_range, &a);
 }
+
+/* ================================================================== rows
+ * Row updates of one 2-D (rows x D, contiguous) parameter: lazy rows, sparse gradients and
+ * row-wise Adagrad.  One call reads the gradient once and p and the state of each updated row
+ * once, and writes them once; rows the call does not update are not read at all (except the
+ * gradient, for the dense-lazy scan).
+ *
+ * Which rows: with idx != NULL, row idx[k] takes gradient row k of g (the values of a coalesced
+ * sparse gradient; idx sorted and unique, so no two threads share a row); with idx == NULL, row
+ * k takes gradient row k of a dense gradient.  With all_rows == 0 a row whose gradient is all
+ * zero (NaN counts as non-zero, -0.0 as zero) is skipped: "touched" means a non-zero gradient.
+ *
+ * Element-wise optimizers run the same *_range functions as the dense step on each row (so a
+ * touched row gets bit for bit the dense update); hp and per are theirs.  opt codes: 0 Tiger,
+ * 1 Lion, 2 AdaX, 3 Adagrad (standard or GloVe-style, as hp says), 4 row-wise Adagrad (hp and
+ * per as Adagrad's; the accumulator has one element per row).
+ */
+
+enum { OPT_TIGER = 0, OPT_LION = 1, OPT_ADAX = 2, OPT_ADAGRAD = 3, OPT_ROWWISE = 4 };
+
+static int row_nonzero(const void *g, int64_t n, int dtype) {
+    if (dtype == DT_F32) {
+        const float *x = (const float *)g;
+        for (int64_t i = 0; i < n; i++)
+            if (x[i] != 0.0f) return 1;
+    } else if (dtype == DT_F64) {
+        const double *x = (const double *)g;
+        for (int64_t i = 0; i < n; i++)
+            if (x[i] != 0.0) return 1;
+    } else { /* bf16 / fp16: any bit outside the sign bit */
+        const uint16_t *x = (const uint16_t *)g;
+        for (int64_t i = 0; i < n; i++)
+            if (x[i] & 0x7FFFu) return 1;
+    }
+    return 0;
+}
+
+/* Row-wise Adagrad on one row (math type T):
+     g += wd*p (L2);  G += (1/n) sum g^2 (summed in double, rounded once);
+     p += (-clr*g) / (sqrt(G) + eps)                 (the reference's addcdiv) */
+#define DEFINE_ROWWISE(T, SUF, FMA, SQRT)                                                         \
+    static double rowwise_sumsq_##SUF(const T *restrict p, const T *restrict g, int64_t n, T wd,  \
+                                      int l2, T gs) {                                             \
+        double ss = 0.0;                                                                          \
+        for (int64_t i = 0; i < n; i++) {                                                         \
+            T gi = g[i] * gs;                                                                     \
+            if (l2) gi = FMA(p[i], wd, gi);                                                       \
+            ss += (double)gi * (double)gi;                                                        \
+        }                                                                                         \
+        return ss;                                                                                \
+    }                                                                                             \
+    static void rowwise_apply_##SUF(T *restrict p, const T *restrict g, int64_t n, T wd, int l2,  \
+                                    T gs, T nclr, T d) {                                          \
+        for (int64_t i = 0; i < n; i++) {                                                         \
+            T pi = p[i];                                                                          \
+            T gi = g[i] * gs;                                                                     \
+            if (l2) gi = FMA(pi, wd, gi);                                                         \
+            p[i] = pi + (nclr * gi) / d;                                                          \
+        }                                                                                         \
+    }
+
+DEFINE_ROWWISE(float, f32, fmaf, sqrtf)
+DEFINE_ROWWISE(double, f64, fma, sqrt)
+
+/* hp = [wd, l2, eps, gs, ...]; per = [clr] */
+static void rowwise_row(int dtype, void *p, const void *g, void *acc, int64_t n, const double *h,
+                        const double *per) {
+    int l2 = h[1] != 0.0;
+    if (dtype == DT_F64) {
+        double *a = (double *)acc;
+        double ss = rowwise_sumsq_f64((const double *)p, (const double *)g, n, h[0], l2, h[3]);
+        double G = *a + ss / (double)n;
+        *a = G;
+        rowwise_apply_f64((double *)p, (const double *)g, n, h[0], l2, h[3], -per[0], sqrt(G) + h[2]);
+        return;
+    }
+    float wd = (float)h[0], gs = (float)h[3], eps = (float)h[2], nclr = (float)-per[0];
+    float *a = (float *)acc;
+    if (dtype == DT_F32) {
+        double ss = rowwise_sumsq_f32((const float *)p, (const float *)g, n, wd, l2, gs);
+        float G = *a + (float)(ss / (double)n);
+        *a = G;
+        rowwise_apply_f32((float *)p, (const float *)g, n, wd, l2, gs, nclr, sqrtf(G) + eps);
+        return;
+    }
+    uint16_t *p16 = (uint16_t *)p;
+    const uint16_t *g16 = (const uint16_t *)g;
+    float pb[BLOCK], gb[BLOCK];
+    double ss = 0.0;
+    for (int64_t o = 0; o < n; o += BLOCK) {
+        int64_t k = n - o < BLOCK ? n - o : BLOCK;
+        LOWP_LOAD(pb, p16 + o, k, dtype);
+        LOWP_LOAD(gb, g16 + o, k, dtype);
+        ss += rowwise_sumsq_f32(pb, gb, k, wd, l2, gs);
+    }
+    float G = *a + (float)(ss / (double)n);
+    *a = G;
+    float d = sqrtf(G) + eps;
+    for (int64_t o = 0; o < n; o += BLOCK) {
+        int64_t k = n - o < BLOCK ? n - o : BLOCK;
+        LOWP_LOAD(pb, p16 + o, k, dtype);
+        LOWP_LOAD(gb, g16 + o, k, dtype);
+        rowwise_apply_f32(pb, gb, k, wd, l2, gs, nclr, d);
+        LOWP_STORE(p16 + o, pb, k, dtype);
+    }
+}
+
+static RangeFn range_of(int opt) {
+    switch (opt) {
+    case OPT_TIGER: return tiger_range;
+    case OPT_LION: return lion_range;
+    case OPT_ADAX: return adax_range;
+    case OPT_ADAGRAD: return adagrad_range;
+    default: return NULL;
+    }
+}
+
+/* Returns the number of rows updated. */
+int64_t tigeropt_rows(int opt, int dtype, void *p, const void *g, void *s1, void *s2, int64_t nrows,
+                      int64_t D, const int64_t *idx, int64_t nidx, int all_rows, const double *hp,
+                      const double *per, int nthreads) {
+    int64_t n = idx != NULL ? nidx : nrows;
+    if (n <= 0 || D <= 0) return 0;
+    size_t pe = dtype == DT_F64 ? 8 : (dtype == DT_F32 ? 4 : 2);
+    size_t se = dtype == DT_F64 ? 8 : 4;
+    RangeFn fn = range_of(opt);
+    int64_t total = n * D;
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if ((int64_t)nt * MIN_PER_THREAD > total) nt = (int)(total / MIN_PER_THREAD);
+    if (nt < 1) nt = 1;
+    int64_t updated = 0;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 16) num_threads(nt) if (nt > 1) reduction(+ : updated)
+#endif
+    for (int64_t k = 0; k < n; k++) {
+        int64_t r = idx != NULL ? idx[k] : k;
+        const char *gr = (const char *)g + (size_t)k * (size_t)D * pe;
+        if (!all_rows && !row_nonzero(gr, D, dtype)) continue;
+        void *pr = (char *)p + (size_t)r * (size_t)D * pe;
+        updated++;
+        if (opt == OPT_ROWWISE) {
+            rowwise_row(dtype, pr, gr, (char *)s1 + (size_t)r * se, D, hp, per);
+            continue;
+        }
+        void *pp[1] = {pr};
+        void *gp[1] = {(void *)gr};
+        void *m[1] = {s1 != NULL ? (char *)s1 + (size_t)r * (size_t)D * se : NULL};
+        void *v[1] = {s2 != NULL ? (char *)s2 + (size_t)r * (size_t)D * se : NULL};
+        Args a = {dtype, pp, gp, m, v, hp, per, 0};
+        fn(&a, 0, 0, D);
+    }
+    return updated;
+}

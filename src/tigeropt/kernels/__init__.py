@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 __all__ = ["triton_usable", "triton_status", "interpreter_enabled", "cpu_fused_usable", "get_impl",
-           "MIN_TRITON"]
+           "get_rows_impl", "MIN_TRITON"]
 
 MIN_TRITON = (3, 0)
 
@@ -73,6 +73,17 @@ def get_impl(name: str, path: str) -> Callable[..., None]:
         module = importlib.import_module(f"{__name__}.{name}")
         return getattr(module, f"fused_{name}")
     raise ValueError(f"unknown kernel path {path!r}")
+
+
+def get_rows_impl(name: str, path: str) -> Callable[..., bool]:
+    """The fused row launcher of optimizer ``name`` for ``path`` ('cpu': C): called as
+    ``fn(p, g, states, step, hyper)``, it updates the rows of ``p`` with a non-zero gradient and
+    returns True, or returns False (changing nothing) when it cannot take the tensors."""
+    if path == "cpu":
+        from .._cpu import rows
+
+        return functools.partial(rows.fused_rows, name)
+    raise ValueError(f"unknown row kernel path {path!r}")
 
 
 def warn_fallback(what: str, why: str) -> None:

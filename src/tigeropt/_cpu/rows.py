@@ -1,0 +1,157 @@
+"""Fused row updates on the CPU: lazy rows, sparse gradients and row-wise Adagrad.
+
+One C call (``tigeropt_rows`` in ``kernels.c``) per parameter updates exactly the rows that have
+a non-zero gradient, in one pass: the gradient is read once (a dense gradient's rows are scanned
+for a non-zero in the same pass, stopping at the first one), and p and the state of each touched
+row are read once and written once.  Rows are slices along dim 0 of a contiguous parameter.
+
+* sparse COO gradient (``nn.Embedding(sparse=True)``): coalesced by torch (duplicates summed;
+  the indices are then sorted and unique), the kernel takes the indices and the values;
+* dense gradient of a ``lazy=True`` group: the kernel scans every row;
+* row-wise Adagrad's dense step: every row, with the accumulator indexed by row.
+
+Element-wise optimizers run on each row the very functions of the dense fused step, so a touched
+row gets the dense update bit for bit.  :func:`fused_rows` returns False when the kernel cannot
+take the tensors (not plain contiguous CPU tensors of the kernel's dtypes, options the kernel does
+not implement, library unavailable); the caller then runs the reference update.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from array import array
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _CODES, _PLAIN, _STATE, _load
+
+__all__ = ["fused_rows", "OPTS", "kernel_args"]
+
+#: optimizer codes of ``tigeropt_rows`` (Adagrad's row-wise form is code 4)
+OPTS = {"tiger": 0, "lion": 1, "adax": 2, "adagrad": 3}
+_ROWWISE = 4
+_declared: set[int] = set()
+
+
+def _lib() -> Any:
+    lib = _load()
+    if lib is None:
+        return None
+    if id(lib) not in _declared:
+        vp, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+        lib.tigeropt_rows.argtypes = [i32, i32, vp, vp, vp, vp, i64, i64, vp, i64, i32, vp, vp, i32]
+        lib.tigeropt_rows.restype = i64
+        _declared.add(id(lib))
+    return lib
+
+
+def _scalar(x: float | Tensor) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def kernel_args(name: str, step: float, hyper: dict[str, Any]) -> tuple[int, list[float], list[float]] | None:
+    """(opt code, hp, per) of the C kernel for optimizer ``name`` at ``step``; None if it has no kernel
+    for these options.  The layouts are those of the dense launchers in ``tigeropt._cpu``."""
+    gs = -1.0 if hyper.get("maximize") else 1.0
+    lr = _scalar(hyper["lr"])
+    wd = hyper.get("weight_decay", 0.0)
+    if name == "tiger":
+        if hyper.get("lr_scaling") or hyper.get("accumulation_steps", 1) > 1 or hyper.get("nan_guard"):
+            return None
+        b = hyper["beta"]
+        return OPTS[name], [b, 1 - b, wd, -lr, gs], []
+    if name == "lion":
+        b1, b2 = hyper["beta1"], hyper["beta2"]
+        return OPTS[name], [b1, 1 - b1, b2, 1 - b2, 1 - lr * wd, -lr, gs], []
+    if name == "adax":
+        from .._math import adax_scalars
+
+        b1 = hyper["beta1"]
+        dec = hyper["decoupled_weight_decay"]
+        l2, decoupled = wd != 0.0 and not dec, wd != 0.0 and dec
+        hp = [b1, 1 - b1, wd, float(l2), 1 - lr * wd, float(decoupled), -lr, gs]
+        return OPTS[name], hp, list(adax_scalars(step, hyper["beta2"], hyper["eps"]))
+    if name == "adagrad":
+        glove = hyper["glove"]
+        if glove and hyper["skip_nonfinite_rows"]:
+            return None
+        clip = hyper["grad_clip_value"]
+        hp = [wd, float(wd != 0.0), hyper["eps"], gs, float(glove), float(clip) if clip is not None else 0.0,
+              float(clip is not None)]
+        lr_decay = hyper["lr_decay"]
+        clr = lr if lr_decay == 0.0 else lr / (1 + (step - 1) * lr_decay)
+        return (_ROWWISE if hyper.get("rowwise") else OPTS[name]), hp, [clr]
+    return None
+
+
+def _ok(t: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
+    return (type(t) in _PLAIN and t.layout is torch.strided and t.is_cpu and t.dtype is dtype
+            and tuple(t.shape) == shape and t.is_contiguous())
+
+
+def fused_rows(name: str, p: Tensor, g: Tensor, states: list[Tensor], step: Tensor | float,
+               hyper: dict[str, Any], all_rows: bool = False) -> bool:
+    """Update the rows of ``p`` (and its ``states``) that have a non-zero gradient ``g``, in one C call.
+
+    ``g`` is dense (same shape as ``p``) or sparse COO along dim 0; ``step`` is the step count the
+    update uses (already incremented); ``hyper`` the optimizer's impl keyword arguments.
+    ``all_rows=True`` updates every row of a dense ``g`` (row-wise Adagrad's dense step).
+    Returns False, changing nothing, when the kernel cannot take this call.
+    """
+    if name not in OPTS or p.dim() == 0:
+        return False
+    lib = _lib()
+    if lib is None:
+        return False
+    dtype = p.dtype
+    code = _CODES.get(dtype)
+    if code is None or (code == 3 and not lib.tigeropt_has_f16()):
+        return False
+    args = kernel_args(name, _scalar(step), hyper)
+    if args is None:
+        return False
+    opt, hp, per = args
+    shape = tuple(p.shape)
+    rows = shape[0]
+    if not _ok(p, dtype, shape):
+        return False
+    sd = _STATE[dtype]
+    state_shape = (rows,) if opt == _ROWWISE else shape
+    if not all(_ok(s, sd, state_shape) for s in states):
+        return False
+    idx_ptr, nidx = None, 0
+    if g.is_sparse:
+        if all_rows or g.sparse_dim() != 1 or tuple(g.shape) != shape or g.dtype is not dtype:
+            return False
+        g = g.coalesce()
+        indices = g.indices()[0]
+        if indices.dtype is not torch.int64 or not indices.is_contiguous():
+            indices = indices.to(torch.int64).contiguous()
+        values = g.values()
+        if not values.is_contiguous():
+            values = values.contiguous()
+        if type(values) not in _PLAIN or not values.is_cpu:
+            return False
+        nidx = indices.numel()
+        idx_ptr = indices.data_ptr()
+        gdata = values
+    else:
+        if not _ok(g, dtype, shape):
+            return False
+        gdata = g
+    if rows == 0 or p.numel() == 0 or (g.is_sparse and nidx == 0):
+        return True
+    D = p.numel() // rows
+    s1 = states[0].data_ptr() if states else None
+    s2 = states[1].data_ptr() if len(states) > 1 else None
+    hp_arr, per_arr = array("d", hp), array("d", per or [0.0])
+    hp_ptr, per_ptr = hp_arr.buffer_info()[0], per_arr.buffer_info()[0]
+    lib.tigeropt_rows(opt, code, p.data_ptr(), gdata.data_ptr(), s1, s2, rows, D, idx_ptr, nidx,
+                      int(all_rows), hp_ptr, per_ptr, torch.get_num_threads())
+    try:  # writes through raw pointers: tell autograd the tensors changed, as an in-place op would
+        torch.autograd.graph.increment_version([p, *states])
+    except RuntimeError:  # inference tensors have no version counter
+        pass
+    return True
