@@ -34,7 +34,8 @@ and ``maximize`` as the standard form; dense, sparse and lazy gradients (rows
 without gradient keep G_r).  4 bytes of state per row instead of per element.
 Only for real 2-D parameters; not combined with ``glove=True`` (GloVe's update
 divides by the accumulator before adding to it, per element; use one or the
-other).
+other).  The fused C step (CPU) has a row kernel for it; the Triton path
+(``fused=True``) runs the reference update for row-wise groups.
 
 All forms accept sparse gradients (``nn.Embedding(sparse=True)``): only the
 rows present with a non-zero gradient change (the step count is per

@@ -460,9 +460,9 @@ def fused_adagrad(params: list[Tensor], grads: list[Tensor], state_sums: list[Te
         rest = [i for i, (p, g, acc, s) in enumerate(zip(params, grads, state_sums, state_steps))
                 if not fused_rows("adagrad", p, g, [acc], s, hyper, all_rows=True)]
         if rest:
+            lists = [_pick(lst, rest) for lst in (params, grads, state_sums, state_steps)]
             _fallback(fallback, "adagrad", f"tensors {rest} are not plain contiguous CPU tensors of the "
-                      "kernel's dtypes")(*[_pick(lst, rest) for lst in (params, grads, state_sums, state_steps)],
-                                         **hyper)
+                      "kernel's dtypes")(*lists, **hyper)
         return
     if glove and skip_nonfinite_rows:
         _fallback(fallback, "adagrad", "skip_nonfinite_rows is not in the kernel")(
