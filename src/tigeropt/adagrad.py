@@ -40,6 +40,9 @@ other).  The fused C step (CPU) has a row kernel for it; the Triton path
 All forms accept sparse gradients (``nn.Embedding(sparse=True)``): only the
 rows present with a non-zero gradient change (the step count is per
 parameter, as in torch).
+
+Adagrad has no momentum: with ``OneCycleLR``/``CyclicLR`` pass ``cycle_momentum=False``
+(torch raises otherwise, as for ``torch.optim.Adagrad``); every other LR scheduler works.
 """
 
 from __future__ import annotations

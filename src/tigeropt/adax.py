@@ -24,6 +24,9 @@ Defaults are the official AdaX's: lr=1.5e-3, betas=(0.9, 1e-4), eps=1e-12 and
 weight_decay=5e-4 as L2 (added to the gradient).  ``decoupled_weight_decay=True``
 gives AdaX-W (``p *= 1 - lr*wd`` before the update; the authors recommend
 lr=5e-3, wd=5e-2 there).  State: ``exp_avg`` (m) and ``exp_avg_sq`` (vhat).
+
+LR schedulers that cycle momentum (``OneCycleLR``/``CyclicLR``, ``cycle_momentum=True``)
+cycle ``betas[0]``, the decay of m, as for Adam; b2 stays.
 """
 
 from __future__ import annotations

@@ -8,6 +8,12 @@ Defaults from the paper: betas=(0.9, 0.99), weight_decay=0.  Use an lr 3-10x
 smaller than AdamW's and a weight decay 3-10x larger.  State: ``exp_avg`` (m),
 one tensor the size of the parameter.  ``sign(0) = 0`` on every path; the sign of an
 inf/NaN c is NaN, so a non-finite gradient reaches the parameter visibly (as with AdamW).
+
+LR schedulers that cycle momentum (``OneCycleLR``/``CyclicLR``, ``cycle_momentum=True``)
+cycle ``betas[0]`` = b1, torch's convention for every ``betas`` optimizer.  For Lion that
+is the right knob: b1 weighs the momentum against the new gradient in the update
+direction (Adam's b1 plays that role), and its default 0.9 lies inside the schedulers'
+default ranges (0.85-0.95, 0.8-0.9); b2, the decay of the stored momentum, stays.
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ from .tiger import Tiger
 __all__ = ["MixedOptimizer", "split_embeddings"]
 
 OptimizerFactory = Callable[[list[Tensor]], Optimizer]
+#: keys of ``defaults`` by which torch's LR schedulers recognise an optimizer with momentum
+MOMENTUM_KEYS = ("betas", "momentum")
 
 
 def _describe(i: int, opt: Optimizer) -> str:
@@ -100,14 +102,18 @@ class MixedOptimizer(_WrapperOptimizer):
 
     * ``param_groups``: the inner optimizers' groups, concatenated in order; the
       *same* dict objects, so an LR scheduler, ``GradScaler`` or a hand-written
-      ``group["lr"] = ...`` changes the inner optimizer.  Schedulers with
-      momentum cycling (``OneCycleLR``/``CyclicLR`` with ``cycle_momentum=True``)
-      need ``betas`` or ``momentum`` in every group; pass ``cycle_momentum=False``
-      when the inner optimizers differ (Tiger's momentum is ``beta``).
+      ``group["lr"] = ...`` changes the inner optimizer.  Schedulers that
+      cycle momentum (``OneCycleLR``/``CyclicLR`` with ``cycle_momentum=True``)
+      write ``betas`` (or ``momentum``) into every group: they work when every
+      inner optimizer has that key (AdamW, Lion, AdaX and Tiger all have
+      ``betas``; Tiger's mirrors its ``beta``).  With an inner optimizer without
+      momentum (Adagrad) pass ``cycle_momentum=False``, as for Adagrad alone.
     * ``step(closure)``: calls ``closure`` once (with grad enabled), then each
       inner optimizer's ``step()`` in order; returns the closure's loss.
     * ``zero_grad``, ``state`` (one mapping over the inner states), ``defaults``
-      (the hyperparameters on which all inner optimizers agree).
+      (the hyperparameters on which all inner optimizers agree, plus ``betas``
+      and ``momentum`` when every inner optimizer has them, with the first
+      one's value: schedulers check these keys before cycling momentum).
     * ``state_dict()``: torch.optim's format with parameters numbered across all
       inner optimizers and ``param_groups`` concatenated; ``load_state_dict``
       splits it by the inner optimizers' group counts and hands each part to its
@@ -147,6 +153,9 @@ class MixedOptimizer(_WrapperOptimizer):
         first = self.optimizers[0].defaults
         common = {k: v for k, v in first.items()
                   if all(k in o.defaults and _same(o.defaults[k], v) for o in self.optimizers[1:])}
+        for key in MOMENTUM_KEYS:  # what LR schedulers look for before they cycle momentum
+            if key not in common and all(key in o.defaults for o in self.optimizers):
+                common[key] = first[key]
         self._init_plumbing(common)
 
     # ----------------------------------------------------------------- views

@@ -27,6 +27,16 @@ The original (TensorFlow) implementation's extras are options, off by default:
   shrunk, p = (p - c)*shrink_ratio + c, with c = 1 for "norm" kind, else 0.
 
 With any extra on, the foreach and fused paths run the reference update.
+
+LR schedulers that cycle momentum (``OneCycleLR``/``CyclicLR`` with the default
+``cycle_momentum=True``) look for ``betas`` (or ``momentum``) in ``defaults`` and
+write ``group["betas"] = (new, *group["betas"][1:])``.  Tiger keeps its one ``beta``
+and mirrors it as ``betas = (beta, beta)`` in ``defaults`` and in every param group
+(Tiger is Lion with b1 = b2 = beta), so a scheduler cycles Tiger's beta, also inside a
+:class:`~tigeropt.MixedOptimizer` next to AdamW or Lion.  At each ``step()`` a group
+whose ``betas[0] != betas[1]`` (what such a write leaves) takes ``beta = betas[0]``;
+otherwise ``beta`` wins (set ``group["beta"]`` by hand as before); then
+``betas = (beta, beta)`` again.
 """
 
 from __future__ import annotations
@@ -115,7 +125,7 @@ class Tiger(TigerOptimizer):
     Args:
         params: parameters or param-group dicts (a group may set ``kind``).
         lr: learning rate (default 1e-3, the original's).
-        beta: momentum decay (default 0.965).
+        beta: momentum decay (default 0.965); LR schedulers see it as ``betas = (beta, beta)``.
         weight_decay: ``p -= lr*wd*p`` (default 0.01).
         maximize, foreach, fused, on_nonfinite, capturable: see :mod:`tigeropt._base`.
         lr_scaling, accumulation_steps, nan_guard, shrink_ratio, kind: the original's extras.
@@ -133,15 +143,22 @@ class Tiger(TigerOptimizer):
                  accumulation_steps: int = 1, nan_guard: bool = False, shrink_ratio: float = 0.99,
                  kind: str = "auto", lazy: bool = False, on_nonfinite: str = "ignore",
                  capturable: bool = False) -> None:
-        defaults = dict(lr=lr, beta=beta, weight_decay=weight_decay, lr_scaling=lr_scaling,
-                        accumulation_steps=accumulation_steps, nan_guard=nan_guard,
+        defaults = dict(lr=lr, beta=beta, betas=(beta, beta), weight_decay=weight_decay,
+                        lr_scaling=lr_scaling, accumulation_steps=accumulation_steps, nan_guard=nan_guard,
                         shrink_ratio=shrink_ratio, kind=kind, lazy=lazy)
         super().__init__(params, defaults, maximize=maximize, foreach=foreach, fused=fused,
                          on_nonfinite=on_nonfinite, capturable=capturable)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._sync_beta(self.param_groups[-1])  # {"beta": 0.9} got the default betas: mirror 0.9
+
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
         check(0.0 <= group["beta"] < 1.0, "beta", group["beta"], "must be in [0, 1)")
+        betas = group.get("betas", (group["beta"], group["beta"]))
+        check(isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
+              "betas", betas, "Tiger's mirror of beta for LR schedulers: a pair of numbers in [0, 1)")
         check(group["weight_decay"] >= 0.0, "weight_decay", group["weight_decay"], "must be >= 0")
         k = group["accumulation_steps"]
         check(isinstance(k, int) and k >= 1, "accumulation_steps", k, "must be an int >= 1")
@@ -154,7 +171,19 @@ class Tiger(TigerOptimizer):
     def _fused_ok(self, group: dict[str, Any]) -> bool:
         return not (group["lr_scaling"] or group["accumulation_steps"] > 1 or group["nan_guard"])
 
+    @staticmethod
+    def _sync_beta(group: dict[str, Any]) -> None:
+        """Take a scheduler's ``betas`` write into ``beta`` and mirror ``beta`` back (module docstring)."""
+        betas = group.get("betas")
+        if betas is None:
+            return
+        if betas[0] != betas[1]:
+            group["beta"] = betas[0]
+        if betas[0] != group["beta"] or betas[1] != group["beta"]:
+            group["betas"] = (group["beta"], group["beta"])
+
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        self._sync_beta(group)
         hyper = dict(lr=group["lr"], beta=group["beta"], weight_decay=group["weight_decay"],
                      maximize=group["maximize"])
         if not self._fused_ok(group):
