@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from tigeropt import Lion, Tiger
+from tigeropt import Adagrad, Lion, Tiger
 from tigeropt.lazy import LazyOptimizer
 from tigeropt.mixed import MixedOptimizer, split_embeddings
 
@@ -91,7 +91,8 @@ def test_param_groups_are_the_inner_dicts() -> None:
     mixed.param_groups[1]["lr"] = 0.5
     assert tiger.param_groups[0]["lr"] == 0.5
     assert mixed.defaults == {k: v for k, v in adamw.defaults.items() if k in mixed.defaults}
-    assert "lr" in mixed.defaults and "betas" not in mixed.defaults  # only what both agree on
+    assert "lr" in mixed.defaults and "eps" not in mixed.defaults  # only what both agree on, and
+    assert mixed.defaults["betas"] == adamw.defaults["betas"]  # betas, which both have (schedulers look)
     with pytest.raises(AttributeError):
         mixed.param_groups = []
 
@@ -325,9 +326,23 @@ def test_lr_schedulers_drive_the_inner_optimizers(make_sched: Callable) -> None:
     assert_same_params(model, twin)
 
 
-def test_cycle_momentum_needs_betas_everywhere() -> None:
-    with pytest.raises(ValueError, match="momentum or beta1"):
-        torch.optim.lr_scheduler.OneCycleLR(mixed_for(make_model()), 0.01, total_steps=4)
+def test_cycle_momentum_cycles_every_inner_optimizer_and_needs_momentum_everywhere() -> None:
+    model = make_model()
+    mixed = mixed_for(model)
+    sched = torch.optim.lr_scheduler.OneCycleLR(mixed, 0.01, total_steps=4)
+    adamw_group, tiger_group = mixed.param_groups
+    for x, y in batches(2):
+        mixed.zero_grad()
+        loss_fn(model, x, y).backward()
+        used = adamw_group["betas"][0]
+        mixed.step()
+        assert tiger_group["beta"] == used  # Tiger's step used the momentum the scheduler gave AdamW
+        sched.step()
+    assert adamw_group["betas"][0] == tiger_group["betas"][0] and used < 0.95  # cycled from 0.95 down
+    rest = [p for n, p in model.named_parameters() if not n.startswith("emb")]
+    with pytest.raises(ValueError, match="momentum or beta1"):  # Adagrad has no momentum to cycle
+        torch.optim.lr_scheduler.OneCycleLR(MixedOptimizer(Adagrad([model.emb.weight]), Tiger(rest)),
+                                            0.01, total_steps=4)
 
 
 # ---------------------------------------------------------------------------------------------- one-liner
