@@ -528,39 +528,116 @@ static RangeFn range_of(int opt) {
     }
 }
 
-/* Returns the number of rows updated. */
+/* buf = sum of the gradient rows order[0..m) of g, added in that order in the gradient's dtype
+   (low precision: each sum rounded to nearest even, as torch's coalesce adds rows). */
+static void sum_rows(void *buf, const void *g, const int64_t *order, int64_t m, int64_t D, int dtype,
+                     size_t pe) {
+    memcpy(buf, (const char *)g + (size_t)order[0] * (size_t)D * pe, (size_t)D * pe);
+    for (int64_t j = 1; j < m; j++) {
+        const char *x = (const char *)g + (size_t)order[j] * (size_t)D * pe;
+        if (dtype == DT_F32) {
+            float *b = (float *)buf;
+            const float *y = (const float *)x;
+            for (int64_t i = 0; i < D; i++) b[i] = b[i] + y[i];
+        } else if (dtype == DT_F64) {
+            double *b = (double *)buf;
+            const double *y = (const double *)x;
+            for (int64_t i = 0; i < D; i++) b[i] = b[i] + y[i];
+        } else {
+            uint16_t *b = (uint16_t *)buf;
+            const uint16_t *y = (const uint16_t *)x;
+            float fb[BLOCK], fy[BLOCK];
+            for (int64_t o = 0; o < D; o += BLOCK) {
+                int64_t k = D - o < BLOCK ? D - o : BLOCK;
+                LOWP_LOAD(fb, b + o, k, dtype);
+                LOWP_LOAD(fy, y + o, k, dtype);
+                for (int64_t i = 0; i < k; i++) fb[i] = fb[i] + fy[i];
+                LOWP_STORE(b + o, fb, k, dtype);
+            }
+        }
+    }
+}
+
+/* Rows of the call, three ways:
+     idx == NULL:                 rows 0..nrows-1, gradient row k of a dense g;
+     idx != NULL, order == NULL:  rows idx[0..nidx) (sorted, unique), gradient row k (coalesced sparse);
+     idx != NULL, order != NULL:  idx[0..nidx) sorted with repeats (an uncoalesced sparse gradient's
+                                  indices, stably sorted), order[k] the gradient row of entry k: the
+                                  rows of each run of equal indices are summed first (coalescing in
+                                  the kernel, without torch's coalesce pass).
+   Returns the number of rows updated. */
 int64_t tigeropt_rows(int opt, int dtype, void *p, const void *g, void *s1, void *s2, int64_t nrows,
-                      int64_t D, const int64_t *idx, int64_t nidx, int all_rows, const double *hp,
-                      const double *per, int nthreads) {
+                      int64_t D, const int64_t *idx, const int64_t *order, int64_t nidx, int all_rows,
+                      const double *hp, const double *per, int nthreads) {
+    if (D <= 0) return 0;
+    int64_t *seg = NULL;
     int64_t n = idx != NULL ? nidx : nrows;
-    if (n <= 0 || D <= 0) return 0;
+    if (idx != NULL && order != NULL && nidx > 0) {
+        seg = (int64_t *)malloc((size_t)(nidx + 1) * sizeof(int64_t));
+        if (seg == NULL) return -1;
+        n = 0;
+        for (int64_t k = 0; k < nidx; k++)
+            if (k == 0 || idx[k] != idx[k - 1]) seg[n++] = k;
+        seg[n] = nidx;
+    }
+    if (n <= 0) {
+        free(seg);
+        return 0;
+    }
     size_t pe = dtype == DT_F64 ? 8 : (dtype == DT_F32 ? 4 : 2);
     size_t se = dtype == DT_F64 ? 8 : 4;
     RangeFn fn = range_of(opt);
-    int64_t total = n * D;
+    int64_t total = (idx != NULL ? nidx : n) * D;
     int nt = nthreads < 1 ? 1 : nthreads;
     if ((int64_t)nt * MIN_PER_THREAD > total) nt = (int)(total / MIN_PER_THREAD);
     if (nt < 1) nt = 1;
     int64_t updated = 0;
+    int failed = 0;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 16) num_threads(nt) if (nt > 1) reduction(+ : updated)
+#pragma omp parallel num_threads(nt) if (nt > 1) reduction(+ : updated, failed)
 #endif
-    for (int64_t k = 0; k < n; k++) {
-        int64_t r = idx != NULL ? idx[k] : k;
-        const char *gr = (const char *)g + (size_t)k * (size_t)D * pe;
-        if (!all_rows && !row_nonzero(gr, D, dtype)) continue;
-        void *pr = (char *)p + (size_t)r * (size_t)D * pe;
-        updated++;
-        if (opt == OPT_ROWWISE) {
-            rowwise_row(dtype, pr, gr, (char *)s1 + (size_t)r * se, D, hp, per);
-            continue;
+    {
+        void *buf = NULL;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 16)
+#endif
+        for (int64_t k = 0; k < n; k++) {
+            int64_t r;
+            const char *gr;
+            if (seg != NULL) {
+                int64_t k0 = seg[k], m = seg[k + 1] - seg[k];
+                r = idx[k0];
+                if (m == 1) {
+                    gr = (const char *)g + (size_t)order[k0] * (size_t)D * pe;
+                } else {
+                    if (buf == NULL) buf = malloc((size_t)D * pe);
+                    if (buf == NULL) {
+                        failed++;
+                        continue;
+                    }
+                    sum_rows(buf, g, order + k0, m, D, dtype, pe);
+                    gr = (const char *)buf;
+                }
+            } else {
+                r = idx != NULL ? idx[k] : k;
+                gr = (const char *)g + (size_t)k * (size_t)D * pe;
+            }
+            if (!all_rows && !row_nonzero(gr, D, dtype)) continue;
+            void *pr = (char *)p + (size_t)r * (size_t)D * pe;
+            updated++;
+            if (opt == OPT_ROWWISE) {
+                rowwise_row(dtype, pr, gr, (char *)s1 + (size_t)r * se, D, hp, per);
+                continue;
+            }
+            void *pp[1] = {pr};
+            void *gp[1] = {(void *)gr};
+            void *m1[1] = {s1 != NULL ? (char *)s1 + (size_t)r * (size_t)D * se : NULL};
+            void *m2[1] = {s2 != NULL ? (char *)s2 + (size_t)r * (size_t)D * se : NULL};
+            Args a = {dtype, pp, gp, m1, m2, hp, per, 0};
+            fn(&a, 0, 0, D);
         }
-        void *pp[1] = {pr};
-        void *gp[1] = {(void *)gr};
-        void *m[1] = {s1 != NULL ? (char *)s1 + (size_t)r * (size_t)D * se : NULL};
-        void *v[1] = {s2 != NULL ? (char *)s2 + (size_t)r * (size_t)D * se : NULL};
-        Args a = {dtype, pp, gp, m, v, hp, per, 0};
-        fn(&a, 0, 0, D);
+        free(buf);
     }
-    return updated;
+    free(seg);
+    return failed ? -1 : updated;
 }

@@ -5,8 +5,10 @@ a non-zero gradient, in one pass: the gradient is read once (a dense gradient's 
 for a non-zero in the same pass, stopping at the first one), and p and the state of each touched
 row are read once and written once.  Rows are slices along dim 0 of a contiguous parameter.
 
-* sparse COO gradient (``nn.Embedding(sparse=True)``): coalesced by torch (duplicates summed;
-  the indices are then sorted and unique), the kernel takes the indices and the values;
+* sparse COO gradient (``nn.Embedding(sparse=True)``): the kernel takes the indices (stably
+  sorted by torch when the gradient is not coalesced: a small int64 sort) and the values, and
+  sums the rows of repeated indices itself, in that order (torch's coalesce costs a pass over
+  all values and most of a sparse step);
 * dense gradient of a ``lazy=True`` group: the kernel scans every row;
 * row-wise Adagrad's dense step: every row, with the accumulator indexed by row.
 
@@ -41,7 +43,7 @@ def _lib() -> Any:
         return None
     if id(lib) not in _declared:
         vp, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        lib.tigeropt_rows.argtypes = [i32, i32, vp, vp, vp, vp, i64, i64, vp, i64, i32, vp, vp, i32]
+        lib.tigeropt_rows.argtypes = [i32, i32, vp, vp, vp, vp, i64, i64, vp, vp, i64, i32, vp, vp, i32]
         lib.tigeropt_rows.restype = i64
         _declared.add(id(lib))
     return lib
@@ -121,21 +123,26 @@ def fused_rows(name: str, p: Tensor, g: Tensor, states: list[Tensor], step: Tens
     state_shape = (rows,) if opt == _ROWWISE else shape
     if not all(_ok(s, sd, state_shape) for s in states):
         return False
-    idx_ptr, nidx = None, 0
+    idx_ptr = order_ptr = None
+    nidx = 0
     if g.is_sparse:
         if all_rows or g.sparse_dim() != 1 or tuple(g.shape) != shape or g.dtype is not dtype:
             return False
-        g = g.coalesce()
-        indices = g.indices()[0]
-        if indices.dtype is not torch.int64 or not indices.is_contiguous():
-            indices = indices.to(torch.int64).contiguous()
-        values = g.values()
-        if not values.is_contiguous():
-            values = values.contiguous()
-        if type(values) not in _PLAIN or not values.is_cpu:
+        indices, values = g._indices()[0], g._values()
+        if type(values) not in _PLAIN or not values.is_cpu or tuple(values.shape[1:]) != shape[1:]:
             return False
+        if indices.dtype is not torch.int64:
+            indices = indices.to(torch.int64)
+        order = None
+        if not g.is_coalesced():  # duplicates are summed in the kernel, in a stable sort's order
+            indices, order = torch.sort(indices, stable=True)
+        indices = indices.contiguous()
+        values = values.contiguous()
         nidx = indices.numel()
+        if nidx and not (0 <= int(indices[0]) and int(indices[-1]) < rows):
+            raise IndexError(f"sparse gradient indices out of range for {rows} rows")
         idx_ptr = indices.data_ptr()
+        order_ptr = order.data_ptr() if order is not None else None
         gdata = values
     else:
         if not _ok(g, dtype, shape):
@@ -148,8 +155,10 @@ def fused_rows(name: str, p: Tensor, g: Tensor, states: list[Tensor], step: Tens
     s2 = states[1].data_ptr() if len(states) > 1 else None
     hp_arr, per_arr = array("d", hp), array("d", per or [0.0])
     hp_ptr, per_ptr = hp_arr.buffer_info()[0], per_arr.buffer_info()[0]
-    lib.tigeropt_rows(opt, code, p.data_ptr(), gdata.data_ptr(), s1, s2, rows, D, idx_ptr, nidx,
-                      int(all_rows), hp_ptr, per_ptr, torch.get_num_threads())
+    done = lib.tigeropt_rows(opt, code, p.data_ptr(), gdata.data_ptr(), s1, s2, rows, D, idx_ptr, order_ptr,
+                             nidx, int(all_rows), hp_ptr, per_ptr, torch.get_num_threads())
+    if done < 0:
+        raise MemoryError("tigeropt: the fused row kernel could not allocate its buffers")
     try:  # writes through raw pointers: tell autograd the tensors changed, as an in-place op would
         torch.autograd.graph.increment_version([p, *states])
     except RuntimeError:  # inference tensors have no version counter
