@@ -1,24 +1,31 @@
-"""Convergence benchmark: AdamW vs Tiger, Lion, AdaX (and Adagrad) on two real tasks, on CPU, offline.
+"""Training-quality study: where do Tiger and Lion match AdamW, and with which settings?
 
-    python benchmarks/bench_quality.py                 # ~15 minutes on 2 CPU cores
-    python benchmarks/bench_quality.py --quick         # a minute, to check that it runs
+    python benchmarks/bench_quality.py --out results/           # the study: hours on 2 CPU cores, resumable
+    python benchmarks/bench_quality.py --out results/ --report  # tables + PNG from what has finished
+    python benchmarks/bench_quality.py --quick --out /tmp/q/    # seconds: CI smoke test only
 
-Tasks
-* ``charlm``: the demo's character-level transformer (``tigeropt.demo``) on the Python
-  standard library's source, longer than the demo; metric: held-out cross-entropy
-  (nats/char) on fixed batches after the last step.
-* ``digits``: a small CNN on scikit-learn's bundled 8x8 digits (1797 images; fixed
-  75/25 split); metric: test cross-entropy and accuracy, mean over ``--seeds`` seeds.
-  Skipped, with a note, when scikit-learn is not installed.
+Every run (task, optimizer, lr, weight decay, momentum, batch size / accumulation, steps,
+seed) appends one JSON line to ``<out>/quality-runs.jsonl``; a restart skips the runs
+already there, so the study can be stopped and resumed (also in chunks across sessions).
+Runs are taken in priority order, stage by stage:
 
-Each optimizer runs a small lr sweep (``--lr-factors`` times its recommended lr; weight
-decay fixed at its recommended value), every run with the same initialisation, batches,
-warm-up + cosine schedule and gradient clipping.  The best lr per optimizer (by the
-held-out metric) is compared with AdamW's best at equal steps: the target is a final
-loss within 2% of AdamW's with Tiger/Lion's half of AdamW's optimizer-state memory.
+1. ``coarse``  char-LM, batch 32, 600 steps (the demo's setting), seed 0: lr x momentum
+   grid per optimizer (AdamW betas too, for fairness), weight decay coupled to lr as the
+   Lion paper recommends: ``lr * wd`` (the decay per step) is held at a fixed value.
+2. ``refine``  coordinate search around each optimizer's best: lr x/÷ sqrt 2, lr*wd x/÷ 3,
+   the neighbouring momentum values, until the best is surrounded (or a run cap).
+3. ``seeds``   seeds 1, 2 for each optimizer's best and, for Tiger/Lion, the best at the
+   original's default momentum.
+4. ``digits``  scikit-learn's 8x8 digits, small CNN: lr x momentum grid, 3 seeds each.
+5. ``lr_scaling``  Tiger with the original's ``lr_scaling`` (its lr and wd), a few betas.
+6. ``batch``   fixed budget of 19,200 windows: batch 128 x 150 steps and 512 x 38 steps
+   (gradient accumulation over micro-batches of 32), lr x momentum per optimizer.
+7. ``long``    3,000 steps at batch 32 (5x the windows), the best settings and defaults.
 
-Writes ``benchmarks/results/quality-cpu-<date>.md`` (tables), ``.json`` (every run) and
-``.png`` (loss curves of the best runs; needs matplotlib).
+Metric: held-out cross-entropy (nats/char) on fixed batches of unseen stdlib files after
+the last step (digits: test loss/accuracy).  Same init, batches, warm-up + cosine schedule
+and gradient clipping for every optimizer; weight decay on matrices/embeddings only.
+``--report`` writes ``<out>/quality-study.md`` and ``quality-study.png``.
 """
 
 from __future__ import annotations
@@ -27,57 +34,122 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
 import platform
+import statistics
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from tigeropt import demo
+from tigeropt import Lion, Tiger, demo
 
-RESULTS = Path(__file__).resolve().parent / "results"
-TARGET = 0.02  # relative final-loss gap to AdamW
-#: Centre of each lr sweep.  char-LM: the demo's recipes (tigeropt.demo.RECIPES); digits: the small
-#: CNN takes larger steps (scouted once with factors 0.3-10).  Weight decay is the recipe's in both.
-LR_CENTERS = {
-    "charlm": {name: r.lr for name, r in demo.RECIPES.items()},
-    "digits": {"adamw": 1e-2, "tiger": 2e-3, "lion": 1e-3, "adax": 1e-2, "adagrad": 6e-2},
-}
+RUNS_FILE = "quality-runs.jsonl"
+TARGET = 0.02  # relative held-out-loss gap to AdamW's best
+LABELS = {"adamw": "AdamW", "tiger": "Tiger", "lion": "Lion"}
+DEFAULT_MOMENTUM = {"adamw": (0.9, 0.999), "tiger": (0.965,), "lion": (0.9, 0.99)}
+#: lr * weight decay (the decay applied per step) of the demo's AdamW recipe, 3e-3 x 0.1.
+LM_DECAY = 3e-4
+DIGITS_DECAY = 1e-3  # the digits AdamW recipe: 1e-2 x 0.1
 
 
-@dataclass
-class Run:
+@dataclass(frozen=True)
+class Spec:
+    """One training run.  ``momentum``: AdamW/Lion (beta1, beta2), Tiger (beta,)."""
+
     task: str
     optimizer: str
-    label: str
     lr: float
     weight_decay: float
+    momentum: tuple[float, ...]
+    batch_size: int
+    accumulation: int
     steps: int
-    train_loss: float
-    heldout_loss: float
-    accuracy: float | None
-    wall_s: float
-    opt_ms_per_step: float
-    state_bytes: int
-    param_bytes: int
-    curve: list[float] = field(default_factory=list)
+    seed: int
+    lr_scaling: bool = False
+    model: str = "d128-l2-h4-c64"
+
+    def key(self) -> str:
+        return json.dumps([self.task, self.optimizer, _r(self.lr), _r(self.weight_decay),
+                           [_r(m) for m in self.momentum], self.batch_size, self.accumulation, self.steps,
+                           self.seed, self.lr_scaling, self.model])
 
 
-# --------------------------------------------------------------------------- char-LM
-def run_charlm(name: str, lr: float, *, steps: int, corpus: demo.CharCorpus, seed: int,
-               batch_size: int = 32) -> Run:
-    r = demo.train(name, corpus, steps=steps, seed=seed, lr=lr, batch_size=batch_size, progress=False,
-                   eval_batches=32)
-    return Run("charlm", name, r.label, r.lr, r.weight_decay, steps, r.train_loss, r.heldout_loss, None,
-               r.wall_s, r.opt_ms_per_step, r.state_bytes, r.param_bytes, _smooth(r.curve))
+def _r(x: float) -> float:
+    """3 significant digits: grid values built by multiplication compare equal."""
+    return float(f"{x:.3g}")
 
 
-# --------------------------------------------------------------------------- digits
-def load_digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def spec(task: str, optimizer: str, lr: float, decay: float, momentum: tuple[float, ...], *,
+         batch_size: int, steps: int, seed: int = 0, micro: int = 32, lr_scaling: bool = False,
+         wd: float | None = None, model: str = "d128-l2-h4-c64") -> Spec:
+    """A spec with weight decay ``decay / lr`` (lr * wd = decay) unless ``wd`` is given."""
+    lr = _r(lr)
+    return Spec(task, optimizer, lr, _r(decay / lr if wd is None else wd), tuple(_r(m) for m in momentum),
+                batch_size, max(1, batch_size // micro), steps, seed, lr_scaling, model)
+
+
+# --------------------------------------------------------------------------- optimizers
+def build_optimizer(s: Spec, model: nn.Module) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups: list[dict[str, Any]] = [dict(params=decay), dict(params=no_decay, weight_decay=0.0)]
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=s.lr, betas=s.momentum, weight_decay=s.weight_decay, fused=True)
+    if s.optimizer == "tiger":
+        return Tiger(groups, lr=s.lr, beta=s.momentum[0], weight_decay=s.weight_decay,
+                     lr_scaling=s.lr_scaling)
+    if s.optimizer == "lion":
+        return Lion(groups, lr=s.lr, betas=s.momentum, weight_decay=s.weight_decay)
+    raise ValueError(f"Invalid optimizer: {s.optimizer!r}")
+
+
+# --------------------------------------------------------------------------- tasks
+def parse_model(name: str) -> dict[str, int]:
+    d, layers, heads, context = (int(part[1:]) for part in name.split("-"))
+    return dict(d_model=d, n_layers=layers, n_heads=heads, context=context)
+
+
+def run_charlm(s: Spec, corpus: demo.CharCorpus, eval_batches: int) -> dict[str, Any]:
+    cfg = parse_model(s.model)
+    torch.manual_seed(s.seed)
+    model = demo.CharTransformer(demo.VOCAB_SIZE, cfg["d_model"], cfg["n_layers"], cfg["n_heads"],
+                                 cfg["context"])
+    opt = build_optimizer(s, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, demo.cosine_with_warmup(s.steps))
+    gen = torch.Generator().manual_seed(s.seed)
+    curve: list[float] = []
+    opt_s = 0.0
+    start = time.perf_counter()
+    for _ in range(s.steps):
+        x, y = corpus.batch("train", s.batch_size, cfg["context"], gen)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for xm, ym in zip(x.chunk(s.accumulation), y.chunk(s.accumulation)):
+            loss = nn.functional.cross_entropy(model(xm).flatten(0, 1), ym.flatten()) / s.accumulation
+            loss.backward()
+            total += loss.item()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        t0 = time.perf_counter()
+        opt.step()
+        opt_s += time.perf_counter() - t0
+        sched.step()
+        curve.append(total)
+    wall = time.perf_counter() - start
+    # Fixed evaluation batches (seed 0) whatever the run's seed or batch size: only training varies.
+    ev = {split: demo.evaluate(model, corpus, split, batches=n, batch_size=32, seed=0)
+          for split, n in (("train", max(1, eval_batches // 4)), ("heldout", eval_batches))}
+    return dict(train_loss=ev["train"], heldout_loss=ev["heldout"], accuracy=None, wall_s=wall,
+                opt_ms_per_step=1e3 * opt_s / s.steps, state_bytes=demo.state_bytes(opt),
+                param_bytes=demo.param_bytes(model), curve=_smooth(curve))
+
+
+def load_digits() -> tuple[torch.Tensor, ...] | None:
     """scikit-learn's bundled digits as (x_train, y_train, x_test, y_test); None without sklearn."""
     try:
         from sklearn.datasets import load_digits as sk_digits
@@ -100,126 +172,370 @@ def digits_model() -> nn.Module:
         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def run_digits(name: str, lr: float, *, epochs: int, data: tuple[torch.Tensor, ...], seeds: int,
-               batch_size: int = 64) -> Run:
+def run_digits(s: Spec, data: tuple[torch.Tensor, ...]) -> dict[str, Any]:
     x_tr, y_tr, x_te, y_te = data
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 40k-parameter CNN: threads only add overhead (and suffer on a busy machine)
-    per_epoch = math.ceil(len(y_tr) / batch_size)
-    steps = epochs * per_epoch
-    metrics: list[tuple[float, float, float]] = []
-    curves: list[list[float]] = []
-    wall = opt_s = 0.0
-    for seed in range(seeds):
-        torch.manual_seed(seed)
-        model = digits_model()
-        opt, lr_used, wd = demo.make_optimizer(name, model, lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, demo.cosine_with_warmup(steps))
-        gen = torch.Generator().manual_seed(seed)
-        curve: list[float] = []
-        start = time.perf_counter()
-        for _ in range(epochs):
+    per_epoch = math.ceil(len(y_tr) / s.batch_size)
+    torch.manual_seed(s.seed)
+    model = digits_model()
+    opt = build_optimizer(s, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, demo.cosine_with_warmup(s.steps))
+    gen = torch.Generator().manual_seed(s.seed)
+    curve: list[float] = []
+    opt_s = 0.0
+    start = time.perf_counter()
+    order = torch.randperm(len(y_tr), generator=gen)
+    for step in range(s.steps):
+        i = step % per_epoch
+        if i == 0 and step:
             order = torch.randperm(len(y_tr), generator=gen)
-            for i in range(per_epoch):
-                idx = order[i * batch_size:(i + 1) * batch_size]
-                loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                t0 = time.perf_counter()
-                opt.step()
-                opt_s += time.perf_counter() - t0
-                sched.step()
-                curve.append(loss.item())
-        wall += time.perf_counter() - start
-        with torch.no_grad():
-            train_loss = float(nn.functional.cross_entropy(model(x_tr), y_tr))
-            logits = model(x_te)
-            test_loss = float(nn.functional.cross_entropy(logits, y_te))
-            acc = float((logits.argmax(1) == y_te).float().mean())
-        metrics.append((train_loss, test_loss, acc))
-        curves.append(curve)
-    torch.set_num_threads(threads)
-    mean = [sum(m[i] for m in metrics) / seeds for i in range(3)]
-    curve = [sum(c[i] for c in curves) / seeds for i in range(steps)]
-    return Run("digits", name, demo.RECIPES[name].label, lr_used, wd, steps, mean[0], mean[1], mean[2],
-               wall / seeds, 1e3 * opt_s / (seeds * steps), demo.state_bytes(opt), demo.param_bytes(model),
-               _smooth(curve))
+        idx = order[i * s.batch_size:(i + 1) * s.batch_size]
+        loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        t0 = time.perf_counter()
+        opt.step()
+        opt_s += time.perf_counter() - t0
+        sched.step()
+        curve.append(loss.item())
+    wall = time.perf_counter() - start
+    with torch.no_grad():
+        train_loss = float(nn.functional.cross_entropy(model(x_tr), y_tr))
+        logits = model(x_te)
+        test_loss = float(nn.functional.cross_entropy(logits, y_te))
+        acc = float((logits.argmax(1) == y_te).float().mean())
+    return dict(train_loss=train_loss, heldout_loss=test_loss, accuracy=acc, wall_s=wall,
+                opt_ms_per_step=1e3 * opt_s / s.steps, state_bytes=demo.state_bytes(opt),
+                param_bytes=demo.param_bytes(model), curve=_smooth(curve))
 
 
-def _smooth(curve: list[float], points: int = 200) -> list[float]:
-    """Mean over equal chunks: at most ``points`` values (keeps the JSON and the plot small)."""
+def _smooth(curve: list[float], points: int = 100) -> list[float]:
+    """Mean over equal chunks: at most ``points`` values (keeps the records and the plot small)."""
     if len(curve) <= points:
-        return list(curve)
+        return [round(c, 5) for c in curve]
     size = len(curve) / points
-    return [sum(curve[int(i * size):int((i + 1) * size)]) / max(1, int((i + 1) * size) - int(i * size))
-            for i in range(points)]
+    return [round(sum(curve[int(i * size):int((i + 1) * size)])
+                  / max(1, int((i + 1) * size) - int(i * size)), 5) for i in range(points)]
+
+
+# --------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class Plan:
+    """Grids of the study (``quick``: one point each, a tiny model and a few steps)."""
+
+    model: str = "d128-l2-h4-c64"
+    steps: int = 600
+    batch: int = 32
+    coarse: tuple[tuple[str, float, tuple[float, ...]], ...] = ()
+    refine_caps: tuple[tuple[int, int], ...] = ((3, 1), (8, 3))  # (best, default momentum) per round
+    seeds: tuple[int, ...] = (1, 2)
+    digits_epochs: int = 20
+    digits_seeds: tuple[int, ...] = (0, 1, 2)
+    batch_regimes: tuple[tuple[int, int], ...] = ((128, 150), (512, 38))
+    long_steps: int = 3000
+    long_cap: int = 8
+    small: bool = False  # the --quick plan
+
+    @staticmethod
+    def full() -> Plan:
+        a, t, lion = "adamw", "tiger", "lion"
+        return Plan(coarse=(
+            (a, 3e-3, (0.9, 0.999)), (t, 1e-3, (0.8,)), (lion, 1e-3, (0.8, 0.9)), (t, 1e-3, (0.965,)),
+            (lion, 1e-3, (0.9, 0.99)), (a, 1.5e-3, (0.9, 0.999)), (a, 6e-3, (0.9, 0.999)), (t, 1e-3, (0.9,)),
+            (lion, 1e-3, (0.9, 0.9)), (t, 5e-4, (0.8,)), (t, 2e-3, (0.8,)), (lion, 5e-4, (0.8, 0.9)),
+            (lion, 2e-3, (0.8, 0.9)), (a, 3e-3, (0.9, 0.95)), (a, 3e-3, (0.8, 0.99)), (t, 1e-3, (0.6,)),
+            (lion, 1e-3, (0.8, 0.99)), (t, 5e-4, (0.965,)), (lion, 5e-4, (0.9, 0.99))))
+
+    @staticmethod
+    def quick() -> Plan:
+        return Plan(model="d32-l1-h2-c16", steps=12, batch=8, small=True,
+                    coarse=(("adamw", 3e-3, (0.9, 0.999)), ("tiger", 1e-3, (0.8,)), ("tiger", 1e-3, (0.965,)),
+                            ("lion", 1e-3, (0.9, 0.99))),
+                    refine_caps=((1, 0),), seeds=(1,), digits_epochs=1, digits_seeds=(0,),
+                    batch_regimes=((16, 6),),
+                    long_steps=24, long_cap=1)
+
+
+#: Momentum values the refine stage steps between (per coordinate).
+LADDERS = {"adamw": ((0.7, 0.8, 0.9, 0.95), (0.95, 0.99, 0.999)),
+           "tiger": ((0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.965, 0.98),),
+           "lion": ((0.6, 0.7, 0.8, 0.9, 0.95), (0.8, 0.9, 0.95, 0.99, 0.995))}
+OPTIMIZERS = ("adamw", "tiger", "lion")
+
+
+def matching(records: dict[str, dict[str, Any]], **where: Any) -> list[dict[str, Any]]:
+    return [r for r in records.values() if all(r[k] == v for k, v in where.items())
+            and math.isfinite(r["heldout_loss"])]
+
+
+def best(records: dict[str, dict[str, Any]], **where: Any) -> dict[str, Any] | None:
+    rs = matching(records, **where)
+    return min(rs, key=lambda r: r["heldout_loss"]) if rs else None
+
+
+def as_spec(r: dict[str, Any]) -> Spec:
+    return Spec(r["task"], r["optimizer"], r["lr"], r["weight_decay"], tuple(r["momentum"]), r["batch_size"],
+                r["accumulation"], r["steps"], r["seed"], r["lr_scaling"], r["model"])
+
+
+def neighbours(s: Spec, decay_steps: bool = True) -> Iterator[Spec]:
+    """lr x/÷ sqrt 2 (lr*wd kept), lr*wd x/÷ 3, and each momentum coordinate one ladder step."""
+    decay = s.lr * s.weight_decay
+    for f in (math.sqrt(2), 1 / math.sqrt(2)):
+        lr = _r(s.lr * f)
+        yield replace(s, lr=lr, weight_decay=_r(decay / lr))
+    if decay_steps:
+        for f in (3.0, 1 / 3):
+            yield replace(s, weight_decay=_r(s.weight_decay * f))
+    for i, ladder in enumerate(LADDERS[s.optimizer]):
+        if s.momentum[i] in ladder:
+            j = ladder.index(s.momentum[i])
+            for k in (j - 1, j + 1):
+                if 0 <= k < len(ladder):
+                    mom = list(s.momentum)
+                    mom[i] = ladder[k]
+                    yield replace(s, momentum=tuple(mom))
+
+
+def stages(plan: Plan, records: dict[str, dict[str, Any]]) -> Iterator[tuple[str, Spec]]:
+    """Every run of the study in priority order (later ones depend on the results so far)."""
+    main = dict(task="charlm", batch_size=plan.batch, steps=plan.steps, model=plan.model, lr_scaling=False)
+    # 1. coarse, in priority order (so a partial stage is balanced across optimizers)
+    for name, lr, mom in plan.coarse:
+        yield "coarse", spec("charlm", name, lr, LM_DECAY, mom, batch_size=plan.batch, steps=plan.steps,
+                             model=plan.model)
+    # 2. refine around each optimizer's best (seed 0), Tiger/Lion also at their default momentum;
+    # 3. seeds for the finalists; then more refining and seeds for any new best.
+    targets: list[tuple[str, tuple[float, ...] | None]] = [(n, None) for n in OPTIMIZERS]
+    targets += [("tiger", DEFAULT_MOMENTUM["tiger"]), ("lion", DEFAULT_MOMENTUM["lion"])]
+    for caps in plan.refine_caps:
+        for name, mom in targets:
+            where = dict(main, optimizer=name, seed=0)
+            if mom is not None:
+                where["momentum"] = list(mom)
+            top = best(records, **where)
+            cap = caps[0] if mom is None else caps[1]
+            if top is None or len(matching(records, stage="refine", **where)) >= cap:
+                continue
+            for n in neighbours(as_spec(top)):
+                if mom is not None and n.momentum != mom:
+                    continue
+                if n.key() not in records:
+                    yield "refine", n
+                    break
+        for name, mom in targets:
+            where = dict(main, optimizer=name, seed=0)
+            if mom is not None:
+                where["momentum"] = list(mom)
+            top = best(records, **where)
+            if top is not None:
+                for seed in plan.seeds:
+                    yield "seeds", replace(as_spec(top), seed=seed)
+    # 4. digits: lr x momentum, 3 seeds each (cheap)
+    data_n = 1347  # training images of the 75/25 split
+    steps = plan.digits_epochs * math.ceil(data_n / 64)
+    dgrid = {"adamw": ((3e-3, 1e-2, 3e-2), ((0.9, 0.999), (0.8, 0.99))),
+             "tiger": ((1e-3, 2e-3, 4e-3), ((0.965,), (0.9,), (0.8,))),
+             "lion": ((2.5e-4, 5e-4, 1e-3, 2e-3), ((0.9, 0.99), (0.8, 0.9)))}
+    for name, (lrs, moms) in dgrid.items():
+        if plan.small:
+            lrs, moms = lrs[:1], moms[:1]
+        for mom in moms:
+            for lr in lrs:
+                for seed in plan.digits_seeds:
+                    yield "digits", spec("digits", name, lr, DIGITS_DECAY, mom, batch_size=64, steps=steps,
+                                         seed=seed, micro=64, model="cnn")
+    # 5. Tiger's lr_scaling (lr relative to each tensor's RMS; the original's lr 1e-3..1e-2, wd 0.01)
+    for beta in ((0.965,),) if plan.small else ((0.965,), (0.8,)):
+        for lr in (1e-2,) if plan.small else (1e-2, 3e-3, 3e-2):
+            yield "lr_scaling", spec("charlm", "tiger", lr, 0, beta, batch_size=plan.batch, steps=plan.steps,
+                                     lr_scaling=True, wd=0.01, model=plan.model)
+    # 6. batch regimes at the same number of windows: start from the batch-32 best, lr x 1, 2 (, 4)
+    for batch, steps in plan.batch_regimes:
+        where_b = dict(main, batch_size=batch, steps=steps, seed=0)
+        for name, mom in targets:
+            where = dict(main, optimizer=name, seed=0)
+            if mom is not None:
+                where["momentum"] = list(mom)
+            top = best(records, **where)
+            if top is None:
+                continue
+            s0 = replace(as_spec(top), batch_size=batch, accumulation=max(1, batch // plan.batch),
+                         steps=steps)
+            decay = s0.lr * s0.weight_decay
+            for f in (1.0, 2.0, 4.0)[:1 if plan.small else 3]:
+                lr = _r(s0.lr * f)
+                yield "batch", replace(s0, lr=lr, weight_decay=_r(decay / lr))
+            w = dict(where_b, optimizer=name)
+            if mom is not None:
+                w["momentum"] = list(mom)
+            top_b = best(records, **w)
+            if top_b is None or len(matching(records, **w)) >= (1 if plan.small else 7):
+                continue
+            for n in neighbours(as_spec(top_b), decay_steps=False):
+                if (mom is None or n.momentum == mom) and n.key() not in records:
+                    yield "batch", n
+                    break
+    # 7. long runs: the best 600-step settings (and defaults), then AdamW/Tiger/Lion lr neighbours
+    long_specs: list[Spec] = []
+    for name, mom in [("adamw", None), ("tiger", None), ("tiger", (0.965,)), ("lion", None),
+                      ("lion", (0.9, 0.99)), ("tiger", (0.9,))]:
+        where = dict(main, optimizer=name, seed=0)
+        if mom is not None:
+            where["momentum"] = list(mom)
+        top = best(records, **where)
+        if top is not None:
+            long_specs.append(replace(as_spec(top), steps=plan.long_steps))
+    seen = set()
+    for s in long_specs[:plan.long_cap]:
+        if s.key() not in seen:
+            seen.add(s.key())
+            yield "long", s
+
+
+# --------------------------------------------------------------------------- running
+def load_records(path: Path) -> dict[str, dict[str, Any]]:
+    records: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                records[as_spec(r).key()] = r
+    return records
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def study(args: argparse.Namespace) -> int:
+    """Run what is missing, in priority order; returns the number of new runs."""
+    plan = Plan.quick() if args.quick else Plan.full()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / RUNS_FILE
+    records = load_records(path)
+    wanted = set(args.stages.split(",")) if args.stages else None
+    corpus = None
+    data: tuple[torch.Tensor, ...] | None = None
+    new = 0
+    deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
+    while True:
+        nxt = next(((stage, s) for stage, s in stages(plan, records)
+                    if s.key() not in records and (wanted is None or stage in wanted)), None)
+        if nxt is None or (deadline is not None and time.time() > deadline):
+            return new
+        stage, s = nxt
+        if s.task == "charlm":
+            if corpus is None:
+                corpus = demo.load_corpus(300_000 if args.quick else None)
+            result = run_charlm(s, corpus, eval_batches=4 if args.quick else 64)
+        else:
+            if data is None:
+                data = load_digits()
+                if data is None:
+                    print("digits skipped: scikit-learn is not installed", flush=True)
+                    wanted = (wanted or {st for st, _ in stages(plan, records)}) - {"digits"}
+                    continue
+            result = run_digits(s, data)
+        rec = dict(asdict(s), stage=stage, **result, threads=torch.get_num_threads(),
+                   torch=torch.__version__, machine=machine(),
+                   finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        line = json.dumps(rec)
+        records[s.key()] = json.loads(line)  # as it will read back (tuples -> lists)
+        with path.open("a") as f:
+            f.write(line + "\n")
+        new += 1
+        mom = "/".join(f"{m:g}" for m in s.momentum)
+        print(f"[{stage:>10}] {s.task} {s.optimizer:>5} lr {s.lr:<8g} wd {s.weight_decay:<8g} mom {mom:<10} "
+              f"B{s.batch_size}x{s.steps} seed {s.seed}{' lr_scaling' if s.lr_scaling else ''}: "
+              f"held-out {result['heldout_loss']:.4f} train {result['train_loss']:.4f}"
+              + (f" acc {result['accuracy']:.4f}" if result["accuracy"] is not None else "")
+              + f"  {result['wall_s']:.0f}s", flush=True)
 
 
 # --------------------------------------------------------------------------- report
-def best_runs(runs: list[Run]) -> dict[str, Run]:
-    best: dict[str, Run] = {}
-    for r in runs:
-        if math.isfinite(r.heldout_loss) and (r.optimizer not in best
-                                              or r.heldout_loss < best[r.optimizer].heldout_loss):
-            best[r.optimizer] = r
-    return best
+def fmt_mom(r: dict[str, Any]) -> str:
+    m = r["momentum"]
+    return f"beta {m[0]:g}" if r["optimizer"] == "tiger" else f"({m[0]:g}, {m[1]:g})"
 
 
-def task_table(task: str, runs: list[Run]) -> list[str]:
-    best = best_runs(runs)
-    if not best:
-        return [f"No finished runs for {task}."]
-    ref = best.get("adamw")
-    acc = task == "digits"
-    head = ("| optimizer | lr sweep | best lr | wd | train loss | held-out loss | vs AdamW "
-            + ("| test acc. " if acc else "")
-            + "| wall s / run | ms / opt.step | state bytes | state / params |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if acc else "") + "---:|---:|---:|---:|"]
-    for name, r in best.items():
-        sweep = ", ".join(f"{x.lr:g}" + ("*" if x is r else "") for x in runs if x.optimizer == name)
-        gap = "" if ref is None else f"{100 * (r.heldout_loss / ref.heldout_loss - 1):+.1f}%"
-        lines.append(f"| {r.label} | {sweep} | {r.lr:g} | {r.weight_decay:g} | {r.train_loss:.4f} "
-                     f"| {r.heldout_loss:.4f} | {gap} " + (f"| {100 * r.accuracy:.2f}% " if acc else "")
-                     + f"| {r.wall_s:.1f} | {r.opt_ms_per_step:.2f} | {r.state_bytes:,} "
-                     f"| {r.state_bytes / r.param_bytes:.2f}x |")
-    return lines
+def seed_stats(records: dict[str, dict[str, Any]], r: dict[str, Any], key: str = "heldout_loss"
+               ) -> tuple[float, float, int]:
+    """Mean, (max - min) and count over the seeds of ``r``'s setting."""
+    same = [x for x in records.values() if as_spec(x).key() == replace(as_spec(r), seed=x["seed"]).key()]
+    vals = [x[key] for x in same if x[key] is not None and math.isfinite(x[key])]
+    return statistics.fmean(vals), max(vals) - min(vals), len(vals)
 
 
-def verdict(task: str, runs: list[Run]) -> list[str]:
-    """One line per Tiger/Lion: final loss relative to AdamW's (both best lr), and state memory.
+def regime_table(records: dict[str, dict[str, Any]], where: dict[str, Any], title: str) -> list[str]:
+    """Best per optimizer (and at the default momentum) in one regime, by mean over seeds where run."""
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for name in OPTIMIZERS:
+        rs = matching(records, **where, optimizer=name)
+        if not rs:
+            continue
+        settings: dict[str, list[dict[str, Any]]] = {}
+        for r in rs:
+            settings.setdefault(replace(as_spec(r), seed=0).key(), []).append(r)
 
-    char-LM: held-out and training loss.  digits: the training loss goes to ~0 for every
-    optimizer, so a relative 2% says nothing there; test accuracy and test loss are compared.
-    """
-    best = best_runs(runs)
-    ref = best.get("adamw")
-    if ref is None:
+        def score(group: list[dict[str, Any]]) -> float:
+            seed0 = [r["heldout_loss"] for r in group if r["seed"] == 0]
+            return seed0[0] if seed0 else statistics.fmean(r["heldout_loss"] for r in group)
+
+        ranked = sorted(settings.values(), key=score)
+        rows.append((f"{LABELS[name]}, best", ranked[0][0]))
+        if name != "adamw":
+            default = [g for g in ranked if tuple(g[0]["momentum"]) == DEFAULT_MOMENTUM[name]]
+            if default and default[0] is not ranked[0]:
+                rows.append((f"{LABELS[name]}, default momentum", default[0][0]))
+    if not rows:
         return []
-    out = []
-    for name in ("tiger", "lion"):
-        r = best.get(name)
-        if r is None:
-            continue
-        mem = r.state_bytes / ref.state_bytes
-        gap = r.heldout_loss / ref.heldout_loss - 1
-        if task == "digits":
-            assert r.accuracy is not None and ref.accuracy is not None
-            out.append(f"- digits: {r.label} test accuracy {100 * r.accuracy:.2f}% vs AdamW "
-                       f"{100 * ref.accuracy:.2f}% ({100 * (r.accuracy - ref.accuracy):+.2f} points), "
-                       f"test loss {r.heldout_loss:.4f} vs {ref.heldout_loss:.4f}; "
-                       f"{mem:.2f}x AdamW's state bytes.")
-            continue
-        train_gap = r.train_loss / ref.train_loss - 1
-        ok = gap <= TARGET and train_gap <= TARGET
-        out.append(f"- {task}: {r.label} held-out loss {r.heldout_loss:.4f} vs AdamW {ref.heldout_loss:.4f} "
-                   f"({100 * gap:+.1f}%), train loss {100 * train_gap:+.1f}%: "
-                   f"**{'within' if ok else 'not within'} 2%**, with {mem:.2f}x AdamW's "
-                   "optimizer-state bytes.")
-    return out
+    ref_rows = [r for label, r in rows if label.startswith("AdamW")]
+    ref = seed_stats(records, ref_rows[0])[0] if ref_rows else None
+    acc = where.get("task") == "digits"
+    out = [f"### {title}", "",
+           "| optimizer | lr | wd | momentum | held-out loss (mean) | seed spread (max-min) | seeds "
+           "| vs AdamW best " + ("| test acc. " if acc else "")
+           + "| runs tried | wall s / run | state bytes |",
+           "|---|---:|---:|---|---:|---:|---:|---:|" + ("---:|" if acc else "") + "---:|---:|---:|"]
+    for label, r in rows:
+        mean, spread, n = seed_stats(records, r)
+        gap = "" if ref is None else f"{100 * (mean / ref - 1):+.1f}%"
+        tried = len(matching(records, **where, optimizer=r["optimizer"], seed=0))
+        accs = ""
+        if acc:
+            accs = f"| {100 * seed_stats(records, r, 'accuracy')[0]:.2f}% "
+        out.append(f"| {label} | {r['lr']:g} | {r['weight_decay']:g} | {fmt_mom(r)} | {mean:.4f} "
+                   f"| {spread:.4f} | {n} | {gap} {accs}| {tried} | {r['wall_s']:.0f} "
+                   f"| {r['state_bytes']:,} |")
+    return out + [""]
 
 
-def plot(runs: list[Run], path: Path) -> bool:
+def momentum_table(records: dict[str, dict[str, Any]], where: dict[str, Any]) -> list[str]:
+    """Best held-out loss (seed 0) per optimizer and momentum, over lr and wd."""
+    out = ["| optimizer | momentum | best lr | wd | held-out loss | vs AdamW best | runs |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    ref = best(records, **where, optimizer="adamw", seed=0)
+    for name in OPTIMIZERS:
+        moms = sorted({tuple(r["momentum"]) for r in matching(records, **where, optimizer=name, seed=0)})
+        for mom in moms:
+            rs = matching(records, **where, optimizer=name, seed=0, momentum=list(mom))
+            b = min(rs, key=lambda r: r["heldout_loss"])
+            gap = "" if ref is None else f"{100 * (b['heldout_loss'] / ref['heldout_loss'] - 1):+.1f}%"
+            out.append(f"| {LABELS[name]} | {fmt_mom(b)} | {b['lr']:g} | {b['weight_decay']:g} "
+                       f"| {b['heldout_loss']:.4f} | {gap} | {len(rs)} |")
+    return out + [""]
+
+
+def plot(records: dict[str, dict[str, Any]], regimes: list[tuple[str, dict[str, Any]]], path: Path) -> bool:
     try:
         import matplotlib
 
@@ -227,123 +543,101 @@ def plot(runs: list[Run], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    tasks = sorted({r.task for r in runs})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        task_runs = [r for r in runs if r.task == task]
-        for r in best_runs(task_runs).values():
-            xs = [(i + 0.5) * r.steps / len(r.curve) for i in range(len(r.curve))]
-            ax.plot(xs, r.curve, label=f"{r.label} (lr {r.lr:g}): {r.heldout_loss:.3f}")
-        ax.set_title({"charlm": "char-level LM on stdlib source (train loss)",
-                      "digits": "sklearn digits CNN (train loss, mean of seeds)"}.get(task, task))
+    regimes = [(t, w) for t, w in regimes if matching(records, **w)]
+    if not regimes:
+        return False
+    fig, axes = plt.subplots(1, len(regimes), figsize=(5.5 * len(regimes), 4.2), squeeze=False)
+    for ax, (title, where) in zip(axes[0], regimes):
+        for name in OPTIMIZERS:
+            for mom in (None, DEFAULT_MOMENTUM[name]) if name != "adamw" else (None,):
+                w = dict(where, optimizer=name, seed=0)
+                if mom is not None:
+                    w["momentum"] = list(mom)
+                r = best(records, **w)
+                if r is None:
+                    continue
+                xs = [(i + 0.5) * r["steps"] / len(r["curve"]) for i in range(len(r["curve"]))]
+                ax.plot(xs, r["curve"], linestyle="--" if mom is not None else "-",
+                        label=f"{LABELS[name]} {fmt_mom(r)} lr {r['lr']:g}: {r['heldout_loss']:.3f}")
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats)")
-        if task == "digits":
+        ax.set_ylabel("train cross-entropy (nats)")
+        if where["task"] == "digits":
             ax.set_yscale("log")
         else:
-            ax.set_ylim(top=min(3.5, ax.get_ylim()[1]))
+            ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
         ax.grid(alpha=0.3)
-        ax.legend(title="best lr: final held-out loss", fontsize=8)
+        ax.legend(title="best setting: held-out loss", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
 
-def write_report(runs: list[Run], notes: list[str], args: argparse.Namespace, stem: Path,
-                 elapsed: float) -> Path:
-    png = stem.with_suffix(".png")
-    has_png = plot(runs, png)
-    lines = [f"# Convergence benchmark (CPU) — {dt.date.today().isoformat()}", "",
-             f"`python benchmarks/bench_quality.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
-             "",
-             f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-             f"{platform.processor() or 'cpu'}, Python {platform.python_version()}; "
-             f"total {elapsed / 60:.1f} min. "
-             "Every optimizer: same init, "
-             "same batches, warm-up (5%) + cosine to 10% lr, gradient clipping at 1.0; weight decay on "
-             "matrices/embeddings only. lr sweep = recommended lr x " + ", ".join(args.lr_factors.split(","))
-             + " (best marked *). Held-out loss = cross-entropy after the last step; 'vs AdamW' compares "
-             "best runs at equal steps. State bytes exclude the scalar step counters.", ""]
-    for task in ("charlm", "digits"):
-        task_runs = [r for r in runs if r.task == task]
-        if not task_runs:
-            continue
-        title = {"charlm": f"## Character-level LM ({task_runs[0].steps} steps x {args.lm_batch_size} x 64 "
-                           "characters, held-out = unseen stdlib files)",
-                 "digits": f"## sklearn digits, small CNN ({task_runs[0].steps} steps, mean of {args.seeds} "
-                           "seeds, held-out = test split)"}[task]
-        lines += [title, "", *task_table(task, task_runs), ""]
-    lines += ["## Target: Tiger and Lion within 2% of AdamW's final loss, with half its state memory", ""]
-    for task in ("charlm", "digits"):
-        lines += verdict(task, [r for r in runs if r.task == task])
-    lines += [""] + notes
-    if has_png:
-        lines += ["", f"![loss curves]({png.name})"]
-    md = stem.with_suffix(".md")
+def report(args: argparse.Namespace) -> Path:
+    records = load_records(args.out / RUNS_FILE)
+    plan = Plan.quick() if args.quick else Plan.full()
+    if not records:
+        raise SystemExit(f"no runs in {args.out / RUNS_FILE}")
+    any_r = next(iter(records.values()))
+    first = min(r["finished"] for r in records.values())
+    last = max(r["finished"] for r in records.values())
+    main = dict(task="charlm", batch_size=plan.batch, steps=plan.steps, model=plan.model, lr_scaling=False)
+    regimes = [(f"char-LM, batch {plan.batch} x {plan.steps} steps (the demo's batch)", main)]
+    regimes += [(f"char-LM, batch {b} x {s} steps (accumulation {b // plan.batch} x {plan.batch})",
+                 dict(main, batch_size=b, steps=s)) for b, s in plan.batch_regimes]
+    regimes += [(f"char-LM, batch {plan.batch} x {plan.long_steps} steps", dict(main, steps=plan.long_steps))]
+    digits = dict(task="digits", model="cnn")
+    lines = ["# Training-quality study (CPU)", "",
+             f"`python benchmarks/bench_quality.py --threads {any_r['threads']} --out <dir>` "
+             f"(then `--report`); {len(records)} runs finished between {first} and {last} UTC on "
+             f"{any_r['machine']} (shared with other jobs: wall times are a rough guide), "
+             f"{any_r['threads']} torch thread(s), torch {any_r['torch']}. Raw runs: `{RUNS_FILE}` "
+             "(one JSON line per run).", "",
+             "Same init, batches, warm-up (5%) + cosine to 10% lr and clipping at 1.0 for every optimizer; "
+             "weight decay on matrices/embeddings only. Held-out loss: cross-entropy (nats/char) on 64 fixed "
+             "batches of 32 x 64 characters of stdlib files never trained on. The lr grid keeps lr x wd "
+             "(the decay per step) fixed, as the Lion paper advises; the refine stage also varies it. "
+             "'best' = lowest seed-0 loss; mean/spread over the seeds run for that setting. State bytes "
+             "exclude step counters.", ""]
+    for title, where in regimes:
+        lines += regime_table(records, where, title)
+    lines += ["### Best per momentum setting (char-LM, batch 32 x 600 steps, seed 0)", "",
+              *momentum_table(records, main)]
+    ls = matching(records, task="charlm", lr_scaling=True)
+    if ls:
+        lines += ["### Tiger with the original's lr_scaling (char-LM, batch 32 x 600, seed 0)", "",
+                  "| lr | wd | beta | held-out loss |", "|---:|---:|---|---:|"]
+        lines += [f"| {r['lr']:g} | {r['weight_decay']:g} | {r['momentum'][0]:g} | {r['heldout_loss']:.4f} |"
+                  for r in sorted(ls, key=lambda r: (r["momentum"][0], r["lr"]))]
+        lines.append("")
+    lines += regime_table(records, digits, "sklearn digits, small CNN (20 epochs, batch 64; mean of 3 seeds)")
+    png = args.out / "quality-study.png"
+    shown = regimes[:1] + regimes[-1:] + [("digits CNN", digits)]
+    if not getattr(args, "no_plot", False) and plot(records, shown, png):
+        lines += [f"![loss curves]({png.name})", ""]
+    md = args.out / "quality-study.md"
     md.write_text("\n".join(lines) + "\n")
-    stem.with_suffix(".json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
     return md
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", default="charlm,digits")
-    parser.add_argument("--optimizers", default="adamw,tiger,lion,adax,adagrad")
-    parser.add_argument("--lm-optimizers", default="adamw,tiger,lion,adax",
-                        help="optimizers for the char-LM (Adagrad is left out: it does not fit transformers)")
-    parser.add_argument("--lr-factors", default="0.5,1,2", help="multiples of each recommended lr")
-    parser.add_argument("--lm-steps", type=int, default=600)
-    parser.add_argument("--lm-batch-size", type=int, default=32, help="char-LM windows per step")
-    parser.add_argument("--digits-epochs", type=int, default=20)
-    parser.add_argument("--seeds", type=int, default=3, help="digits: seeds averaged per setting")
-    parser.add_argument("--seed", type=int, default=0, help="char-LM seed")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: steady timings on a shared machine)")
-    parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--tag", default="", help="appended to the results file names")
+    parser.add_argument("--out", type=Path, required=True, help=f"folder of {RUNS_FILE} and the report")
+    parser.add_argument("--stages", default="", help="only these stages (comma-separated; default all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--max-minutes", type=float, default=0, help="stop starting runs after this long")
+    parser.add_argument("--quick", action="store_true", help="tiny grid, model and runs: CI smoke test only")
+    parser.add_argument("--report", action="store_true", help="only write the report from the runs so far")
+    parser.add_argument("--no-plot", action="store_true", help="no loss-curve PNG")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.lm_steps, args.digits_epochs, args.seeds, args.lr_factors = 20, 2, 1, "1"
     torch.set_num_threads(args.threads)
-    factors = [float(f) for f in args.lr_factors.split(",")]
-    tasks = [t.strip() for t in args.tasks.split(",")]
-    notes: list[str] = []
-    runs: list[Run] = []
-    start = time.perf_counter()
-
-    def sweep(task: str, names: list[str], fn: Callable[[str, float], Run]) -> None:
-        for name in names:
-            for f in factors:
-                lr = LR_CENTERS[task][name] * f
-                r = fn(name, lr)
-                runs.append(r)
-                print(f"{task:>7} {r.label:>8} lr {lr:<9.3g} train {r.train_loss:.4f} held-out "
-                      f"{r.heldout_loss:.4f}" + (f" acc {r.accuracy:.4f}" if r.accuracy is not None else "")
-                      + f"  {r.wall_s:.1f}s", flush=True)
-
-    if "charlm" in tasks:
-        corpus = demo.load_corpus()
-        names = [n.strip() for n in args.lm_optimizers.split(",") if n.strip()]
-        sweep("charlm", names,
-              lambda n, lr: run_charlm(n, lr, steps=args.lm_steps, corpus=corpus, seed=args.seed,
-                                       batch_size=args.lm_batch_size))
-    if "digits" in tasks:
-        data = load_digits()
-        if data is None:
-            notes.append("- digits skipped: scikit-learn is not installed (`pip install scikit-learn`).")
-        else:
-            names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-            sweep("digits", names, lambda n, lr: run_digits(n, lr, epochs=args.digits_epochs, data=data,
-                                                               seeds=args.seeds))
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
-    stem = args.out / f"quality-cpu-{dt.date.today().isoformat()}{tag}"
-    md = write_report(runs, notes, args, stem, time.perf_counter() - start)
-    print(md.read_text())
+    if not args.report:
+        n = study(args)
+        print(f"{n} new runs in {args.out / RUNS_FILE}", flush=True)
+    md = report(args)
     print(f"wrote {md}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
