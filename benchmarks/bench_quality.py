@@ -48,8 +48,10 @@ import torch
 from torch import nn
 
 from tigeropt import Lion, Tiger, demo
+from tigeropt.suggest import suggest_hparams
 
 RUNS_FILE = "quality-runs.jsonl"
+Records = dict[str, dict[str, Any]]  # Spec.key() -> the run's record
 TARGET = 0.02  # relative held-out-loss gap to AdamW's best
 LABELS = {"adamw": "AdamW", "tiger": "Tiger", "lion": "Lion"}
 DEFAULT_MOMENTUM = {"adamw": (0.9, 0.999), "tiger": (0.965,), "lion": (0.9, 0.99)}
@@ -227,13 +229,14 @@ class Plan:
     steps: int = 600
     batch: int = 32
     coarse: tuple[tuple[str, float, tuple[float, ...]], ...] = ()
-    refine_caps: tuple[tuple[int, int], ...] = ((3, 1), (8, 3))  # (best, default momentum) per round
+    refine_caps: tuple[tuple[int, int], ...] = ((2, 1), (8, 3))  # (best, default momentum) per round
+    demo_steps: int = 300
     seeds: tuple[int, ...] = (1, 2)
     digits_epochs: int = 20
     digits_seeds: tuple[int, ...] = (0, 1, 2)
     batch_regimes: tuple[tuple[int, int], ...] = ((128, 150), (512, 38))
     long_steps: int = 3000
-    long_cap: int = 8
+    long_cap: int = 6
     small: bool = False  # the --quick plan
 
     @staticmethod
@@ -253,7 +256,7 @@ class Plan:
                             ("lion", 1e-3, (0.9, 0.99))),
                     refine_caps=((1, 0),), seeds=(1,), digits_epochs=1, digits_seeds=(0,),
                     batch_regimes=((16, 6),),
-                    long_steps=24, long_cap=1)
+                    long_steps=24, long_cap=1, demo_steps=6)
 
 
 #: Momentum values the refine stage steps between (per coordinate).
@@ -297,43 +300,45 @@ def neighbours(s: Spec, decay_steps: bool = True) -> Iterator[Spec]:
                     yield replace(s, momentum=tuple(mom))
 
 
-def stages(plan: Plan, records: dict[str, dict[str, Any]]) -> Iterator[tuple[str, Spec]]:
-    """Every run of the study in priority order (later ones depend on the results so far)."""
-    main = dict(task="charlm", batch_size=plan.batch, steps=plan.steps, model=plan.model, lr_scaling=False)
-    # 1. coarse, in priority order (so a partial stage is balanced across optimizers)
-    for name, lr, mom in plan.coarse:
-        yield "coarse", spec("charlm", name, lr, LM_DECAY, mom, batch_size=plan.batch, steps=plan.steps,
-                             model=plan.model)
-    # 2. refine around each optimizer's best (seed 0), Tiger/Lion also at their default momentum;
-    # 3. seeds for the finalists; then more refining and seeds for any new best.
-    targets: list[tuple[str, tuple[float, ...] | None]] = [(n, None) for n in OPTIMIZERS]
-    targets += [("tiger", DEFAULT_MOMENTUM["tiger"]), ("lion", DEFAULT_MOMENTUM["lion"])]
-    for caps in plan.refine_caps:
-        for name, mom in targets:
-            where = dict(main, optimizer=name, seed=0)
-            if mom is not None:
-                where["momentum"] = list(mom)
-            top = best(records, **where)
-            cap = caps[0] if mom is None else caps[1]
-            if top is None or len(matching(records, stage="refine", **where)) >= cap:
-                continue
-            for n in neighbours(as_spec(top)):
-                if mom is not None and n.momentum != mom:
-                    continue
-                if n.key() not in records:
-                    yield "refine", n
-                    break
-        for name, mom in targets:
-            where = dict(main, optimizer=name, seed=0)
-            if mom is not None:
-                where["momentum"] = list(mom)
-            top = best(records, **where)
-            if top is not None:
-                for seed in plan.seeds:
-                    yield "seeds", replace(as_spec(top), seed=seed)
-    # 4. digits: lr x momentum, 3 seeds each (cheap)
-    data_n = 1347  # training images of the 75/25 split
-    steps = plan.digits_epochs * math.ceil(data_n / 64)
+def _where(main: dict[str, Any], name: str, mom: tuple[float, ...] | None) -> dict[str, Any]:
+    where = dict(main, optimizer=name, seed=0)
+    if mom is not None:
+        where["momentum"] = list(mom)
+    return where
+
+
+#: (optimizer, momentum or None for "best at any momentum") searched around in the main regime.
+TARGETS: list[tuple[str, tuple[float, ...] | None]] = [(n, None) for n in OPTIMIZERS] + [
+    ("tiger", DEFAULT_MOMENTUM["tiger"]), ("lion", DEFAULT_MOMENTUM["lion"])]
+
+
+def _refine(plan: Plan, records: dict[str, dict[str, Any]], main: dict[str, Any],
+            caps: tuple[int, int]) -> Iterator[tuple[str, Spec]]:
+    """Coordinate search: one untried neighbour of each target's current best (``caps`` runs each)."""
+    for name, mom in TARGETS:
+        where = _where(main, name, mom)
+        top = best(records, **where)
+        cap = caps[0] if mom is None else caps[1]
+        if top is None or len(matching(records, stage="refine", **where)) >= cap:
+            continue
+        for n in neighbours(as_spec(top)):
+            if (mom is None or n.momentum == mom) and n.key() not in records:
+                yield "refine", n
+                break
+
+
+def _seeds(plan: Plan, records: Records, main: dict[str, Any]) -> Iterator[tuple[str, Spec]]:
+    """More seeds for each optimizer's best setting."""
+    for name in OPTIMIZERS:
+        top = best(records, **_where(main, name, None))
+        if top is not None:
+            for seed in plan.seeds:
+                yield "seeds", replace(as_spec(top), seed=seed)
+
+
+def _digits(plan: Plan) -> Iterator[tuple[str, Spec]]:
+    """lr x momentum, 3 seeds each (cheap)."""
+    steps = plan.digits_epochs * math.ceil(1347 / 64)  # 1347 training images in the 75/25 split
     dgrid = {"adamw": ((3e-3, 1e-2, 3e-2), ((0.9, 0.999), (0.8, 0.99))),
              "tiger": ((1e-3, 2e-3, 4e-3), ((0.965,), (0.9,), (0.8,))),
              "lion": ((2.5e-4, 5e-4, 1e-3, 2e-3), ((0.9, 0.99), (0.8, 0.9)))}
@@ -345,52 +350,85 @@ def stages(plan: Plan, records: dict[str, dict[str, Any]]) -> Iterator[tuple[str
                 for seed in plan.digits_seeds:
                     yield "digits", spec("digits", name, lr, DIGITS_DECAY, mom, batch_size=64, steps=steps,
                                          seed=seed, micro=64, model="cnn")
-    # 5. Tiger's lr_scaling (lr relative to each tensor's RMS; the original's lr 1e-3..1e-2, wd 0.01)
-    for beta in ((0.965,),) if plan.small else ((0.965,), (0.8,)):
-        for lr in (1e-2,) if plan.small else (1e-2, 3e-3, 3e-2):
-            yield "lr_scaling", spec("charlm", "tiger", lr, 0, beta, batch_size=plan.batch, steps=plan.steps,
-                                     lr_scaling=True, wd=0.01, model=plan.model)
-    # 6. batch regimes at the same number of windows: start from the batch-32 best, lr x 1, 2 (, 4)
+
+
+def _demo(plan: Plan, main: dict[str, Any]) -> Iterator[tuple[str, Spec]]:
+    """The demo's length: AdamW's recipe, Tiger/Lion at suggest_hparams and at their default momentum."""
+    adamw = demo.RECIPES["adamw"]
+    kw = dict(batch_size=plan.batch, steps=plan.demo_steps, model=plan.model)
+    yield "demo", spec("charlm", "adamw", adamw.lr, 0, DEFAULT_MOMENTUM["adamw"], wd=adamw.weight_decay, **kw)
+    for name in ("tiger", "lion"):
+        hp = suggest_hparams(name, adamw_lr=adamw.lr, adamw_weight_decay=adamw.weight_decay,
+                             steps=plan.demo_steps, batch_size=plan.batch)
+        mom = (hp["beta"],) if name == "tiger" else hp["betas"]
+        for m in (mom, DEFAULT_MOMENTUM[name]):
+            yield "demo", spec("charlm", name, hp["lr"], 0, m, wd=hp["weight_decay"], **kw)
+
+
+def _long(plan: Plan, records: Records, main: dict[str, Any]) -> Iterator[tuple[str, Spec]]:
+    """``long_steps`` steps (batch as main) at the best 600-step lr/wd, for several momenta."""
+    seen = set()
+    order = [("adamw", None), ("tiger", None), ("tiger", (0.9,)), ("tiger", (0.965,)), ("lion", None),
+             ("lion", (0.9, 0.99))]
+    for name, mom in order[:plan.long_cap]:
+        top = best(records, **_where(main, name, mom))
+        if top is None and mom is not None:  # this momentum not tried at 600 steps: the best's lr/wd
+            top = best(records, **_where(main, name, None))
+            top = None if top is None else dict(top, momentum=list(mom))
+        if top is not None:
+            s = replace(as_spec(top), steps=plan.long_steps)
+            if s.key() not in seen:
+                seen.add(s.key())
+                yield "long", s
+
+
+def _batch(plan: Plan, records: Records, main: dict[str, Any]) -> Iterator[tuple[str, Spec]]:
+    """Same number of windows at larger batches: the batch-32 best at lr x 1, 2, then lr neighbours."""
     for batch, steps in plan.batch_regimes:
         where_b = dict(main, batch_size=batch, steps=steps, seed=0)
-        for name, mom in targets:
-            where = dict(main, optimizer=name, seed=0)
-            if mom is not None:
-                where["momentum"] = list(mom)
-            top = best(records, **where)
+        for name in OPTIMIZERS:
+            top = best(records, **_where(main, name, None))
             if top is None:
                 continue
             s0 = replace(as_spec(top), batch_size=batch, accumulation=max(1, batch // plan.batch),
                          steps=steps)
             decay = s0.lr * s0.weight_decay
-            for f in (1.0, 2.0, 4.0)[:1 if plan.small else 3]:
+            for f in (1.0, 2.0)[:1 if plan.small else 2]:
                 lr = _r(s0.lr * f)
                 yield "batch", replace(s0, lr=lr, weight_decay=_r(decay / lr))
-            w = dict(where_b, optimizer=name)
-            if mom is not None:
-                w["momentum"] = list(mom)
-            top_b = best(records, **w)
-            if top_b is None or len(matching(records, **w)) >= (1 if plan.small else 7):
+            top_b = best(records, **where_b, optimizer=name)
+            if top_b is None or len(matching(records, **where_b, optimizer=name)) >= (1 if plan.small else 4):
                 continue
             for n in neighbours(as_spec(top_b), decay_steps=False):
-                if (mom is None or n.momentum == mom) and n.key() not in records:
+                if n.key() not in records:
                     yield "batch", n
                     break
-    # 7. long runs: the best 600-step settings (and defaults), then AdamW/Tiger/Lion lr neighbours
-    long_specs: list[Spec] = []
-    for name, mom in [("adamw", None), ("tiger", None), ("tiger", (0.965,)), ("lion", None),
-                      ("lion", (0.9, 0.99)), ("tiger", (0.9,))]:
-        where = dict(main, optimizer=name, seed=0)
-        if mom is not None:
-            where["momentum"] = list(mom)
-        top = best(records, **where)
-        if top is not None:
-            long_specs.append(replace(as_spec(top), steps=plan.long_steps))
-    seen = set()
-    for s in long_specs[:plan.long_cap]:
-        if s.key() not in seen:
-            seen.add(s.key())
-            yield "long", s
+
+
+def _lr_scaling(plan: Plan) -> Iterator[tuple[str, Spec]]:
+    """Tiger's lr_scaling (lr relative to each tensor's RMS): the original's wd 0.01, a few lr and betas."""
+    for beta in ((0.965,),) if plan.small else ((0.8,), (0.965,)):
+        for lr in (1e-2,) if plan.small else (1e-2, 3e-3, 3e-2):
+            yield "lr_scaling", spec("charlm", "tiger", lr, 0, beta, batch_size=plan.batch, steps=plan.steps,
+                                     lr_scaling=True, wd=0.01, model=plan.model)
+
+
+def stages(plan: Plan, records: dict[str, dict[str, Any]]) -> Iterator[tuple[str, Spec]]:
+    """Every run of the study in priority order (later ones depend on the results so far)."""
+    main = dict(task="charlm", batch_size=plan.batch, steps=plan.steps, model=plan.model, lr_scaling=False)
+    for name, lr, mom in plan.coarse:  # in priority order, balanced across optimizers
+        yield "coarse", spec("charlm", name, lr, LM_DECAY, mom, batch_size=plan.batch, steps=plan.steps,
+                             model=plan.model)
+    yield from _refine(plan, records, main, plan.refine_caps[0])
+    yield from _seeds(plan, records, main)
+    yield from _digits(plan)
+    yield from _demo(plan, main)
+    yield from _long(plan, records, main)
+    yield from _batch(plan, records, main)
+    yield from _lr_scaling(plan)
+    for caps in plan.refine_caps[1:]:
+        yield from _refine(plan, records, main, caps)
+        yield from _seeds(plan, records, main)
 
 
 # --------------------------------------------------------------------------- running

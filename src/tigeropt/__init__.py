@@ -13,6 +13,7 @@ from .lazy import LazyOptimizer, embedding_weights
 from .lion import Lion
 from .mixed import MixedOptimizer, split_embeddings
 from .param_groups import DEFAULT_NO_DECAY, describe, param_groups
+from .suggest import suggest_hparams
 from .tiger import Tiger, kind_groups
 
 __version__ = "0.1.0"
@@ -21,6 +22,6 @@ __all__ = [
     "Tiger", "Lion", "AdaX", "Adagrad", "TigerOptimizer", "kind_groups",
     "LazyOptimizer", "embedding_weights", "MixedOptimizer", "split_embeddings",
     "GradNormCritic", "gradient_penalty", "gan",
-    "param_groups", "describe", "DEFAULT_NO_DECAY",
+    "param_groups", "describe", "DEFAULT_NO_DECAY", "suggest_hparams",
     "__version__",
 ]

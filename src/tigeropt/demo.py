@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .adagrad import Adagrad
 from .adax import AdaX
 from .lion import Lion
+from .suggest import suggest_hparams
 from .tiger import Tiger
 
 __all__ = ["CharCorpus", "CharTransformer", "Recipe", "RECIPES", "RunResult", "load_corpus", "make_optimizer",
@@ -135,39 +136,53 @@ class Recipe:
     """How to build one optimizer, with the demo's learning rate and weight decay."""
 
     label: str
-    build: Callable[[list[dict[str, Any]], float, float], torch.optim.Optimizer]
+    build: Callable[..., torch.optim.Optimizer]  # (param groups, lr, wd, **momentum kwargs)
     lr: float
     weight_decay: float
 
 
-def _adamw(groups: list[dict[str, Any]], lr: float, wd: float) -> torch.optim.Optimizer:
+def _adamw(groups: list[dict[str, Any]], lr: float, wd: float, **kw: Any) -> torch.optim.Optimizer:
     """torch's AdamW on its fastest path: the fused kernel (CPU too since torch 2.4), else its default."""
     try:
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=wd, fused=True)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=wd, fused=True, **kw)
     except (RuntimeError, ValueError):
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=wd, **kw)
 
 
-def _adax(groups: list[dict[str, Any]], lr: float, wd: float) -> torch.optim.Optimizer:
-    return AdaX(groups, lr=lr, weight_decay=wd, decoupled_weight_decay=True)
+def _adax(groups: list[dict[str, Any]], lr: float, wd: float, **kw: Any) -> torch.optim.Optimizer:
+    return AdaX(groups, lr=lr, weight_decay=wd, decoupled_weight_decay=True, **kw)
 
 
-#: lr / wd for the demo model: Tiger and Lion take an lr several times below AdamW's and a weight
-#: decay several times above it (their update has unit size per element), as their authors advise.
+#: lr / wd for the demo model.  Tiger and Lion: :func:`tigeropt.suggest_hparams` from AdamW's
+#: recipe (lr / 3, wd x 3: the same decay per step), with the momentum it suggests for the run's
+#: length (see :func:`make_optimizer`); benchmarks/bench_quality.py measured these settings.
 RECIPES: dict[str, Recipe] = {
     "adamw": Recipe("AdamW", _adamw, 3e-3, 0.1),
-    "tiger": Recipe("Tiger", lambda g, lr, wd: Tiger(g, lr=lr, weight_decay=wd), 5e-4, 0.5),
-    "lion": Recipe("Lion", lambda g, lr, wd: Lion(g, lr=lr, weight_decay=wd), 5e-4, 0.5),
+    "tiger": Recipe("Tiger", lambda g, lr, wd, **kw: Tiger(g, lr=lr, weight_decay=wd, **kw), 1e-3, 0.3),
+    "lion": Recipe("Lion", lambda g, lr, wd, **kw: Lion(g, lr=lr, weight_decay=wd, **kw), 1e-3, 0.3),
     "adax": Recipe("AdaX-W", _adax, 3e-3, 0.1),
-    "adagrad": Recipe("Adagrad", lambda g, lr, wd: Adagrad(g, lr=lr, weight_decay=wd), 2e-2, 0.0),
+    "adagrad": Recipe("Adagrad", lambda g, lr, wd, **kw: Adagrad(g, lr=lr, weight_decay=wd, **kw), 2e-2, 0.0),
 }
 
 
+def momentum_kwargs(name: str, steps: int | None, batch_size: int | None = None) -> dict[str, Any]:
+    """Tiger/Lion momentum for a run of ``steps`` (:func:`tigeropt.suggest_hparams`); {} otherwise."""
+    if name not in ("tiger", "lion") or steps is None:
+        return {}
+    adamw = RECIPES["adamw"]
+    hp = suggest_hparams(name, adamw_lr=adamw.lr, adamw_weight_decay=adamw.weight_decay, steps=steps,
+                         batch_size=batch_size)
+    return {"beta": hp["beta"]} if name == "tiger" else {"betas": hp["betas"]}
+
+
 def make_optimizer(name: str, model: nn.Module, lr: float | None = None,
-                   weight_decay: float | None = None) -> tuple[torch.optim.Optimizer, float, float]:
+                   weight_decay: float | None = None, *, steps: int | None = None,
+                   batch_size: int | None = None) -> tuple[torch.optim.Optimizer, float, float]:
     """Optimizer ``name`` (a key of :data:`RECIPES`) over ``model``: (optimizer, lr, weight decay).
 
     Matrices and embeddings get the weight decay; biases and norm weights (ndim <= 1) none.
+    With ``steps`` (the run's length), Tiger and Lion get the momentum
+    :func:`tigeropt.suggest_hparams` proposes for it; without, their defaults.
     """
     if name not in RECIPES:
         raise ValueError(f"Invalid optimizer: {name!r} (one of {sorted(RECIPES)})")
@@ -177,7 +192,7 @@ def make_optimizer(name: str, model: nn.Module, lr: float | None = None,
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [dict(params=decay), dict(params=no_decay, weight_decay=0.0)]
-    return recipe.build(groups, lr, wd), lr, wd
+    return recipe.build(groups, lr, wd, **momentum_kwargs(name, steps, batch_size)), lr, wd
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -252,7 +267,7 @@ def train(name: str, corpus: CharCorpus, *, steps: int, seed: int = 0, batch_siz
     """
     torch.manual_seed(seed)
     model = CharTransformer(VOCAB_SIZE, d_model, n_layers, n_heads, context)
-    optimizer, lr, wd = make_optimizer(name, model, lr, weight_decay)
+    optimizer, lr, wd = make_optimizer(name, model, lr, weight_decay, steps=steps, batch_size=batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(steps))
     gen = torch.Generator().manual_seed(seed)
     first = evaluate(model, corpus, "train", batches=eval_batches, batch_size=batch_size, seed=seed)
@@ -377,6 +392,12 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
           f"{results[0].first_loss:.3f}; ln {VOCAB_SIZE} = {math.log(VOCAB_SIZE):.3f}). State bytes: "
           "optimizer state tensors, step counters excluded. AdamW uses torch's fused kernel; AdaX-W is "
           "AdaX with decoupled weight decay.", flush=True)
+    momenta = [RECIPES[n].label + " " + ", ".join(f"{k}={v}" for k, v in kw.items())
+               for n in names if (kw := momentum_kwargs(n, args.steps, args.batch_size))]
+    if momenta:
+        print(f"Momentum: {'; '.join(momenta)} (tigeropt.suggest_hparams for {args.steps} steps; the "
+              "defaults, Tiger 0.965 and Lion (0.9, 0.99), suit long runs: README 'Setting Tiger and Lion').",
+              flush=True)
     return results
 
 
