@@ -93,3 +93,241 @@ def test_nonfinite_gradient_same_on_every_path_and_visible(cls: type, kw: dict[s
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, equal_nan=True, msg=path)
             assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), path
+
+
+# ------------------------------------------------------------------ 9. argument validation, one table
+GOOD: dict[str, tuple[type, dict[str, Any]]] = {
+    "tiger": (Tiger, {}), "lion": (Lion, {}), "adax": (AdaX, {}), "adagrad": (Adagrad, {}),
+    "glove": (Adagrad, dict(glove=True)),
+}
+NUMBER_ARGS = {
+    "tiger": ["lr", "beta", "weight_decay", "shrink_ratio"],
+    "lion": ["lr", "weight_decay"],
+    "adax": ["lr", "eps", "weight_decay"],
+    "adagrad": ["lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"],
+    "glove": ["lr", "lr_decay", "weight_decay", "initial_accumulator_value", "grad_clip_value"],
+}
+BOOL_ARGS = {
+    "tiger": ["lr_scaling", "nan_guard", "maximize", "capturable", "lazy"],
+    "lion": ["maximize", "lazy"],
+    "adax": ["decoupled_weight_decay", "maximize", "lazy"],
+    "adagrad": ["glove", "maximize", "lazy"],
+    "glove": ["glove", "skip_nonfinite_rows", "maximize", "lazy"],
+}
+BETAS = {"lion": "betas", "adax": "betas"}
+
+
+def _cases() -> list[tuple[str, str, Any, type]]:
+    cases = []
+    for name in GOOD:
+        for arg in NUMBER_ARGS[name]:
+            if arg not in ("initial_accumulator_value", "grad_clip_value"):   # None: the default there
+                cases.append((name, arg, None, TypeError))
+            cases += [(name, arg, "0.1", TypeError), (name, arg, True, TypeError),
+                      (name, arg, math.nan, ValueError), (name, arg, math.inf, ValueError),
+                      (name, arg, -math.inf, ValueError), (name, arg, -1.0, ValueError)]
+        for arg in BOOL_ARGS[name]:
+            cases += [(name, arg, "yes", TypeError), (name, arg, 1, TypeError), (name, arg, None, TypeError)]
+        for arg in ("foreach", "fused"):
+            cases += [(name, arg, "no", TypeError), (name, arg, 0, TypeError)]
+        cases += [(name, "on_nonfinite", "warn", ValueError), (name, "on_nonfinite", 1, TypeError)]
+        if name in BETAS:
+            cases += [(name, "betas", (0.9,), ValueError), (name, "betas", (0.9, 0.99, 0.5), ValueError),
+                      (name, "betas", 0.9, TypeError), (name, "betas", "ab", TypeError),
+                      (name, "betas", (0.9, "x"), TypeError), (name, "betas", (math.nan, 0.5), ValueError),
+                      (name, "betas", (1.0, 0.5), ValueError), (name, "betas", (0.5, math.inf), ValueError)]
+    cases += [("tiger", "beta", 1.0, ValueError), ("tiger", "beta", 3, ValueError),
+              ("tiger", "accumulation_steps", 1.5, TypeError), ("tiger", "accumulation_steps", 0, ValueError),
+              ("tiger", "accumulation_steps", True, TypeError), ("tiger", "kind", "conv", ValueError),
+              ("tiger", "kind", None, TypeError), ("tiger", "shrink_ratio", 1.5, ValueError),
+              ("adax", "betas", (0.9, 0.0), ValueError),
+              ("glove", "initial_accumulator_value", 0.0, ValueError),
+              ("glove", "grad_clip_value", 0.0, ValueError), ("adagrad", "grad_clip_value", 1.0, ValueError),
+              ("tiger", "lr", torch.tensor([1e-3, 1e-3]), ValueError),
+              ("tiger", "lr", torch.tensor(math.nan), ValueError),
+              ("tiger", "lr", torch.tensor(-1.0), ValueError)]
+    return cases
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("name,arg,value,error", CASES,
+                         ids=[f"{n}-{a}-{v!r}" for n, a, v, _ in CASES])
+def test_bad_arguments_rejected_everywhere(name: str, arg: str, value: Any, error: type) -> None:
+    """Constructor, add_param_group and load_state_dict all reject the bad value the same way,
+    naming the argument; a rejected add_param_group/load_state_dict leaves the optimizer as it was."""
+    cls, kw = GOOD[name]
+    p = torch.randn(3, requires_grad=True)
+    with pytest.raises(error, match=arg.split("[")[0]):
+        cls([p], **{**kw, arg: value})
+    opt = cls([p], **kw)
+    p.grad = torch.randn(3)
+    opt.step()
+    before_groups = [dict(g) for g in opt.param_groups]
+    sd = opt.state_dict()
+    q = torch.randn(2, requires_grad=True)
+    with pytest.raises(error, match=arg.split("[")[0]):
+        opt.add_param_group({"params": [q], arg: value})
+    assert len(opt.param_groups) == 1 and opt.param_groups[0] == before_groups[0]
+    bad = {"state": sd["state"], "param_groups": [{**sd["param_groups"][0], arg: value}]}
+    if arg in ("foreach", "fused", "capturable"):
+        opt.load_state_dict(bad)        # execution flags are this optimizer's: ignored, not loaded
+        assert opt.param_groups[0][arg] == before_groups[0][arg]
+        return
+    with pytest.raises(error, match=arg.split("[")[0]):
+        opt.load_state_dict(bad)
+    assert opt.param_groups[0] == before_groups[0]
+    assert torch.equal(opt.state[p][cls.state_keys[0]], sd["state"][0][cls.state_keys[0]])
+
+
+# ------------------------------------------------------------------ 5. a rejected add_param_group is not kept
+def test_rejected_param_group_is_not_added_and_a_corrected_retry_works() -> None:
+    p, q = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    opt = Tiger([p], lr=0.1)
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": [q], "lr": -1})
+    assert len(opt.param_groups) == 1
+    q.grad = torch.ones(3)
+    q0 = q.detach().clone()
+    opt.step()
+    assert torch.equal(q, q0)                     # not stepped by a half-added group
+    opt.add_param_group({"params": [q], "lr": 0.5})  # no "more than one group" error
+    opt.step()
+    assert not torch.equal(q, q0)
+
+
+# ------------------------------------------------------------------ 8. Tiger's extras with fused=True
+@pytest.mark.parametrize("extra", [dict(lr_scaling=True), dict(accumulation_steps=2), dict(nan_guard=True)])
+def test_tiger_extras_with_fused_refused_in_constructor(extra: dict[str, Any]) -> None:
+    p = torch.randn(3, requires_grad=True)
+    if TRITON:
+        with pytest.raises(ValueError, match=next(iter(extra))):
+            Tiger([p], fused=True, **extra)
+    opt = Tiger([p], **extra)                     # the default path runs them (foreach -> reference)
+    with pytest.raises(ValueError, match=next(iter(extra))):
+        opt.add_param_group({"params": [torch.randn(2, requires_grad=True)], "capturable": True})
+    p.grad = torch.randn(3)
+    opt.step()
+    with pytest.raises(ValueError, match="skip_nonfinite_rows"):
+        Adagrad([p], glove=True, skip_nonfinite_rows=True, capturable=True)
+
+
+# ------------------------------------------------------------------ 6. checkpoints of another class
+def _stepped(opt_cls: type, **kw: Any) -> torch.optim.Optimizer:
+    p = torch.randn(4, 3, requires_grad=True)
+    opt = opt_cls([p], **kw)
+    p.grad = torch.randn(4, 3)
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("saver,loader,named", [
+    (Tiger, Lion, "tigeropt.Tiger"), (Lion, Tiger, "tigeropt.Lion"), (AdaX, Tiger, "tigeropt.AdaX"),
+    (AdaX, Lion, "tigeropt.AdaX"), (Lion, AdaX, "tigeropt.Lion"), (torch.optim.AdamW, Tiger, "AdamW"),
+    (torch.optim.AdamW, Lion, "AdamW"), (torch.optim.SGD, Adagrad, "SGD"), (Adagrad, Tiger, "Adagrad"),
+])
+def test_checkpoint_of_another_optimizer_class_is_refused(saver: type, loader: type, named: str) -> None:
+    sd = _stepped(saver).state_dict()
+    for with_state in (True, False):          # also a checkpoint saved before the first step
+        q = torch.randn(4, 3, requires_grad=True)
+        opt = loader([q], lr=0.123)
+        before = [dict(g) for g in opt.param_groups]
+        part = sd if with_state else {"state": {}, "param_groups": sd["param_groups"]}
+        with pytest.raises(ValueError, match=named) as err:
+            opt.load_state_dict(part)
+        assert loader.__name__ in str(err.value)
+        assert opt.param_groups == before and not opt.state
+
+
+def test_torch_adagrad_checkpoints_load_both_ways() -> None:
+    ours = _stepped(Adagrad, lr=0.1, lr_decay=0.01)
+    theirs = _stepped(torch.optim.Adagrad, lr=0.1, lr_decay=0.01)
+    Adagrad([torch.randn(4, 3, requires_grad=True)]).load_state_dict(theirs.state_dict())
+    t = torch.optim.Adagrad([torch.randn(4, 3, requires_grad=True)])
+    t.load_state_dict(ours.state_dict())
+    assert t.param_groups[0]["lr_decay"] == 0.01
+
+
+# ------------------------------------------------------------------ 7. execution flags are the loader's
+def test_checkpoint_execution_flags_do_not_override_and_resume_is_exact() -> None:
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4, 3, generator=gen) for _ in range(6)]
+    p = torch.randn(4, 3, generator=gen).requires_grad_()
+    opt = Tiger([p], lr=0.01, foreach=False)
+    for g in grads[:3]:
+        p.grad = g.clone()
+        opt.step()
+    sd = opt.state_dict()
+    # as if saved on a GPU machine with the fused, capturable step
+    sd["param_groups"][0].update(fused=True, capturable=True, foreach=None)
+    q = p.detach().clone().requires_grad_()
+    opt2 = Tiger([q], lr=0.5, foreach=False)
+    opt2.load_state_dict(sd)
+    g2 = opt2.param_groups[0]
+    assert (g2["fused"], g2["capturable"], g2["foreach"], g2["lr"]) == (None, False, False, 0.01)
+    assert opt2.state[q]["step"].device.type == "cpu"
+    for g in grads[3:]:
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        opt2.step()
+    assert torch.equal(p, q) and torch.equal(opt.state[p]["exp_avg"], opt2.state[q]["exp_avg"])
+
+
+# ------------------------------------------------------------------ 4. MixedOptimizer loads all or nothing
+def test_mixed_load_state_dict_is_all_or_nothing() -> None:
+    from tigeropt import MixedOptimizer
+
+    a, b = torch.randn(3, requires_grad=True), torch.randn(2, 2, requires_grad=True)
+    mixed = MixedOptimizer(torch.optim.AdamW([a], lr=1e-3), Lion([b], lr=1e-3))
+    a.grad, b.grad = torch.randn(3), torch.randn(2, 2)
+    mixed.step()
+    sd = mixed.state_dict()
+    # b has the wrong shape for the checkpoint
+    other_a, other_b = torch.randn(3, requires_grad=True), torch.randn(4, requires_grad=True)
+    target = MixedOptimizer(torch.optim.AdamW([other_a], lr=1e-3), Lion([other_b], lr=1e-3))
+    other_a.grad, other_b.grad = torch.randn(3), torch.randn(4)
+    target.step()
+    before = [(dict(g), {k: v.clone() for k, v in o.state[p].items()})
+              for o, p in zip(target.optimizers, (other_a, other_b)) for g in o.param_groups]
+    sd["param_groups"][0]["lr"] = 0.5
+    with pytest.raises(ValueError, match="shape"):
+        target.load_state_dict(sd)
+    after = [(dict(g), o.state[p])
+             for o, p in zip(target.optimizers, (other_a, other_b)) for g in o.param_groups]
+    for (g0, s0), (g1, s1) in zip(before, after):
+        assert g0 == g1
+        assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
+
+    class Refuses(torch.optim.SGD):           # cannot check beforehand: rolled back after the fact
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            raise RuntimeError("refused")
+
+    c = torch.randn(3, requires_grad=True)
+    m2 = MixedOptimizer(Lion([other_b], lr=1e-3), Refuses([c], lr=0.1))
+    lion_sd = m2.state_dict()
+    lion_sd["param_groups"][0]["lr"] = 0.25
+    with pytest.raises(RuntimeError, match="refused"):
+        m2.load_state_dict(lion_sd)
+    assert m2.optimizers[0].param_groups[0]["lr"] == 1e-3
+
+
+# ------------------------------------------------------------------ 11. on_nonfinite: inf, -inf, two tensors
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("cls,kw", OPTS, ids=["tiger", "lion", "adax", "adagrad", "glove"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_skip_and_raise_on_every_nonfinite_value_whole_group(bad: float, cls: type, kw: dict[str, Any],
+                                                             path: str) -> None:
+    a, b, c = (torch.randn(4, requires_grad=True) for _ in range(3))
+    opt = cls([{"params": [a, b]}, {"params": [c]}], **kw, on_nonfinite="skip", **PATHS[path])
+    a0, b0, c0 = a.detach().clone(), b.detach().clone(), c.detach().clone()
+    a.grad, b.grad, c.grad = torch.randn(4), torch.randn(4), torch.randn(4)
+    b.grad[2] = bad
+    opt.step()
+    assert torch.equal(a, a0) and torch.equal(b, b0)          # the whole group is skipped...
+    assert not opt.state[a] and not opt.state[b]               # ...and no state is created
+    assert not torch.equal(c, c0) and opt.state[c]["step"].item() == 1   # the other group steps
+    raising = cls([a, b], **kw, on_nonfinite="raise", **PATHS[path])
+    with pytest.raises(FloatingPointError):
+        raising.step()
+    assert torch.equal(a, a0) and torch.equal(b, b0) and not raising.state[a]

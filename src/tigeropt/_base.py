@@ -35,7 +35,6 @@ Shared flag documentation (every optimizer accepts these keyword arguments):
 from __future__ import annotations
 
 import functools
-import math
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -45,6 +44,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import kernels
+from ._validate import check, check_bool, check_choice, check_lr, check_optional_bool
 
 # DTensor (FSDP2, tensor parallel) is looked up, never imported: importing torch.distributed.tensor costs
 # about half a second, and while nobody has imported it no tensor can be a DTensor.
@@ -67,24 +67,12 @@ __all__ = ["TigerOptimizer", "Impl", "check", "check_lr", "global_bool", "nan_si
 Impl = Callable[..., None]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 _NONFINITE = ("ignore", "skip", "raise")
+#: How the model runs here, not part of the trajectory: a checkpoint's values never override these.
+EXECUTION_FLAGS = ("foreach", "fused", "capturable")
+#: Options every tigeropt optimizer takes besides its hyperparameters.
+COMMON_OPTIONS = ("maximize", "foreach", "fused", "on_nonfinite", "capturable", "lazy")
 #: parameter dtypes the Triton kernels take (math in fp32); fp64 stays on the foreach path.
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def check(ok: bool, name: str, value: Any, requirement: str) -> None:
-    """Raise ``ValueError("Invalid <name>: <value> (<requirement>)")`` unless ``ok``."""
-    if not ok:
-        raise ValueError(f"Invalid {name}: {value!r} ({requirement})")
-
-
-def check_lr(lr: float | Tensor) -> None:
-    if isinstance(lr, Tensor):
-        check(lr.numel() == 1, "lr", lr, "a tensor lr must hold one element")
-        value = float(lr.detach().cpu())
-    else:
-        value = lr
-    check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0,
-          "lr", lr, "must be a finite number >= 0")
 
 
 def nan_sign(x: Tensor) -> Tensor:
@@ -131,16 +119,9 @@ class TigerOptimizer(Optimizer):
         on_nonfinite: str = "ignore",
         capturable: bool = False,
     ) -> None:
-        check(on_nonfinite in _NONFINITE, "on_nonfinite", on_nonfinite, f"one of {_NONFINITE}")
-        if fused and foreach:
-            raise ValueError("fused=True and foreach=True cannot both be set")
-        if fused and (self.kernel is None or not kernels.triton_usable()):
-            why = kernels.triton_status() if self.kernel else "this optimizer has no fused kernel"
-            raise RuntimeError(f"{type(self).__name__}(fused=True) is not available: {why}")
-        if capturable and (fused is False or foreach):
-            raise ValueError("capturable=True needs the fused Triton path (leave fused unset or True)")
         defaults = dict(defaults, maximize=maximize, foreach=foreach, fused=fused,
                         on_nonfinite=on_nonfinite, capturable=capturable, lazy=defaults.get("lazy", False))
+        self._validate({**defaults, "params": []})  # bad arguments fail here even with no parameters
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -151,11 +132,41 @@ class TigerOptimizer(Optimizer):
                 group.setdefault(key, value)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, with the group's options validated *before* it is added:
+        a rejected group leaves ``param_groups`` as it was."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        self._validate({**self.defaults, **param_group})
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._validate_group(group)
         if group.get("fused"):
-            self._check_fused_devices(group)
+            try:
+                self._check_fused_devices(group)
+            except Exception:
+                self.param_groups.pop()
+                raise
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        """The one validation routine: constructor, ``add_param_group`` and ``load_state_dict``."""
+        check_bool("maximize", group["maximize"])
+        check_optional_bool("foreach", group["foreach"])
+        check_optional_bool("fused", group["fused"])
+        check_bool("capturable", group["capturable"])
+        check_bool("lazy", group["lazy"])
+        check_choice("on_nonfinite", group["on_nonfinite"], _NONFINITE)
+        self._validate_group(group)
+        fused, foreach, capturable = group["fused"], group["foreach"], group["capturable"]
+        if fused and foreach:
+            raise ValueError("fused=True and foreach=True cannot both be set")
+        if capturable and (fused is False or foreach):
+            raise ValueError("capturable=True needs the fused Triton path (leave fused unset or True)")
+        if (fused or capturable) and not self._fused_ok(group):
+            raise ValueError(f"{type(self).__name__}(fused=True or capturable=True) does not support the "
+                             f"options this group uses ({self._unfused_options(group)}); leave fused unset "
+                             "(the foreach path runs them)")
+        if fused and (self.kernel is None or not kernels.triton_usable()):
+            why = kernels.triton_status() if self.kernel else "this optimizer has no fused kernel"
+            raise RuntimeError(f"{type(self).__name__}(fused=True) is not available: {why}")
 
     # ----------------------------------------------------------------- hooks for subclasses
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -193,7 +204,11 @@ class TigerOptimizer(Optimizer):
 
     def _fused_ok(self, group: dict[str, Any]) -> bool:
         """Whether the fused kernels implement every option this group uses."""
-        return True
+        return not self._unfused_options(group)
+
+    def _unfused_options(self, group: dict[str, Any]) -> str:
+        """The options of this group the fused kernels do not implement ('' if none)."""
+        return ""
 
     # ----------------------------------------------------------------- path choice
     def _check_fused_devices(self, group: dict[str, Any]) -> None:
@@ -350,38 +365,28 @@ class TigerOptimizer(Optimizer):
 
     # ----------------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict (ours or torch.optim's with the same state keys).
+        """Load a state dict (ours, or torch.optim's of the compatible class: Adagrad <-> Adagrad).
 
-        torch's loader casts floating state to the parameter's dtype; ours keeps
-        fp32 state for bf16/fp16 parameters bit-exact and checks that every
-        state tensor has the key, shape and device its parameter needs.
+        Everything is checked before anything changes, so a rejected checkpoint leaves the
+        optimizer exactly as it was: the checkpoint must come from this optimizer class (its
+        param groups may not hold another optimizer's hyperparameters, its state no other state
+        keys), every state tensor must have the shape its parameter needs, and the loaded
+        hyperparameters are validated like constructor arguments.  ``foreach``/``fused``/
+        ``capturable`` stay this optimizer's (how the model runs here, not the checkpoint's
+        machine).  torch's loader casts floating state to the parameter's dtype; ours keeps fp32
+        state for bf16/fp16 parameters bit-exact.
         """
-        saved = state_dict["state"]
-        id_map: dict[Any, Tensor] = {}
-        loaded_group: dict[Any, dict[str, Any]] = {}  # the group each parameter will have once loaded
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
-            id_map.update(zip(saved_group["params"], group["params"]))
-            merged = {**self.defaults, **group, **saved_group}
-            loaded_group.update(dict.fromkeys(saved_group["params"], merged))
-        for pid, st in saved.items():
-            p = id_map.get(pid)
-            if p is None:
-                continue
-            for key in self.state_keys:
-                if key not in st:
-                    raise ValueError(f"{type(self).__name__}.load_state_dict: state of parameter {pid} "
-                                     f"lacks {key!r} (has {sorted(st)})")
-                want = self._state_shape(key, p, loaded_group[pid])
-                if tuple(st[key].shape) != want:
-                    raise ValueError(f"{type(self).__name__}.load_state_dict: state {key!r} of parameter "
-                                     f"{pid} has shape {tuple(st[key].shape)}, expected {want} for a "
-                                     f"parameter of shape {tuple(p.shape)}")
+        groups = self._check_state_dict(state_dict)
+        flags = [{k: g[k] for k in EXECUTION_FLAGS} for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for group in self.param_groups:  # e.g. a torch.optim.Adagrad checkpoint lacks our options
-            for key, value in self.defaults.items():
+        for group, own in zip(self.param_groups, flags):
+            for key, value in self.defaults.items():  # a torch.optim.Adagrad checkpoint lacks our options
                 if key != "differentiable":  # torch's __setstate__ adds it to defaults
                     group.setdefault(key, value)
-        for pid, st in saved.items():
+            group.update(own)
+        id_map = {pid: p for saved_group, group in zip(groups, self.param_groups)
+                  for pid, p in zip(saved_group["params"], group["params"])}
+        for pid, st in state_dict["state"].items():
             p = id_map.get(pid)
             if p is None:
                 continue
@@ -393,6 +398,124 @@ class TigerOptimizer(Optimizer):
                 step = step.detach() if isinstance(step, Tensor) else torch.tensor(float(step))
                 device = p.device if self._group_of(p).get("capturable") else "cpu"
                 mine["step"] = step.to(device=device, dtype=_scalar_dtype(), copy=True)
+
+    def _check_state_dict(self, state_dict: Any) -> list[dict[str, Any]]:
+        """Raise unless ``state_dict`` loads into this optimizer; changes nothing.  Returns its groups."""
+        name = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise TypeError(f"{name}: expected a dict with 'state' and 'param_groups' (an optimizer's "
+                            f"state_dict()), got {type(state_dict).__name__}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{name}: the checkpoint has {len(saved_groups)} param groups, this optimizer "
+                             f"{len(self.param_groups)}")
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            own_keys = set(self.defaults) | set(group) | {"differentiable"}  # also keys a scheduler added
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"{name}: param group {i} of the checkpoint has {len(saved['params'])} "
+                                 f"parameters, this optimizer's {len(group['params'])}")
+            foreign = sorted((saved.keys() - own_keys) & _known_hyperparameters())
+            missing = sorted(k for k in _core_hyperparameters(type(self)) if k not in saved)
+            if foreign or missing:
+                source = _guess_optimizer(saved)
+                raise ValueError(
+                    f"{name}: the checkpoint was saved by {source or 'another optimizer'}, not "
+                    f"{type(self).__name__}: its param group {i} "
+                    + (f"holds {foreign}, which {type(self).__name__} does not use" if foreign else "")
+                    + (" and " if foreign and missing else "")
+                    + (f"lacks {missing}" if missing else ""))
+        # each group as it will be once loaded: the checkpoint's options, this optimizer's execution flags
+        merged = [{**self.defaults, **group, **saved, **{k: group[k] for k in EXECUTION_FLAGS}}
+                  for saved, group in zip(saved_groups, self.param_groups)]
+        id_map: dict[Any, tuple[Tensor, dict[str, Any]]] = {}
+        for saved, group, loaded in zip(saved_groups, self.param_groups, merged):
+            id_map.update((pid, (p, loaded)) for pid, p in zip(saved["params"], group["params"]))
+        for pid, st in state_dict["state"].items():
+            if pid not in id_map:
+                continue
+            p, group = id_map[pid]
+            extra = sorted(k for k in st if k != "step" and k not in self.state_keys)
+            if extra:
+                source = _guess_optimizer(saved_groups[0])
+                raise ValueError(f"{name}: the state of parameter {pid} holds {extra}, which "
+                                 f"{type(self).__name__} does not keep (it keeps {list(self.state_keys)}); "
+                                 f"the checkpoint looks like {source or 'another optimizer'}'s")
+            for key in self.state_keys:
+                if key not in st:
+                    raise ValueError(f"{name}: state of parameter {pid} lacks {key!r} (has {sorted(st)})")
+                want = self._state_shape(key, p, group)
+                if tuple(st[key].shape) != want:
+                    raise ValueError(f"{name}: state {key!r} of parameter {pid} has shape "
+                                     f"{tuple(st[key].shape)}, this optimizer needs {want}")
+        for i, candidate in enumerate(merged):
+            try:
+                self._validate(candidate)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{name}: param group {i} of the checkpoint: {exc}") from None
+        return saved_groups
+
+
+#: Hyperparameter names of torch.optim's optimizers that tigeropt's do not all share: a checkpoint
+#: group holding one that the loading optimizer does not use comes from another optimizer.
+_TORCH_OPTIMIZERS = ("Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "ASGD", "LBFGS", "NAdam",
+                     "RAdam", "RMSprop", "Rprop", "SGD", "SparseAdam")
+
+
+def _signature_keys(cls: type) -> set[str]:
+    """Hyperparameter names of an optimizer class: its constructor's arguments but params."""
+    import inspect
+
+    try:
+        sig = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return set()
+    return {n for n, prm in sig.parameters.items()
+            if n not in ("self", "params") and prm.kind not in (prm.VAR_POSITIONAL, prm.VAR_KEYWORD)}
+
+
+def _core_hyperparameters(cls: type) -> list[str]:
+    """The positional hyperparameters of ``cls`` (lr, betas, ...): every checkpoint of it has them."""
+    import inspect
+
+    sig = inspect.signature(cls.__init__)
+    return [n for n, prm in sig.parameters.items()
+            if n not in ("self", "params") and prm.kind is prm.POSITIONAL_OR_KEYWORD]
+
+
+def _candidate_classes() -> list[type]:
+    import torch.optim as optim
+
+    ours = []
+    todo = list(TigerOptimizer.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        ours.append(cls)
+        todo.extend(cls.__subclasses__())
+    return ours + [getattr(optim, n) for n in _TORCH_OPTIMIZERS if hasattr(optim, n)]
+
+
+def _known_hyperparameters() -> set[str]:
+    keys: set[str] = set()
+    for cls in _candidate_classes():
+        keys |= _signature_keys(cls)
+    # "momentum": schedulers that cycle momentum may add it to any optimizer's groups
+    return keys - set(COMMON_OPTIONS) - {"lr", "weight_decay", "differentiable", "decoupled_weight_decay",
+                                         "momentum"}
+
+
+def _guess_optimizer(saved_group: Any) -> str | None:
+    """The class whose constructor arguments best match a checkpoint's group keys ("torch.optim.AdamW")."""
+    best, best_score = None, 0
+    for cls in _candidate_classes():
+        keys = _signature_keys(cls) - set(COMMON_OPTIONS)
+        if keys and keys <= set(saved_group) and len(keys) > best_score:
+            best, best_score = cls, len(keys)
+    if best is None:
+        return None
+    if best.__name__ == "Adam" and saved_group.get("decoupled_weight_decay"):  # AdamW is Adam(decoupled=True)
+        return "torch.optim.AdamW"
+    module = "torch.optim" if best.__module__.startswith("torch.optim") else "tigeropt"
+    return f"{module}.{best.__name__}"
 
 
 def touched_rows(g: Tensor, gather: bool = True) -> tuple[Tensor, Tensor | None]:

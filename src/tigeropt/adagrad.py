@@ -53,7 +53,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import TigerOptimizer, check, check_lr, to_float, working, write_back
+from ._base import TigerOptimizer, to_float, working, write_back
+from ._validate import check, check_bool, check_lr, check_number
 
 __all__ = ["Adagrad"]
 
@@ -179,16 +180,19 @@ class Adagrad(TigerOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
-        check(group["lr_decay"] >= 0.0, "lr_decay", group["lr_decay"], "must be >= 0")
-        check(group["weight_decay"] >= 0.0, "weight_decay", group["weight_decay"], "must be >= 0")
-        check(group["eps"] >= 0.0, "eps", group["eps"], "must be >= 0")
+        check_number("lr_decay", group["lr_decay"], 0.0)
+        check_number("weight_decay", group["weight_decay"], 0.0)
+        check_number("eps", group["eps"], 0.0)
+        check_bool("glove", group["glove"])
+        check_bool("skip_nonfinite_rows", group["skip_nonfinite_rows"])
         acc = group["initial_accumulator_value"]
-        check(acc >= 0.0, "initial_accumulator_value", acc, "must be >= 0")
+        check_number("initial_accumulator_value", acc, 0.0)
         if group["glove"]:
             check(acc > 0.0, "initial_accumulator_value", acc,
                   "glove=True divides by sqrt(accumulator) before adding to it, so it must be > 0")
         clip = group["grad_clip_value"]
-        check(clip is None or clip > 0.0, "grad_clip_value", clip, "must be None or > 0")
+        if clip is not None:
+            check_number("grad_clip_value", clip, 0.0, lo_open=True)
         if not group["glove"]:
             check(clip is None, "grad_clip_value", clip, "only used with glove=True")
             check(not group["skip_nonfinite_rows"], "skip_nonfinite_rows", True, "only used with glove=True")
@@ -217,8 +221,8 @@ class Adagrad(TigerOptimizer):
     def _initial_value(self, key: str, group: dict[str, Any]) -> float:
         return group["initial_accumulator_value"]
 
-    def _fused_ok(self, group: dict[str, Any]) -> bool:
-        return not group["skip_nonfinite_rows"]
+    def _unfused_options(self, group: dict[str, Any]) -> str:
+        return "skip_nonfinite_rows" if group["skip_nonfinite_rows"] else ""
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         hyper = dict(lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],

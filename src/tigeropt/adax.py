@@ -37,8 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import TigerOptimizer, check, check_lr, to_float, working, write_back
+from ._base import TigerOptimizer, to_float, working, write_back
 from ._math import adax_scalars
+from ._validate import check_betas, check_bool, check_lr, check_number
 
 __all__ = ["AdaX", "adax_scalars"]
 
@@ -122,11 +123,10 @@ class AdaX(TigerOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
-        b1, b2 = group["betas"]
-        check(0.0 <= b1 < 1.0, "betas[0]", b1, "must be in [0, 1)")
-        check(0.0 < b2 < 1.0, "betas[1]", b2, "must be in (0, 1)")
-        check(group["eps"] >= 0.0, "eps", group["eps"], "must be >= 0")
-        check(group["weight_decay"] >= 0.0, "weight_decay", group["weight_decay"], "must be >= 0")
+        check_betas("betas", group["betas"], [(0.0, 1.0, False, True), (0.0, 1.0, True, True)])
+        check_number("eps", group["eps"], 0.0)
+        check_number("weight_decay", group["weight_decay"], 0.0)
+        check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         b1, b2 = group["betas"]

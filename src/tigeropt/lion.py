@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import TigerOptimizer, check, check_lr, nan_sign, to_float, working, write_back
+from ._base import TigerOptimizer, nan_sign, to_float, working, write_back
+from ._validate import check_betas, check_lr, check_number
 
 __all__ = ["Lion"]
 
@@ -93,10 +94,8 @@ class Lion(TigerOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
-        b1, b2 = group["betas"]
-        check(0.0 <= b1 < 1.0, "betas[0]", b1, "must be in [0, 1)")
-        check(0.0 <= b2 < 1.0, "betas[1]", b2, "must be in [0, 1)")
-        check(group["weight_decay"] >= 0.0, "weight_decay", group["weight_decay"], "must be >= 0")
+        check_betas("betas", group["betas"], [(0.0, 1.0, False, True), (0.0, 1.0, False, True)])
+        check_number("weight_decay", group["weight_decay"], 0.0)
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         b1, b2 = group["betas"]

@@ -240,19 +240,44 @@ class MixedOptimizer(_WrapperOptimizer):
             offset += len(mapping)
         return {"state": state, "param_groups": groups}
 
-    def _unpack(self, state_dict: dict[str, Any]) -> None:
+    def _split(self, state_dict: dict[str, Any]) -> list[dict[str, Any]]:
+        """The state dict cut into one part per inner optimizer (by their group counts)."""
         saved_groups = state_dict["param_groups"]
         counts = [len(opt.param_groups) for opt in self.optimizers]
         if len(saved_groups) != sum(counts):
             raise ValueError(f"MixedOptimizer.load_state_dict: the state dict has {len(saved_groups)} param "
                              f"groups, the optimizers have {sum(counts)} ({' + '.join(map(str, counts))})")
+        parts: list[dict[str, Any]] = []
         start = 0
-        for opt, n in zip(self.optimizers, counts):
+        for n in counts:
             part = saved_groups[start:start + n]
             start += n
             ids = {pid for g in part for pid in g["params"]}
-            opt.load_state_dict({"state": {k: v for k, v in state_dict["state"].items() if k in ids},
-                                 "param_groups": part})
+            parts.append({"state": {k: v for k, v in state_dict["state"].items() if k in ids},
+                          "param_groups": part})
+        return parts
+
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Raise if an inner optimizer that can check without loading (tigeropt's) rejects its part."""
+        for opt, part in zip(self.optimizers, self._split(state_dict)):
+            check = getattr(opt, "_check_state_dict", None)
+            if check is not None:
+                check(part)
+
+    def _unpack(self, state_dict: dict[str, Any]) -> None:
+        # All or nothing: check every part before loading any; an inner optimizer that still
+        # rejects its part (one that cannot check beforehand) makes the ones already loaded go
+        # back to their own state dicts, taken before.
+        self._check_state_dict(state_dict)
+        parts = self._split(state_dict)
+        before = [opt.state_dict() for opt in self.optimizers]
+        for i, (opt, part) in enumerate(zip(self.optimizers, parts)):
+            try:
+                opt.load_state_dict(part)
+            except Exception:
+                for done, old in zip(self.optimizers[:i], before):
+                    done.load_state_dict(old)
+                raise
 
 
 def _same(a: Any, b: Any) -> bool:

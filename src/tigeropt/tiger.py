@@ -26,7 +26,9 @@ The original (TensorFlow) implementation's extras are options, off by default:
 * ``nan_guard=True`` — a tensor whose gradient holds a NaN keeps its m and is
   shrunk, p = (p - c)*shrink_ratio + c, with c = 1 for "norm" kind, else 0.
 
-With any extra on, the foreach and fused paths run the reference update.
+With any extra on, the foreach path runs the reference update; ``fused=True`` (and
+``capturable=True``) with an extra is refused in the constructor (ValueError), and the
+default path (``fused=None``) picks the foreach path for such a group.
 
 LR schedulers that cycle momentum (``OneCycleLR``/``CyclicLR`` with the default
 ``cycle_momentum=True``) look for ``betas`` (or ``momentum``) in ``defaults`` and
@@ -47,7 +49,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._base import TigerOptimizer, check, check_lr, global_bool, nan_sign, to_float, working, write_back
+from ._base import TigerOptimizer, global_bool, nan_sign, to_float, working, write_back
+from ._validate import check_betas, check_bool, check_choice, check_int, check_lr, check_number
 
 __all__ = ["Tiger", "kind_groups"]
 
@@ -155,21 +158,24 @@ class Tiger(TigerOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
-        check(0.0 <= group["beta"] < 1.0, "beta", group["beta"], "must be in [0, 1)")
-        betas = group.get("betas", (group["beta"], group["beta"]))
-        check(isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
-              "betas", betas, "Tiger's mirror of beta for LR schedulers: a pair of numbers in [0, 1)")
-        check(group["weight_decay"] >= 0.0, "weight_decay", group["weight_decay"], "must be >= 0")
-        k = group["accumulation_steps"]
-        check(isinstance(k, int) and k >= 1, "accumulation_steps", k, "must be an int >= 1")
-        check(0.0 <= group["shrink_ratio"] <= 1.0, "shrink_ratio", group["shrink_ratio"], "must be in [0, 1]")
-        check(group["kind"] in KINDS, "kind", group["kind"], f"must be one of {KINDS}")
+        check_number("beta", group["beta"], 0.0, 1.0, hi_open=True)
+        if "betas" in group:  # Tiger's mirror of beta for LR schedulers (module docstring)
+            check_betas("betas", group["betas"], [(0.0, 1.0, False, True)] * 2)
+        check_number("weight_decay", group["weight_decay"], 0.0)
+        check_bool("lr_scaling", group["lr_scaling"])
+        check_int("accumulation_steps", group["accumulation_steps"], 1)
+        check_bool("nan_guard", group["nan_guard"])
+        check_number("shrink_ratio", group["shrink_ratio"], 0.0, 1.0)
+        check_choice("kind", group["kind"], KINDS)
         if group["lazy"] and group["lr_scaling"] and group["kind"] in ("auto", "dense"):
             raise ValueError("lazy=True with lr_scaling=True needs kind='embedding', 'bias' or 'norm': "
                              "a whole-tensor RMS is not defined on the touched rows alone")
 
-    def _fused_ok(self, group: dict[str, Any]) -> bool:
-        return not (group["lr_scaling"] or group["accumulation_steps"] > 1 or group["nan_guard"])
+    def _unfused_options(self, group: dict[str, Any]) -> str:
+        used = [k for k in ("lr_scaling", "nan_guard") if group[k]]
+        if group["accumulation_steps"] > 1:
+            used.append("accumulation_steps > 1")
+        return ", ".join(used)
 
     @staticmethod
     def _sync_beta(group: dict[str, Any]) -> None:

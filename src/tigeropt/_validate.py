@@ -1,0 +1,90 @@
+"""Argument checks shared by every optimizer and wrapper (one message format everywhere).
+
+A wrong type raises ``TypeError`` naming the argument and the type it got; a wrong value
+(out of range, wrong length, NaN or inf) raises ``ValueError`` naming the argument and the
+value.  ``bool`` is not accepted where a number is expected (``lr=True`` is a mistake).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["check", "check_lr", "check_number", "check_int", "check_bool", "check_choice", "check_betas",
+           "check_optional_bool"]
+
+
+def check(ok: bool, name: str, value: Any, requirement: str) -> None:
+    """Raise ``ValueError("Invalid <name>: <value> (<requirement>)")`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r} ({requirement})")
+
+
+def _type_error(name: str, value: Any, expected: str) -> TypeError:
+    return TypeError(f"Invalid type for {name}: expected {expected}, got {type(value).__name__} ({value!r})")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_number(name: str, value: Any, lo: float | None = None, hi: float | None = None, *,
+                 lo_open: bool = False, hi_open: bool = False) -> None:
+    """A finite real number in [lo, hi] (``lo_open``/``hi_open`` exclude the bound)."""
+    if not _is_real(value):
+        raise _type_error(name, value, "a real number")
+    ok = math.isfinite(value)
+    if lo is not None:
+        ok = ok and (value > lo if lo_open else value >= lo)
+    if hi is not None:
+        ok = ok and (value < hi if hi_open else value <= hi)
+    if not ok:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        interval = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        check(False, name, value, f"must be a finite number in {interval}")
+
+
+def check_int(name: str, value: Any, lo: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _type_error(name, value, "an int")
+    check(value >= lo, name, value, f"must be an int >= {lo}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise _type_error(name, value, "a bool")
+
+
+def check_optional_bool(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise _type_error(name, value, "a bool or None")
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if not isinstance(value, str):
+        raise _type_error(name, value, f"one of {choices}")
+    check(value in choices, name, value, f"must be one of {choices}")
+
+
+def check_betas(name: str, value: Any, ranges: list[tuple[float, float, bool, bool]]) -> None:
+    """A tuple/list of ``len(ranges)`` numbers, element i in ``ranges[i] = (lo, hi, lo_open, hi_open)``."""
+    if not isinstance(value, (tuple, list)):
+        raise _type_error(name, value, f"a tuple of {len(ranges)} numbers")
+    check(len(value) == len(ranges), name, value, f"must hold {len(ranges)} numbers")
+    for i, (v, (lo, hi, lo_open, hi_open)) in enumerate(zip(value, ranges)):
+        check_number(f"{name}[{i}]", v, lo, hi, lo_open=lo_open, hi_open=hi_open)
+
+
+def check_lr(lr: Any, name: str = "lr") -> None:
+    """A finite number >= 0, or a one-element floating tensor holding one."""
+    if isinstance(lr, Tensor):
+        check(lr.numel() == 1, name, lr, "a tensor lr must hold one element")
+        check(lr.is_floating_point(), name, lr, "a tensor lr must be floating point")
+        value = float(lr.detach().to("cpu", torch.float64))
+        check(math.isfinite(value) and value >= 0.0, name, lr, "must be a finite number >= 0")
+        return
+    check_number(name, lr, 0.0)
