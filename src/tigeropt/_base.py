@@ -136,7 +136,13 @@ class TigerOptimizer(Optimizer):
         a rejected group leaves ``param_groups`` as it was."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        self._validate({**self.defaults, **param_group})
+        params = param_group.get("params")
+        if params is not None and not isinstance(params, (Tensor, list)):
+            param_group["params"] = params = list(params)  # a generator is read once, here
+        candidate = {**self.defaults, **param_group}
+        if isinstance(params, Tensor):
+            candidate["params"] = [params]
+        self._validate(candidate)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group.get("fused"):
@@ -425,7 +431,7 @@ class TigerOptimizer(Optimizer):
                     + (" and " if foreign and missing else "")
                     + (f"lacks {missing}" if missing else ""))
         # each group as it will be once loaded: the checkpoint's options, this optimizer's execution flags
-        merged = [{**self.defaults, **group, **saved, **{k: group[k] for k in EXECUTION_FLAGS}}
+        merged = [{**self.defaults, **group, **saved, **{k: group[k] for k in (*EXECUTION_FLAGS, "params")}}
                   for saved, group in zip(saved_groups, self.param_groups)]
         id_map: dict[Any, tuple[Tensor, dict[str, Any]]] = {}
         for saved, group, loaded in zip(saved_groups, self.param_groups, merged):
@@ -446,7 +452,8 @@ class TigerOptimizer(Optimizer):
                 want = self._state_shape(key, p, group)
                 if tuple(st[key].shape) != want:
                     raise ValueError(f"{name}: state {key!r} of parameter {pid} has shape "
-                                     f"{tuple(st[key].shape)}, this optimizer needs {want}")
+                                     f"{tuple(st[key].shape)}, expected {want} for a parameter of shape "
+                                     f"{tuple(p.shape)}")
         for i, candidate in enumerate(merged):
             try:
                 self._validate(candidate)
