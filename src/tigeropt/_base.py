@@ -73,6 +73,8 @@ EXECUTION_FLAGS = ("foreach", "fused", "capturable")
 COMMON_OPTIONS = ("maximize", "foreach", "fused", "on_nonfinite", "capturable", "lazy")
 #: parameter dtypes the Triton kernels take (math in fp32); fp64 stays on the foreach path.
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: (optimizer class, path) -> fused launcher (a plain dict: cheap, and traceable by Dynamo).
+_FUSED_IMPLS: dict[tuple[type, str], Impl] = {}
 
 
 def nan_sign(x: Tensor) -> Tensor:
@@ -226,31 +228,8 @@ class TigerOptimizer(Optimizer):
                     "C kernel on CPU.")
 
     def _path(self, group: dict[str, Any], device: torch.device, dtype: torch.dtype) -> str:
-        fused, foreach = group["fused"], group["foreach"]
-        if group["capturable"] and device.type == "cuda":
-            if not (self.kernel and self._fused_ok(group) and dtype in TRITON_DTYPES
-                    and kernels.triton_usable()):
-                raise RuntimeError(f"{type(self).__name__}(capturable=True) needs the fused Triton path "
-                                   "for these parameters and options")
-            return "fused"
-        if fused:
-            if not self._fused_ok(group):
-                raise RuntimeError(f"{type(self).__name__}(fused=True) does not support the options "
-                                   "this group uses; use foreach=True")
-            if dtype not in TRITON_DTYPES:
-                raise TypeError(f"{type(self).__name__}(fused=True) supports fp32/bf16/fp16 parameters, "
-                                f"not {dtype}; use foreach=True")
-            return "fused"
-        if foreach:
-            return "foreach"
-        if foreach is False and fused is None:
-            return "reference"
-        if fused is None and foreach is None and self.kernel is not None and self._fused_ok(group):
-            if device.type == "cuda" and dtype in TRITON_DTYPES and kernels.triton_usable():
-                return "fused"
-            if device.type == "cpu" and kernels.cpu_fused_usable(self.kernel, dtype):
-                return "cpu"
-        return "foreach"
+        return _choose_path(type(self).__name__, self.kernel, group["fused"], group["foreach"],
+                            group["capturable"], self._fused_ok(group), device, dtype)
 
     def _impl(self, path: str) -> Impl:
         if path == "reference":
@@ -258,9 +237,13 @@ class TigerOptimizer(Optimizer):
         if path == "foreach":
             return type(self).foreach_impl
         assert self.kernel is not None
-        impl = kernels.get_impl(self.kernel, path)
-        if path == "cpu":  # the C step hands what it cannot take to the path the base chooses
-            return functools.partial(impl, fallback=type(self).foreach_impl)
+        key = (type(self), path)
+        impl = _FUSED_IMPLS.get(key)
+        if impl is None:
+            impl = kernels.get_impl(self.kernel, path)
+            if path == "cpu":  # the C step hands what it cannot take to the path the base chooses
+                impl = functools.partial(impl, fallback=type(self).foreach_impl)
+            _FUSED_IMPLS[key] = impl
         return impl
 
     # ----------------------------------------------------------------- the step
@@ -275,7 +258,28 @@ class TigerOptimizer(Optimizer):
             self._step_group(group)
         return loss
 
+    def _init_group(self, group: dict[str, Any]) -> None:
+        """Create the missing state of the group's parameters that have gradients.
+
+        Named as torch's optimizers name it: while Dynamo traces a step, it runs this method
+        eagerly instead of tracing it (and guards on the state), so a compiled step never
+        recompiles because the state was created inside it.
+        """
+        kinds = set()
+        for p in group["params"]:
+            if p.grad is not None:
+                state = self.state[p]
+                if not state:
+                    state.update(self._init_state(p, group))
+                if not (group["lazy"] or p.grad.is_sparse):
+                    kinds.add((p.device, p.real.dtype if p.is_complex() else p.dtype))
+        for device, dtype in kinds:  # look the fused launchers up now: a traced step only reads them
+            path = self._path(group, device, dtype)
+            if path in ("fused", "cpu"):
+                self._impl(path)
+
     def _step_group(self, group: dict[str, Any]) -> None:
+        self._init_group(group)
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
@@ -549,6 +553,39 @@ def touched_rows(g: Tensor, gather: bool = True) -> tuple[Tensor, Tensor | None]
     touched = g.flatten(1).any(dim=1) if g.dim() > 1 else g.ne(0)
     idx = touched.nonzero().squeeze(1)
     return idx, g.index_select(0, idx) if gather else None
+
+
+@torch.compiler.assume_constant_result
+def _choose_path(name: str, kernel: str | None, fused: bool | None, foreach: bool | None, capturable: bool,
+                 fused_ok: bool, device: torch.device, dtype: torch.dtype) -> str:
+    """The path of one (group, device, dtype) bucket: 'reference', 'foreach', 'fused' or 'cpu'.
+
+    A pure function of its arguments, run eagerly even while Dynamo traces a step (it asks the
+    kernels package what is available: a build, a Triton import), its result a constant there.
+    """
+    if capturable and device.type == "cuda":
+        if not (kernel and fused_ok and dtype in TRITON_DTYPES and kernels.triton_usable()):
+            raise RuntimeError(f"{name}(capturable=True) needs the fused Triton path "
+                               "for these parameters and options")
+        return "fused"
+    if fused:
+        if not fused_ok:
+            raise RuntimeError(f"{name}(fused=True) does not support the options "
+                               "this group uses; use foreach=True")
+        if dtype not in TRITON_DTYPES:
+            raise TypeError(f"{name}(fused=True) supports fp32/bf16/fp16 parameters, "
+                            f"not {dtype}; use foreach=True")
+        return "fused"
+    if foreach:
+        return "foreach"
+    if foreach is False and fused is None:
+        return "reference"
+    if fused is None and foreach is None and kernel is not None and fused_ok:
+        if device.type == "cuda" and dtype in TRITON_DTYPES and kernels.triton_usable():
+            return "fused"
+        if device.type == "cpu" and kernels.cpu_fused_usable(kernel, dtype):
+            return "cpu"
+    return "foreach"
 
 
 def _scalar_dtype() -> torch.dtype:

@@ -59,6 +59,7 @@ import torch
 from torch import Tensor
 
 from .._math import adax_scalars
+from .._ops import compiling, join_lr, split_lr
 
 __all__ = ["supports", "available", "status", "build", "cache_dir", "fused_tiger", "fused_lion",
            "fused_adax", "fused_adagrad", "SOURCE", "NAMES"]
@@ -382,6 +383,10 @@ def fused_tiger(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         _fallback(fallback, "tiger", "lr_scaling/accumulation_steps/nan_guard are not in the kernel")(
             params, grads, exp_avgs, state_steps, **kwargs)
         return
+    if compiling():
+        torch.ops.tigeropt.cpu_tiger(params, grads, exp_avgs, state_steps, *split_lr(lr), beta, weight_decay,
+                                     maximize)
+        return
     lr_f = _scalar(lr)
     hp = [beta, 1 - beta, weight_decay, -lr_f, -1.0 if maximize else 1.0]
     _launch("tiger", [params, grads, exp_avgs], state_steps, hp, None, fallback, kwargs)
@@ -395,6 +400,10 @@ def fused_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
     Same arguments and numbers as :func:`tigeropt.lion._multi_tensor_lion`.
     """
     if not params:
+        return
+    if compiling():
+        torch.ops.tigeropt.cpu_lion(params, grads, exp_avgs, state_steps, *split_lr(lr), beta1, beta2,
+                                    weight_decay, maximize)
         return
     lr_f = _scalar(lr)
     hp = [beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr_f * weight_decay, -lr_f, -1.0 if maximize else 1.0]
@@ -413,6 +422,10 @@ def fused_adax(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
     numbers as :func:`tigeropt.adax._multi_tensor_adax`.
     """
     if not params:
+        return
+    if compiling():
+        torch.ops.tigeropt.cpu_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *split_lr(lr), beta1,
+                                    beta2, eps, weight_decay, decoupled_weight_decay, maximize)
         return
     lr_f = _scalar(lr)
     l2 = weight_decay != 0.0 and not decoupled_weight_decay
@@ -468,6 +481,10 @@ def fused_adagrad(params: list[Tensor], grads: list[Tensor], state_sums: list[Te
         _fallback(fallback, "adagrad", "skip_nonfinite_rows is not in the kernel")(
             params, grads, state_sums, state_steps, **kwargs)
         return
+    if compiling():
+        torch.ops.tigeropt.cpu_adagrad(params, grads, state_sums, state_steps, *split_lr(lr), lr_decay,
+                                       weight_decay, eps, glove, grad_clip_value, maximize)
+        return
     lr_f = _scalar(lr)
     clip = grad_clip_value is not None
     hp = [weight_decay, float(weight_decay != 0.0), eps, -1.0 if maximize else 1.0, float(glove),
@@ -479,3 +496,71 @@ def fused_adagrad(params: list[Tensor], grads: list[Tensor], state_sums: list[Te
         return [lr_f / (1 + (s.item() - 1) * lr_decay) for s in steps]
 
     _launch("adagrad", [params, grads, state_sums], state_steps, hp, per, fallback, kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- custom ops
+# The launchers above as opaque torch.library ops (see tigeropt._ops): what torch.compile sees.  Inside
+# an op the tensors are real; tensors the kernels cannot take directly (non-contiguous, another dtype,
+# a tensor subclass) go through dense working copies in the kernels' dtypes, written back afterwards.
+
+
+def _via_copies(launcher: Callable[..., None], nstates: int) -> Callable[..., None]:
+    def run(params: list[Tensor], grads: list[Tensor], *rest: Any, **kwargs: Any) -> None:
+        states, steps = [list(s) for s in rest[:nstates]], rest[nstates]
+        if not params:
+            return
+        lists = [params, grads, *states]
+        copies = []
+        for i, p in enumerate(params):
+            sd = _STATE.get(p.dtype, torch.float32)
+            want = [p.dtype, p.dtype] + [sd] * nstates
+            copies.append([torch.empty(p.shape, dtype=dt).copy_(lst[i]) for lst, dt in zip(lists, want)])
+        launcher(*[[c[k] for c in copies] for k in range(len(lists))], steps, **kwargs)
+        for i, c in enumerate(copies):
+            for k in (0, *range(2, len(lists))):  # params and states (grads are read only)
+                lists[k][i].copy_(c[k])
+
+    return run
+
+
+_MUT1 = ("params", "states")
+_MUT2 = ("params", "exp_avgs", "exp_avg_sqs")
+
+
+@torch.library.custom_op("tigeropt::cpu_tiger", mutates_args=_MUT1, device_types="cpu")
+def _cpu_tiger_op(params: list[Tensor], grads: list[Tensor], states: list[Tensor], state_steps: list[Tensor],
+                  lr: float, lr_tensor: Tensor | None, beta: float, weight_decay: float,
+                  maximize: bool) -> None:
+    fused_tiger(params, grads, states, state_steps, lr=join_lr(lr, lr_tensor), beta=beta,
+                weight_decay=weight_decay, maximize=maximize, fallback=_via_copies(fused_tiger, 1))
+
+
+@torch.library.custom_op("tigeropt::cpu_lion", mutates_args=_MUT1, device_types="cpu")
+def _cpu_lion_op(params: list[Tensor], grads: list[Tensor], states: list[Tensor], state_steps: list[Tensor],
+                 lr: float, lr_tensor: Tensor | None, beta1: float, beta2: float, weight_decay: float,
+                 maximize: bool) -> None:
+    fused_lion(params, grads, states, state_steps, lr=join_lr(lr, lr_tensor), beta1=beta1, beta2=beta2,
+               weight_decay=weight_decay, maximize=maximize, fallback=_via_copies(fused_lion, 1))
+
+
+@torch.library.custom_op("tigeropt::cpu_adax", mutates_args=_MUT2, device_types="cpu")
+def _cpu_adax_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 state_steps: list[Tensor], lr: float, lr_tensor: Tensor | None, beta1: float, beta2: float,
+                 eps: float, weight_decay: float, decoupled_weight_decay: bool, maximize: bool) -> None:
+    fused_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=join_lr(lr, lr_tensor), beta1=beta1,
+               beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+               maximize=maximize, fallback=_via_copies(fused_adax, 2))
+
+
+@torch.library.custom_op("tigeropt::cpu_adagrad", mutates_args=_MUT1, device_types="cpu")
+def _cpu_adagrad_op(params: list[Tensor], grads: list[Tensor], states: list[Tensor],
+                    state_steps: list[Tensor],
+                    lr: float, lr_tensor: Tensor | None, lr_decay: float, weight_decay: float, eps: float,
+                    glove: bool, grad_clip_value: float | None, maximize: bool) -> None:
+    fused_adagrad(params, grads, states, state_steps, lr=join_lr(lr, lr_tensor), lr_decay=lr_decay,
+                  weight_decay=weight_decay, eps=eps, glove=glove, grad_clip_value=grad_clip_value,
+                  skip_nonfinite_rows=False, maximize=maximize, fallback=_via_copies(fused_adagrad, 1))
+
+
+for _op in (_cpu_tiger_op, _cpu_lion_op, _cpu_adax_op, _cpu_adagrad_op):
+    _op.register_fake(lambda *args, **kwargs: None)  # in-place updates only: nothing to describe

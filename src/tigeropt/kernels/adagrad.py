@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._ops import compiling, join_lr, split_lr
 from ._common import (
     _ld,
     _lr_value,
@@ -92,6 +93,10 @@ def fused_adagrad(params: list[Tensor], grads: list[Tensor], state_sums: list[Te
     if skip_nonfinite_rows:
         raise ValueError("fused_adagrad does not implement skip_nonfinite_rows=True (a per-row reduction); "
                          "use the reference path")
+    if compiling():
+        torch.ops.tigeropt.triton_adagrad(params, grads, state_sums, state_steps, *split_lr(lr), lr_decay,
+                                          weight_decay, eps, glove, grad_clip_value, maximize)
+        return
     launch = prepare(params, grads, [state_sums])
     if launch is None:
         return
@@ -123,3 +128,16 @@ def fused_adagrad(params: list[Tensor], grads: list[Tensor], state_sums: list[Te
         PER_TENSOR=per_tensor, LR_PTR=lr_ptr, ROUND_BF16=launch.round_bf16, BLOCK=cfg.block,
         CHUNK=cfg.chunk, num_warps=cfg.num_warps)
     launch.finish()
+
+
+@torch.library.custom_op("tigeropt::triton_adagrad", mutates_args=("params", "state_sums"))
+def _triton_adagrad_op(params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor],
+                       state_steps: list[Tensor], lr: float, lr_tensor: Tensor | None, lr_decay: float,
+                       weight_decay: float, eps: float, glove: bool, grad_clip_value: float | None,
+                       maximize: bool) -> None:
+    fused_adagrad(params, grads, state_sums, state_steps, lr=join_lr(lr, lr_tensor), lr_decay=lr_decay,
+                  weight_decay=weight_decay, eps=eps, glove=glove, grad_clip_value=grad_clip_value,
+                  skip_nonfinite_rows=False, maximize=maximize)
+
+
+_triton_adagrad_op.register_fake(lambda *args, **kwargs: None)  # in-place updates only

@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._math import TINY, adax_scalars
+from .._ops import compiling, join_lr, split_lr
 from ._common import (
     _ld,
     _lr_value,
@@ -110,6 +111,10 @@ def fused_adax(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
                decoupled_weight_decay: bool, maximize: bool) -> None:
     """AdaX over whole tensor lists in one Triton launch (same arguments as the foreach function
     ``tigeropt.adax._multi_tensor_adax``; ``state_steps`` already incremented)."""
+    if compiling():
+        torch.ops.tigeropt.triton_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *split_lr(lr),
+                                       beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize)
+        return
     launch = prepare(params, grads, [exp_avgs, exp_avg_sqs])
     if launch is None:
         return
@@ -138,3 +143,16 @@ def fused_adax(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
         DECOUPLED=bool(decoupled_weight_decay), PER_TENSOR=per_tensor, LR_PTR=lr_ptr,
         ROUND_BF16=launch.round_bf16, BLOCK=cfg.block, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
     launch.finish()
+
+
+@torch.library.custom_op("tigeropt::triton_adax", mutates_args=("params", "exp_avgs", "exp_avg_sqs"))
+def _triton_adax_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                    exp_avg_sqs: list[Tensor], state_steps: list[Tensor], lr: float, lr_tensor: Tensor | None,
+                    beta1: float, beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool,
+                    maximize: bool) -> None:
+    fused_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=join_lr(lr, lr_tensor), beta1=beta1,
+               beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+               maximize=maximize)
+
+
+_triton_adax_op.register_fake(lambda *args, **kwargs: None)  # in-place updates only

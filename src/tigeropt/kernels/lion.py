@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._ops import compiling, join_lr, split_lr
 from ._common import _ld, _lr_value, _sign, _st, _tensor_ptr, _work_item, lr_argument, prepare
 
 __all__ = ["fused_lion"]
@@ -61,6 +62,10 @@ def fused_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
                weight_decay: float, maximize: bool) -> None:
     """Lion over whole tensor lists in one Triton launch (same arguments as the foreach function
     ``tigeropt.lion._multi_tensor_lion``; ``state_steps`` is not used)."""
+    if compiling():
+        torch.ops.tigeropt.triton_lion(params, grads, exp_avgs, state_steps, *split_lr(lr), beta1, beta2,
+                                       weight_decay, maximize)
+        return
     launch = prepare(params, grads, [exp_avgs])
     if launch is None:
         return
@@ -74,3 +79,14 @@ def fused_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
         NCOLS=3, U_P=u_p, U_G=u_g, U_M=u_m, MAXIMIZE=bool(maximize), LR_PTR=lr_ptr,
         ROUND_BF16=launch.round_bf16, BLOCK=cfg.block, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
     launch.finish()
+
+
+@torch.library.custom_op("tigeropt::triton_lion", mutates_args=("params", "exp_avgs"))
+def _triton_lion_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                    state_steps: list[Tensor], lr: float, lr_tensor: Tensor | None, beta1: float,
+                    beta2: float, weight_decay: float, maximize: bool) -> None:
+    fused_lion(params, grads, exp_avgs, state_steps, lr=join_lr(lr, lr_tensor), beta1=beta1, beta2=beta2,
+               weight_decay=weight_decay, maximize=maximize)
+
+
+_triton_lion_op.register_fake(lambda *args, **kwargs: None)  # in-place updates only

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._ops import compiling, join_lr, split_lr
 from ._common import _ld, _lr_value, _sign, _st, _tensor_ptr, _work_item, lr_argument, prepare
 
 __all__ = ["fused_tiger"]
@@ -65,6 +66,10 @@ def fused_tiger(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     if lr_scaling or accumulation_steps != 1 or nan_guard:
         raise ValueError("fused_tiger runs the plain Tiger rule only: lr_scaling=False, accumulation_steps=1 "
                          f"and nan_guard=False (got {lr_scaling!r}, {accumulation_steps!r}, {nan_guard!r})")
+    if compiling():
+        torch.ops.tigeropt.triton_tiger(params, grads, exp_avgs, state_steps, *split_lr(lr), beta,
+                                        weight_decay, maximize)
+        return
     launch = prepare(params, grads, [exp_avgs])
     if launch is None:
         return
@@ -77,3 +82,14 @@ def fused_tiger(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         NCOLS=3, U_P=u_p, U_G=u_g, U_M=u_m, MAXIMIZE=bool(maximize), LR_PTR=lr_ptr,
         ROUND_BF16=launch.round_bf16, BLOCK=cfg.block, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
     launch.finish()
+
+
+@torch.library.custom_op("tigeropt::triton_tiger", mutates_args=("params", "exp_avgs"))
+def _triton_tiger_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                     state_steps: list[Tensor], lr: float, lr_tensor: Tensor | None, beta: float,
+                     weight_decay: float, maximize: bool) -> None:
+    fused_tiger(params, grads, exp_avgs, state_steps, lr=join_lr(lr, lr_tensor), beta=beta,
+                weight_decay=weight_decay, maximize=maximize)
+
+
+_triton_tiger_op.register_fake(lambda *args, **kwargs: None)  # in-place updates only
