@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["adax_scalars", "TINY"]
+import torch
+from torch import Tensor
+
+__all__ = ["adax_scalars", "adax_scalars_tensor", "TINY"]
 
 #: float32's smallest normal number: the floor of AdaX's eps/sqrt(bc), below which 1-bhat is flushed to 0.
 TINY = 2.0 ** -126
@@ -29,3 +32,17 @@ def adax_scalars(step: float, beta2: float, eps: float) -> tuple[float, float, f
     if one_minus_bhat < TINY:
         one_minus_bhat = 0.0
     return 1.0 - one_minus_bhat, one_minus_bhat, max(eps / math.sqrt(bc), TINY)
+
+
+def adax_scalars_tensor(steps: Tensor, beta2: float, eps: float) -> Tensor:
+    """:func:`adax_scalars` for a 1-D tensor of step counts: [n, 3] float64 (bhat, 1-bhat, eps_t).
+
+    Device math, no host synchronization: used for step counts kept on a GPU (capturable) and
+    while torch.compile traces a step (where a step's ``.item()`` would be a graph break).
+    """
+    t = steps.to(torch.float64)
+    bc = torch.expm1(t * math.log1p(beta2))
+    one_minus_bhat = beta2 / bc
+    one_minus_bhat = torch.where(one_minus_bhat < TINY, 0.0, one_minus_bhat)  # as adax_scalars
+    eps_t = (eps / bc.sqrt()).clamp_min(TINY)
+    return torch.stack([1.0 - one_minus_bhat, one_minus_bhat, eps_t], dim=1)

@@ -38,10 +38,19 @@ import torch
 from torch import Tensor
 
 from ._base import TigerOptimizer, to_float, working, write_back
-from ._math import adax_scalars
+from ._math import adax_scalars, adax_scalars_tensor
+from ._ops import compiling
 from ._validate import check_betas, check_bool, check_lr, check_number
 
 __all__ = ["AdaX", "adax_scalars"]
+
+
+def _scalars(state_steps: list[Tensor], beta2: float, eps: float) -> list[tuple[Any, Any, Any]]:
+    """Per-tensor (bhat, 1-bhat, eps_t): floats, or float64 0-d tensors while torch.compile traces."""
+    if compiling():  # no .item() in a graph: the same float64 math on tensors
+        table = adax_scalars_tensor(torch.stack([s.reshape(()) for s in state_steps]), beta2, eps)
+        return [tuple(row.unbind()) for row in table.unbind()]
+    return [adax_scalars(s.item(), beta2, eps) for s in state_steps]
 
 
 def _single_tensor_adax(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -56,9 +65,12 @@ def _single_tensor_adax(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
             g = -g
         if weight_decay != 0.0 and not decoupled_weight_decay:
             g = g.add(p, alpha=weight_decay)
-        bhat, one_minus_bhat, eps_t = adax_scalars(step_t.item(), beta2, eps)
+        bhat, one_minus_bhat, eps_t = _scalars([step_t], beta2, eps)[0]
         m.mul_(beta1).add_(g, alpha=1 - beta1)
-        v.mul_(bhat).addcmul_(g, g, value=one_minus_bhat)
+        if isinstance(one_minus_bhat, Tensor):  # traced by torch.compile
+            v.mul_(bhat).add_(g * g * one_minus_bhat)
+        else:
+            v.mul_(bhat).addcmul_(g, g, value=one_minus_bhat)
         if weight_decay != 0.0 and decoupled_weight_decay:
             p.mul_(1 - lr * weight_decay)
         p.addcdiv_(m, v.sqrt().add_(eps_t), value=-lr)
@@ -79,11 +91,15 @@ def _multi_tensor_adax(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         gs = torch._foreach_neg(gs)
     if weight_decay != 0.0 and not decoupled_weight_decay:
         gs = torch._foreach_add(gs, ps, alpha=weight_decay)
-    scalars = [adax_scalars(s.item(), beta2, eps) for s in state_steps]
+    scalars = _scalars(state_steps, beta2, eps)
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, gs, alpha=1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, [s[0] for s in scalars])
-    torch._foreach_addcmul_(exp_avg_sqs, gs, gs, [s[1] for s in scalars])
+    if compiling():  # 0-d tensor scalars
+        squares = torch._foreach_mul(gs, gs)
+        torch._foreach_add_(exp_avg_sqs, torch._foreach_mul(squares, [s[1] for s in scalars]))
+    else:
+        torch._foreach_addcmul_(exp_avg_sqs, gs, gs, [s[1] for s in scalars])
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(denom, [s[2] for s in scalars])
     if weight_decay != 0.0 and decoupled_weight_decay:

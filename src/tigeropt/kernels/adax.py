@@ -15,14 +15,13 @@ passed as kernel arguments), else one row per tensor in a small device table.  S
 on the GPU are turned into that table by device ops (no host synchronization; capturable).
 """
 
-import math
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._math import TINY, adax_scalars
+from .._math import adax_scalars, adax_scalars_tensor
 from .._ops import compiling, join_lr, split_lr
 from ._common import (
     _ld,
@@ -96,12 +95,8 @@ def _adax_kernel(table, work, gtab, p_base, g_base, m_base, v_base, scal, lr, be
 
 def _device_scalars(state_steps: list[Tensor], beta2: float, eps: float) -> Tensor:
     """[n, 3] float32 (bhat, 1-bhat, eps/sqrt(bc)) from step counts kept on the device (float64 math)."""
-    t = torch.stack([s.reshape(()) for s in state_steps]).to(torch.float64)
-    bc = torch.expm1(t * math.log1p(beta2))
-    one_minus_bhat = beta2 / bc
-    one_minus_bhat = torch.where(one_minus_bhat < TINY, 0.0, one_minus_bhat)  # as adax_scalars
-    eps_t = (eps / bc.sqrt()).clamp_min(TINY)
-    return torch.stack([1.0 - one_minus_bhat, one_minus_bhat, eps_t], dim=1).to(torch.float32)
+    t = torch.stack([s.reshape(()) for s in state_steps])
+    return adax_scalars_tensor(t, beta2, eps).to(torch.float32)
 
 
 @torch.no_grad()
