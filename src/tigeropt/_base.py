@@ -555,7 +555,6 @@ def touched_rows(g: Tensor, gather: bool = True) -> tuple[Tensor, Tensor | None]
     return idx, g.index_select(0, idx) if gather else None
 
 
-@torch.compiler.assume_constant_result
 def _choose_path(name: str, kernel: str | None, fused: bool | None, foreach: bool | None, capturable: bool,
                  fused_ok: bool, device: torch.device, dtype: torch.dtype) -> str:
     """The path of one (group, device, dtype) bucket: 'reference', 'foreach', 'fused' or 'cpu'.
@@ -586,6 +585,10 @@ def _choose_path(name: str, kernel: str | None, fused: bool | None, foreach: boo
         if device.type == "cpu" and kernels.cpu_fused_usable(kernel, dtype):
             return "cpu"
     return "foreach"
+
+
+# What torch.compiler.assume_constant_result does, without importing torch._dynamo at import time.
+_choose_path._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _scalar_dtype() -> torch.dtype:
