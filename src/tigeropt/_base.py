@@ -279,7 +279,6 @@ class TigerOptimizer(Optimizer):
                 self._impl(path)
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        self._init_group(group)
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
@@ -294,6 +293,7 @@ class TigerOptimizer(Optimizer):
             if group["on_nonfinite"] == "raise":
                 raise FloatingPointError(f"{type(self).__name__}: non-finite gradient (inf/NaN)")
             return
+        self._init_group(group)
         hyper = self._hyper(group)
 
         buckets: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
