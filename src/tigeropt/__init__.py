@@ -8,6 +8,7 @@ from . import gan
 from ._base import TigerOptimizer
 from .adagrad import Adagrad
 from .adax import AdaX
+from .factory import available_optimizers, create_optimizer, register_optimizer
 from .gan import GradNormCritic, gradient_penalty
 from .lazy import LazyOptimizer, embedding_weights
 from .lion import Lion
@@ -23,5 +24,6 @@ __all__ = [
     "LazyOptimizer", "embedding_weights", "MixedOptimizer", "split_embeddings",
     "GradNormCritic", "gradient_penalty", "gan",
     "param_groups", "describe", "DEFAULT_NO_DECAY", "suggest_hparams",
+    "create_optimizer", "register_optimizer", "available_optimizers",
     "__version__",
 ]
