@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 HEAVY = ("torch.distributed.tensor", "torch.distributed._tensor", "triton")
 
@@ -104,3 +106,17 @@ import torch.distributed.tensor as dt
 assert b._dtensor_module() is dt
 """
     assert _modules_after(code) >= {"torch.distributed.tensor"}
+
+
+def test_import_is_warning_free_and_numpy_is_a_dependency() -> None:
+    """torch warns "Failed to initialize NumPy" on import when numpy is missing, and does not depend on it:
+    tigeropt declares numpy so that a plain ``pip install .`` imports cleanly (checked with -W error)."""
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11")
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    assert any(d.split(">")[0].split("=")[0].strip() == "numpy" for d in deps), deps
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-W", "error", "-c", "import tigeropt"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and not out.stderr, out.stderr
