@@ -6,24 +6,32 @@ with repeats), timed three ways:
 
 * dense step — plain group, dense gradient: every row and its state is read and written
   (default path: fused Triton on CUDA, fused C kernel or foreach on CPU);
-* lazy, dense grad — ``lazy=True``, the same dense gradient: rows found by a scan of the
-  gradient, then gather -> update -> scatter of the touched rows;
+* lazy, dense grad — ``lazy=True``, the same dense gradient: on CPU the fused C row kernel
+  scans the gradient and updates the rows holding a non-zero in the same pass;
 * lazy, sparse grad — ``lazy=True`` with the sparse COO gradient that
-  ``nn.Embedding(sparse=True)`` produces (uncoalesced, repeats summed in the step):
-  cost scales with the rows touched.
+  ``nn.Embedding(sparse=True)`` produces (uncoalesced, repeats summed in the step): on CPU one
+  C call that sums the repeats and updates exactly the touched rows.
+
+The bytes-moved floor: a dense step reads p, g and the state and writes p and the state for
+every element (Tiger/Lion/Adagrad 20 B, AdaX 28 B per fp32 element; row-wise Adagrad 12 B per
+element + 8 B per row); a sparse lazy step does so for the touched rows only and reads the
+sparse gradient's values and indices.  "floor ratio" is dense bytes / lazy bytes: the speed-up
+a step limited by memory traffic alone would get.
 
 For comparison, torch's AdamW dense step, ``tigeropt.LazyOptimizer(AdamW)`` (dense step plus
 snapshot/restore of the untouched rows) and ``torch.optim.SparseAdam`` on the sparse gradient.
 
-Median over ``--reps`` steps after ``--warmup`` steps, printed as a markdown table.
+Median over ``--reps`` steps after ``--warmup`` steps, printed as a markdown table, on the CPU
+and, when CUDA is available, on the GPU too (``--devices`` picks).
 
-    python benchmarks/bench_lazy.py                      # CUDA: 1M x 512; CPU: 100k x 512
-    python benchmarks/bench_lazy.py --rows 1000000       # the full table on CPU (~2 GB per tensor)
+    python benchmarks/bench_lazy.py                      # 1M x 512 (~2 GB per tensor, ~8 GB peak)
+    python benchmarks/bench_lazy.py --rows 100000        # smaller
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import statistics
 import time
@@ -41,7 +49,11 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "AdaX": lambda ps, **kw: tigeropt.AdaX(ps, **kw),
     "Adagrad": lambda ps, **kw: tigeropt.Adagrad(ps, lr=1e-2, **kw),
     "Adagrad (glove)": lambda ps, **kw: tigeropt.Adagrad(ps, lr=0.05, glove=True, **kw),
+    "Adagrad (rowwise)": lambda ps, **kw: tigeropt.Adagrad(ps, lr=1e-2, rowwise=True, **kw),
 }
+#: bytes of optimizer state per element (row-wise Adagrad: per row, see ROW_STATE)
+STATE_BYTES = {"Tiger": 4, "Lion": 4, "AdaX": 8, "Adagrad": 4, "Adagrad (glove)": 4, "Adagrad (rowwise)": 0}
+ROW_STATE = {"Adagrad (rowwise)": 4}
 
 
 def sync(device: torch.device) -> None:
@@ -78,42 +90,57 @@ def make_grads(rows: int, dim: int, frac: float, device: torch.device,
     return dense, sparse
 
 
-def bench(args: argparse.Namespace) -> list[list[str]]:
-    device = torch.device(args.device)
+def floor_bytes(name: str, rows: int, dim: int, touched: int, nnz: int) -> tuple[int, int]:
+    """(dense step, sparse lazy step) bytes moved at least, fp32 table: p read+write, g read, state
+    read+write per element (and per row for row-wise state); the sparse step for the touched rows,
+    plus the gradient's nnz value rows and its indices (+ the sort permutation)."""
+    per_elem = 4 + 4 + 4 + 2 * STATE_BYTES[name]
+    per_row = 2 * ROW_STATE.get(name, 0)
+    dense = rows * dim * per_elem + rows * per_row
+    lazy = touched * dim * (8 + 2 * STATE_BYTES[name]) + touched * per_row + nnz * dim * 4 + nnz * 16
+    return dense, lazy
+
+
+def bench(args: argparse.Namespace, device: torch.device) -> list[list[str]]:
     dense_grad, sparse_grad = make_grads(args.rows, args.dim, args.frac, device)
+    touched = int(sparse_grad.coalesce().indices().shape[1])
+    nnz = int(sparse_grad._nnz())
     W = torch.randn(args.rows, args.dim, device=device).requires_grad_()
     table = []
 
-    def run(opt: torch.optim.Optimizer, grad: Tensor) -> float:
+    def run(make: Callable[[], torch.optim.Optimizer], grad: Tensor) -> float:
+        opt = make()
         W.grad = grad
         ms = time_steps(opt.step, device, args.reps, args.warmup)
         W.grad = None
+        del opt  # free the state before the next optimizer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         return ms
 
     for name in args.optimizers:
         make = OPTIMIZERS[name]
-        dense = run(make([W]), dense_grad)
-        lazy_dense = run(make([W], lazy=True), dense_grad)
-        lazy_sparse = run(make([W], lazy=True), sparse_grad)
+        dense = run(functools.partial(make, [W]), dense_grad)
+        lazy_dense = run(functools.partial(make, [W], lazy=True), dense_grad)
+        lazy_sparse = run(functools.partial(make, [W], lazy=True), sparse_grad)
+        b_dense, b_lazy = floor_bytes(name, args.rows, args.dim, touched, nnz)
         table.append([name, f"{dense:.2f}", f"{lazy_dense:.2f}", f"{lazy_sparse:.2f}",
-                      f"{dense / lazy_sparse:.1f}x"])
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+                      f"{dense / lazy_sparse:.1f}x", f"{b_dense / 1e6:.0f}", f"{b_lazy / 1e6:.1f}",
+                      f"{b_dense / b_lazy:.0f}x"])
     if args.torch_reference:
-        adamw = run(torch.optim.AdamW([W], lr=1e-3), dense_grad)
-        wrapped = run(LazyOptimizer(torch.optim.AdamW([W], lr=1e-3), [W]), dense_grad)
-        sparse_adam = run(torch.optim.SparseAdam([W], lr=1e-3), sparse_grad)
+        adamw = run(lambda: torch.optim.AdamW([W], lr=1e-3), dense_grad)
+        wrapped = run(lambda: LazyOptimizer(torch.optim.AdamW([W], lr=1e-3), [W]), dense_grad)
+        sparse_adam = run(lambda: torch.optim.SparseAdam([W], lr=1e-3), sparse_grad)
         table.append(["torch AdamW / LazyOptimizer(AdamW) / SparseAdam", f"{adamw:.2f}", f"{wrapped:.2f}",
-                      f"{sparse_adam:.2f}", f"{adamw / sparse_adam:.1f}x"])
+                      f"{sparse_adam:.2f}", f"{adamw / sparse_adam:.1f}x", "", "", ""])
     return table
 
 
-def markdown(table: Sequence[Sequence[str]], args: argparse.Namespace) -> str:
+def markdown(table: Sequence[Sequence[str]], args: argparse.Namespace, device: torch.device) -> str:
     header = ["optimizer", "dense step (ms)", "lazy, dense grad (ms)", "lazy, sparse grad (ms)",
-              "dense / lazy sparse"]
+              "dense / lazy sparse", "floor: dense (MB)", "floor: lazy sparse (MB)", "floor ratio"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in table]
-    device = torch.device(args.device)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     lines.append(f"\n{args.rows} x {args.dim} fp32 table, {args.frac:.2%} of rows touched, median of "
@@ -125,12 +152,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=1_000_000 if cuda else 100_000)
+    parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--frac", type=float, default=0.01, help="fraction of rows touched")
     parser.add_argument("--reps", type=int, default=20 if cuda else 7)
     parser.add_argument("--warmup", type=int, default=3 if cuda else 2)
-    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"] if cuda else ["cpu"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     parser.add_argument("--no-torch-reference", dest="torch_reference", action="store_false",
@@ -142,9 +169,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    text = markdown(bench(args), args)
-    print(text)
-    return text
+    texts = []
+    for name in args.devices:
+        device = torch.device(name)
+        texts.append(markdown(bench(args, device), args, device))
+        print(texts[-1] + "\n", flush=True)
+    return "\n\n".join(texts)
 
 
 if __name__ == "__main__":

@@ -172,3 +172,28 @@ def test_fused_rows_refuses_what_it_cannot_take() -> None:
     with pytest.raises(IndexError, match="out of range"):
         cpu_rows.fused_rows("tiger", p, torch.sparse_coo_tensor(bad._indices(), bad._values(), (4, 3),
                                                                 check_invariants=False), [m], step, hyper)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dense_scan_finds_exactly_the_rows_with_a_non_zero(dtype: torch.dtype) -> None:
+    """The kernel's row scan (64-element blocks) against the rule: a single non-zero anywhere in a row
+    (first element, block edges, the tail), NaN or inf touch it; -0.0 does not."""
+    dim = 130  # two full 64-element blocks and a tail of 2
+    positions = [0, 63, 64, 127, 128, 129]
+    g = torch.zeros(len(positions) + 5, dim, dtype=dtype)
+    for r, j in enumerate(positions):
+        g[r, j] = 0.5
+    r = len(positions)
+    g[r] = -0.0  # all -0.0: untouched
+    g[r + 1, 70] = float("nan")
+    g[r + 2, 129] = float("-inf")
+    g[r + 3, 5] = -0.0  # one -0.0 in a zero row: untouched
+    # row r + 4 stays all zero
+    W0 = torch.randn(g.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    W = W0.clone().requires_grad_()
+    opt = Tiger([W], lr=0.1, weight_decay=0.1, lazy=True)
+    W.grad = g
+    opt.step()
+    changed = (W.detach() != W0).any(dim=1).tolist()
+    expected = [True] * len(positions) + [False, True, True, False, False]
+    assert changed == expected

@@ -429,23 +429,31 @@ void tigeropt_adagrad(int n, int dtype, void *const *p, void *const *g, void *co
  * per as Adagrad's; the accumulator has one element per row).
  */
 
+#define ROWS_MIN_PER_THREAD 1048576
+
 enum { OPT_TIGER = 0, OPT_LION = 1, OPT_ADAX = 2, OPT_ADAGRAD = 3, OPT_ROWWISE = 4 };
 
+/* Whether any element of a gradient row is non-zero (NaN counts, -0.0 does not): the bits
+   outside the sign bit, OR-ed over blocks of 64 elements (vectorizes; stops at the first block
+   holding a non-zero). */
+#define NONZERO_SCAN(UT, MASK)                                                                    \
+    do {                                                                                          \
+        const UT *x = (const UT *)g;                                                              \
+        int64_t i = 0;                                                                            \
+        for (; i + 64 <= n; i += 64) {                                                            \
+            UT acc = 0;                                                                           \
+            for (int j = 0; j < 64; j++) acc |= x[i + j];                                         \
+            if (acc & (MASK)) return 1;                                                           \
+        }                                                                                         \
+        for (; i < n; i++)                                                                        \
+            if (x[i] & (MASK)) return 1;                                                          \
+        return 0;                                                                                 \
+    } while (0)
+
 static int row_nonzero(const void *g, int64_t n, int dtype) {
-    if (dtype == DT_F32) {
-        const float *x = (const float *)g;
-        for (int64_t i = 0; i < n; i++)
-            if (x[i] != 0.0f) return 1;
-    } else if (dtype == DT_F64) {
-        const double *x = (const double *)g;
-        for (int64_t i = 0; i < n; i++)
-            if (x[i] != 0.0) return 1;
-    } else { /* bf16 / fp16: any bit outside the sign bit */
-        const uint16_t *x = (const uint16_t *)g;
-        for (int64_t i = 0; i < n; i++)
-            if (x[i] & 0x7FFFu) return 1;
-    }
-    return 0;
+    if (dtype == DT_F32) NONZERO_SCAN(uint32_t, 0x7FFFFFFFu);
+    if (dtype == DT_F64) NONZERO_SCAN(uint64_t, 0x7FFFFFFFFFFFFFFFull);
+    NONZERO_SCAN(uint16_t, 0x7FFFu); /* bf16 / fp16 */
 }
 
 /* Row-wise Adagrad on one row (math type T):
@@ -589,7 +597,9 @@ int64_t tigeropt_rows(int opt, int dtype, void *p, const void *g, void *s1, void
     RangeFn fn = range_of(opt);
     int64_t total = (idx != NULL ? nidx : n) * D;
     int nt = nthreads < 1 ? 1 : nthreads;
-    if ((int64_t)nt * MIN_PER_THREAD > total) nt = (int)(total / MIN_PER_THREAD);
+    /* Scattered rows: a thread pays off only for a large share (waking a second thread costs more
+       than a few hundred rows on one). */
+    if ((int64_t)nt * ROWS_MIN_PER_THREAD > total) nt = (int)(total / ROWS_MIN_PER_THREAD);
     if (nt < 1) nt = 1;
     int64_t updated = 0;
     int failed = 0;
