@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from optional import require
 
 from tigeropt import Adagrad, AdaX, Lion, Tiger, kind_groups
 from tigeropt.adax import adax_scalars
@@ -327,7 +328,7 @@ def test_glove_skip_nonfinite_rows() -> None:
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 def test_lion_equals_lion_pytorch(path: dict) -> None:
-    lion_pytorch = pytest.importorskip("lion_pytorch")
+    lion_pytorch = require("lion_pytorch", "the independent Lion cross-check")
     gen = torch.Generator().manual_seed(5)
     base = [torch.randn(8, 4, generator=gen), torch.randn(4, generator=gen)]
     ours = [b.clone().requires_grad_() for b in base]
@@ -341,7 +342,7 @@ def test_lion_equals_lion_pytorch(path: dict) -> None:
 
 
 def test_tiger_equals_pytorch_optimizer_tiger() -> None:
-    po = pytest.importorskip("pytorch_optimizer")
+    po = require("pytorch_optimizer", "the independent Tiger cross-check")
     gen = torch.Generator().manual_seed(6)
     base = torch.randn(8, 4, generator=gen)
     a, b = base.clone().requires_grad_(), base.clone().requires_grad_()
