@@ -35,8 +35,12 @@ Shared flag documentation (every optimizer accepts these keyword arguments):
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 import sys
+from array import array
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -44,6 +48,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import kernels
+from ._ops import compiling
 from ._validate import check, check_bool, check_choice, check_lr, check_optional_bool
 
 # DTensor (FSDP2, tensor parallel) is looked up, never imported: importing torch.distributed.tensor costs
@@ -128,6 +133,7 @@ class TigerOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._drop_plans()
         for group in self.param_groups:
             for key, value in (("maximize", False), ("foreach", None), ("fused", None),
                                ("on_nonfinite", "ignore"), ("lazy", False), ("capturable", False)):
@@ -145,6 +151,7 @@ class TigerOptimizer(Optimizer):
         if isinstance(params, Tensor):
             candidate["params"] = [params]
         self._validate(candidate)
+        self._drop_plans()
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group.get("fused"):
@@ -254,9 +261,114 @@ class TigerOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
+        plans = None if compiling() else self._valid_plans()
+        for i, group in enumerate(self.param_groups):
+            plan = plans.get(i) if plans else None
+            if plan is None or not self._step_planned(group, plan):
+                self._step_group(group, i if plans is not None else None)
+        if plans is not None:
+            self._snapshot_state()
         return loss
+
+    # ----------------------------------------------------------------- cached step plans
+    # A group's plan holds what the step loop would otherwise rebuild every step: the buckets of
+    # (params, states, step counts) per (device, dtype), their paths and launchers, and for the
+    # fused C step its pointer tables.  Per step a planned group only reads the gradients.  A plan
+    # is dropped by add_param_group, load_state_dict and __setstate__, and rebuilt whenever a check
+    # fails: another parameter object in the group, a parameter's storage moved (p.data replaced,
+    # dtype or device changed), a gradient missing or sparse, state created or replaced, group flags
+    # changed.  Lazy, complex, DTensor and compiled steps are never planned.
+
+    def _drop_plans(self) -> None:
+        self._plans: dict[int, _GroupPlan] = {}
+        self._state_snapshot: list[Any] | None = None
+
+    def _valid_plans(self) -> dict[int, _GroupPlan]:
+        plans = getattr(self, "_plans", None)
+        if plans is None:
+            self._drop_plans()
+            return self._plans
+        if plans:
+            snap = self._state_snapshot
+            state = self.state
+            if snap is None or len(state) != len(snap) or not all(map(_is, state.values(), snap)):
+                plans.clear()  # state created, replaced or dropped since the plans were built
+        return plans
+
+    def _snapshot_state(self) -> None:
+        if self._plans:
+            snap = self._state_snapshot
+            if snap is None or len(snap) != len(self.state):
+                self._state_snapshot = list(self.state.values())
+        else:
+            self._state_snapshot = None
+
+    def _plan_flags(self, group: dict[str, Any]) -> tuple[Any, ...]:
+        return (group["fused"], group["foreach"], group["capturable"], group["lazy"], group["on_nonfinite"],
+                self._fused_ok(group), torch.get_default_dtype())
+
+    def _step_planned(self, group: dict[str, Any], plan: _GroupPlan) -> bool:
+        """One step of ``group`` with its plan; False (nothing changed) when the plan does not fit."""
+        params = group["params"]
+        if len(params) != plan.n or not all(map(_is, params, plan.group_params)):
+            return False
+        grads = [p.grad for p in params]
+        nones = tuple(itertools.compress(range(plan.n), map(_is, grads, itertools.repeat(None))))
+        if nones != plan.nones:
+            return False
+        if nones:
+            params = plan.params
+            grads = [g for g in grads if g is not None]
+        if _ptrs(params) != plan.p_ptrs or self._plan_flags(group) != plan.flags:
+            return False
+        for b in plan.buckets:
+            for key, lst in zip(b.keys, b.checked):
+                if not all(map(_is, map(operator.itemgetter(key), b.state_dicts), lst)):
+                    return False  # a state tensor was replaced
+            gb = grads if b.idx is None else [grads[i] for i in b.idx]
+            if b.cpu is not None:
+                if not b.cpu.fits(gb):
+                    return False
+            elif any(map(_IS_SPARSE, gb)):
+                return False
+        if group["on_nonfinite"] != "ignore" and not _all_finite(grads):
+            if group["on_nonfinite"] == "raise":
+                raise FloatingPointError(f"{type(self).__name__}: non-finite gradient (inf/NaN)")
+            return True
+        hyper = self._hyper(group)
+        for b in plan.buckets:
+            gb = grads if b.idx is None else [grads[i] for i in b.idx]
+            if b.cpu is not None and b.cpu.run(gb, hyper):
+                continue
+            torch._foreach_add_(b.steps, 1)
+            b.impl(b.lists[0], gb, *b.lists[1:], b.steps, **hyper)
+        return True
+
+    def _build_plan(self, group: dict[str, Any], index: int, params: list[Tensor],
+                    buckets: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]],
+                    paths: dict[tuple[torch.device, torch.dtype], str]) -> None:
+        """Record this step's buckets as the group's plan (called after a plain step of the group)."""
+        group_params = list(group["params"])
+        pos = {id(p): i for i, p in enumerate(params)}
+        planned = []
+        for key, lists in buckets.items():
+            path = paths[key]
+            ps = lists[0]
+            idx = None if len(ps) == len(params) else [pos[id(p)] for p in ps]
+            states = lists[2:-1]
+            cpu_plan = None
+            if path == "cpu" and self.kernel is not None:
+                from . import _cpu
+
+                cpu_plan = _cpu.StepPlan.build(self.kernel, ps, states, lists[-1])
+            planned.append(_Bucket(idx=idx, impl=self._impl(path), lists=[ps, *states], steps=lists[-1],
+                                   cpu=cpu_plan, state_dicts=[self.state[p] for p in ps],
+                                   keys=(*self.state_keys, "step"), checked=(*states, lists[-1])))
+        with_grad = {id(p) for p in params}
+        self._plans[index] = _GroupPlan(
+            n=len(group_params), group_params=group_params, params=params,
+            nones=tuple(i for i, p in enumerate(group_params) if id(p) not in with_grad),
+            p_ptrs=_ptrs(params), flags=self._plan_flags(group), buckets=planned)
 
     def _init_group(self, group: dict[str, Any]) -> None:
         """Create the missing state of the group's parameters that have gradients.
@@ -278,7 +390,7 @@ class TigerOptimizer(Optimizer):
             if path in ("fused", "cpu"):
                 self._impl(path)
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+    def _step_group(self, group: dict[str, Any], plan_index: int | None = None) -> None:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
@@ -297,16 +409,20 @@ class TigerOptimizer(Optimizer):
         hyper = self._hyper(group)
 
         buckets: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
+        paths: dict[tuple[torch.device, torch.dtype], str] = {}
         n = len(self.state_keys)
+        plannable = plan_index is not None and not lazy
         for p, g in zip(params, grads):
             state = self.state[p]
             if not state:
                 state.update(self._init_state(p, group))
             tensors = [p, g] + [state[k] for k in self.state_keys]
             if torch.is_complex(p):
+                plannable = False
                 tensors = [torch.view_as_real(t) if not t.is_sparse else _sparse_as_real(t)
                            for t in tensors]
             if g.is_sparse or lazy:
+                plannable = False
                 state["step"] += 1
                 self._rows_update(tensors, state["step"], hyper, self._rows_path(group, p.device))
                 continue
@@ -317,7 +433,9 @@ class TigerOptimizer(Optimizer):
         for (device, dtype), lists in buckets.items():
             steps = lists[-1]
             torch._foreach_add_(steps, 1)
-            path = self._path(group, device, dtype)
+            path = paths[(device, dtype)] = self._path(group, device, dtype)
+            if any(_is_dtensor(p) for p in lists[0]):
+                plannable = False
             if path in ("fused", "cpu") and any(_is_dtensor(p) for p in lists[0]):
                 # The kernels read raw storage, which a DTensor (FSDP2) does not have: give them the
                 # local shards (views, so the updates land in the DTensors).  Only element-wise rules
@@ -327,6 +445,8 @@ class TigerOptimizer(Optimizer):
                 lists = [[_local(t) for t in lst] for lst in lists]
             impl = self._impl(path)
             impl(*lists[:-1], steps, **hyper)
+        if plannable and plan_index is not None:
+            self._build_plan(group, plan_index, params, buckets, paths)
 
     def _rows_path(self, group: dict[str, Any], device: torch.device) -> str:
         """How lazy rows and sparse gradients are updated: 'cpu' (the fused C row kernel, where the
@@ -408,6 +528,7 @@ class TigerOptimizer(Optimizer):
                 step = step.detach() if isinstance(step, Tensor) else torch.tensor(float(step))
                 device = p.device if self._group_of(p).get("capturable") else "cpu"
                 mine["step"] = step.to(device=device, dtype=_scalar_dtype(), copy=True)
+        self._drop_plans()  # the plans hold the replaced state tensors
 
     def _check_state_dict(self, state_dict: Any) -> list[dict[str, Any]]:
         """Raise unless ``state_dict`` loads into this optimizer; changes nothing.  Returns its groups."""
@@ -553,6 +674,39 @@ def touched_rows(g: Tensor, gather: bool = True) -> tuple[Tensor, Tensor | None]
     touched = g.flatten(1).any(dim=1) if g.dim() > 1 else g.ne(0)
     idx = touched.nonzero().squeeze(1)
     return idx, g.index_select(0, idx) if gather else None
+
+
+_is = operator.is_
+_IS_SPARSE = operator.attrgetter("is_sparse")
+
+
+def _ptrs(tensors: list[Tensor]) -> array:
+    return array("Q", map(Tensor.data_ptr, tensors))
+
+
+@dataclass
+class _Bucket:
+    """One (device, dtype) bucket of a group plan."""
+
+    idx: list[int] | None  # positions of its tensors among the group's params with gradients (None: all)
+    impl: Impl
+    lists: list[list[Tensor]]  # params, then one list per state key
+    steps: list[Tensor]
+    cpu: Any  # tigeropt._cpu.StepPlan, or None
+    state_dicts: list[dict[str, Any]]  # self.state[p] of each param
+    keys: tuple[str, ...]  # state keys checked for identity every step ...
+    checked: tuple[list[Tensor], ...]  # ... against these tensors
+
+
+@dataclass
+class _GroupPlan:
+    n: int  # len(group["params"]) when built
+    group_params: list[Tensor]
+    params: list[Tensor]  # those with gradients
+    nones: tuple[int, ...]  # positions of the params without gradients
+    p_ptrs: array
+    flags: tuple[Any, ...]
+    buckets: list[_Bucket]
 
 
 def _choose_path(name: str, kernel: str | None, fused: bool | None, foreach: bool | None, capturable: bool,

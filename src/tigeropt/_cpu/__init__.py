@@ -62,7 +62,7 @@ from .._math import adax_scalars
 from .._ops import compiling, join_lr, split_lr
 
 __all__ = ["supports", "available", "status", "build", "cache_dir", "fused_tiger", "fused_lion",
-           "fused_adax", "fused_adagrad", "SOURCE", "NAMES"]
+           "fused_adax", "fused_adagrad", "StepPlan", "SOURCE", "NAMES"]
 
 SOURCE = Path(__file__).with_name("kernels.c")
 NAMES = ("tiger", "lion", "adax", "adagrad")
@@ -191,6 +191,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         per = [vp] if name in ("adax", "adagrad") else []
         fn.argtypes = [i32, i32] + [vp] * nlists + [vp, vp] + per + [i32]
         fn.restype = None
+    lib.tigeropt_steps.argtypes = [i32, vp, i32, vp]
+    lib.tigeropt_steps.restype = None
     for name in ("tigeropt_abi", "tigeropt_has_openmp", "tigeropt_has_f16"):
         getattr(lib, name).restype = i32
         getattr(lib, name).argtypes = []
@@ -320,7 +322,7 @@ def _pick(lst: Sequence[Any], idx: list[int]) -> list[Any]:
 
 
 def _launch(name: str, lists: list[Sequence[Tensor]], state_steps: Sequence[Tensor], hp: list[float],
-            per: Callable[[list[Tensor]], list[float]] | None,
+            per: Callable[[array], array] | None,
             fallback: Callable[..., None] | None, kwargs: dict[str, Any]) -> None:
     """Run the C kernel ``name`` on the tensors it takes and ``fallback`` on the rest."""
     lib = _load()
@@ -343,7 +345,7 @@ def _launch(name: str, lists: list[Sequence[Tensor]], state_steps: Sequence[Tens
         args: list[Any] = [len(idx), code, *[_addr(a) for a in ptrs], _addr(numel), _addr(hp_arr)]
         if per is not None:
             steps = state_steps if len(idx) == len(state_steps) else _pick(state_steps, idx)
-            per_arr = array("d", per(steps))
+            per_arr = per(array("d", map(Tensor.item, steps)))
             args.append(_addr(per_arr))
         fn(*args, nthreads)
         # Writes through raw pointers: tell autograd the tensors changed, as an in-place op would.
@@ -387,9 +389,8 @@ def fused_tiger(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         torch.ops.tigeropt.cpu_tiger(params, grads, exp_avgs, state_steps, *split_lr(lr), beta, weight_decay,
                                      maximize)
         return
-    lr_f = _scalar(lr)
-    hp = [beta, 1 - beta, weight_decay, -lr_f, -1.0 if maximize else 1.0]
-    _launch("tiger", [params, grads, exp_avgs], state_steps, hp, None, fallback, kwargs)
+    hp, per, _ = _kernel_args("tiger", kwargs)  # type: ignore[misc]
+    _launch("tiger", [params, grads, exp_avgs], state_steps, hp, per, fallback, kwargs)
 
 
 def fused_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], state_steps: list[Tensor],
@@ -405,10 +406,9 @@ def fused_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
         torch.ops.tigeropt.cpu_lion(params, grads, exp_avgs, state_steps, *split_lr(lr), beta1, beta2,
                                     weight_decay, maximize)
         return
-    lr_f = _scalar(lr)
-    hp = [beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr_f * weight_decay, -lr_f, -1.0 if maximize else 1.0]
     kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
-    _launch("lion", [params, grads, exp_avgs], state_steps, hp, None, fallback, kwargs)
+    hp, per, _ = _kernel_args("lion", kwargs)  # type: ignore[misc]
+    _launch("lion", [params, grads, exp_avgs], state_steps, hp, per, fallback, kwargs)
 
 
 def fused_adax(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -427,25 +427,9 @@ def fused_adax(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
         torch.ops.tigeropt.cpu_adax(params, grads, exp_avgs, exp_avg_sqs, state_steps, *split_lr(lr), beta1,
                                     beta2, eps, weight_decay, decoupled_weight_decay, maximize)
         return
-    lr_f = _scalar(lr)
-    l2 = weight_decay != 0.0 and not decoupled_weight_decay
-    dec = weight_decay != 0.0 and decoupled_weight_decay
-    hp = [beta1, 1 - beta1, weight_decay, float(l2), 1 - lr_f * weight_decay, float(dec), -lr_f,
-          -1.0 if maximize else 1.0]
-
-    def per(steps: list[Tensor]) -> list[float]:
-        memo: dict[float, tuple[float, float, float]] = {}
-        out: list[float] = []
-        for s in steps:
-            t = s.item()
-            sc = memo.get(t)
-            if sc is None:
-                sc = memo[t] = adax_scalars(t, beta2, eps)
-            out.extend(sc)
-        return out
-
     kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                   decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+    hp, per, _ = _kernel_args("adax", kwargs)  # type: ignore[misc]
     _launch("adax", [params, grads, exp_avgs, exp_avg_sqs], state_steps, hp, per, fallback, kwargs)
 
 
@@ -485,17 +469,140 @@ def fused_adagrad(params: list[Tensor], grads: list[Tensor], state_sums: list[Te
         torch.ops.tigeropt.cpu_adagrad(params, grads, state_sums, state_steps, *split_lr(lr), lr_decay,
                                        weight_decay, eps, glove, grad_clip_value, maximize)
         return
-    lr_f = _scalar(lr)
-    clip = grad_clip_value is not None
-    hp = [weight_decay, float(weight_decay != 0.0), eps, -1.0 if maximize else 1.0, float(glove),
-          float(grad_clip_value) if clip else 0.0, float(clip)]
-
-    def per(steps: list[Tensor]) -> list[float]:
-        if lr_decay == 0.0:
-            return [lr_f] * len(steps)
-        return [lr_f / (1 + (s.item() - 1) * lr_decay) for s in steps]
-
+    hp, per, _ = _kernel_args("adagrad", dict(kwargs, rowwise=False))  # type: ignore[misc]
     _launch("adagrad", [params, grads, state_sums], state_steps, hp, per, fallback, kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- plans
+def _kernel_args(name: str, hyper: dict[str, Any]
+                 ) -> tuple[list[float], Callable[[array], array] | None, bool] | None:
+    """(hp, per, needs_steps) of kernel ``name`` for these hyperparameters; None when it lacks an option.
+
+    ``per`` maps the step values (after the increment) to the per-tensor scalars, ``needs_steps``
+    says whether it reads them.  The same numbers as the launchers above compute.
+    """
+    lr_f = _scalar(hyper["lr"])
+    gs = -1.0 if hyper["maximize"] else 1.0
+    wd = hyper["weight_decay"]
+    if name == "tiger":
+        if hyper.get("lr_scaling") or hyper.get("accumulation_steps", 1) > 1 or hyper.get("nan_guard"):
+            return None
+        beta = hyper["beta"]
+        return [beta, 1 - beta, wd, -lr_f, gs], None, False
+    if name == "lion":
+        b1, b2 = hyper["beta1"], hyper["beta2"]
+        return [b1, 1 - b1, b2, 1 - b2, 1 - lr_f * wd, -lr_f, gs], None, False
+    if name == "adax":
+        b1, b2, eps, dec = hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["decoupled_weight_decay"]
+        l2, decoupled = float(wd != 0.0 and not dec), float(wd != 0.0 and dec)
+        hp = [b1, 1 - b1, wd, l2, 1 - lr_f * wd, decoupled, -lr_f, gs]
+
+        def adax_per(values: array) -> array:
+            if values.count(values[0]) == len(values):  # the usual case: every tensor at the same step
+                return array("d", adax_scalars(values[0], b2, eps)) * len(values)
+            memo: dict[float, tuple[float, float, float]] = {}
+            out = array("d")
+            for t in values:
+                sc = memo.get(t)
+                if sc is None:
+                    sc = memo[t] = adax_scalars(t, b2, eps)
+                out.extend(sc)
+            return out
+
+        return hp, adax_per, True
+    if name == "adagrad":
+        if hyper.get("rowwise") or (hyper["glove"] and hyper["skip_nonfinite_rows"]):
+            return None
+        clip = hyper["grad_clip_value"]
+        hp = [wd, float(wd != 0.0), hyper["eps"], gs, float(hyper["glove"]), float(clip) if clip is not None
+              else 0.0, float(clip is not None)]
+        decay = hyper["lr_decay"]
+
+        def adagrad_per(values: array) -> array:
+            if decay == 0.0:
+                return array("d", [lr_f]) * len(values)
+            return array("d", [lr_f / (1 + (t - 1) * decay) for t in values])
+
+        return hp, adagrad_per, decay != 0.0
+    return None
+
+
+_STEP_CODES = {torch.float32: 0, torch.float64: 1}
+
+
+class StepPlan:
+    """The fused C step of one fixed list of tensors, with its pointer tables built once.
+
+    :meth:`build` takes the parameters, states and step counts of a bucket (None when the kernels
+    cannot take them all); :meth:`run` then reads only the gradients each step: it checks that
+    they fit (contiguous, same sizes), increments the step counts in C and launches the kernel.
+    The caller (the optimizer base) owns invalidation: a plan is only valid while the parameters
+    and state tensors it holds are the ones in use, at the addresses it recorded (``p_ptrs``).
+    """
+
+    def __init__(self, name: str, lib: Any, code: int, params: list[Tensor], states: list[list[Tensor]],
+                 steps: list[Tensor]) -> None:
+        self.name = name
+        self.n = len(params)
+        self.fn = getattr(lib, f"tigeropt_{name}")
+        self.steps_fn = lib.tigeropt_steps
+        self.code = code
+        self.p_ptrs = _ptrs(params)
+        self.state_ptrs = [_ptrs(s) for s in states]
+        self.numel = array("q", map(Tensor.numel, params))
+        self.step_ptrs = _ptrs(steps)
+        self.step_code = _STEP_CODES[steps[0].dtype]
+        self.values = array("d", bytes(8 * self.n))
+        self.bump = [*params, *(t for s in states for t in s)]  # version counters to increment
+        self.keep = (params, states, steps)  # the plan's pointers stay valid while it lives
+
+    @staticmethod
+    def build(name: str, params: list[Tensor], states: list[list[Tensor]],
+              steps: list[Tensor]) -> StepPlan | None:
+        lib = _load()
+        if lib is None or not params or name not in NAMES:
+            return None
+        dummy_grads = params  # same dtype/sizes/layout as the gradients the kernels require
+        groups, other = _split([params, dummy_grads, *states], bool(lib.tigeropt_has_f16()))
+        if other or len(groups) != 1:
+            return None
+        sd = steps[0].dtype
+        if sd not in _STEP_CODES or not all(type(s) in _PLAIN and s.dtype is sd and s.is_cpu
+                                           and s.numel() == 1 and s.is_contiguous() for s in steps):
+            return None
+        return StepPlan(name, lib, next(iter(groups)), params, states, steps)
+
+    def fits(self, grads: list[Tensor]) -> bool:
+        """Whether the kernels take these gradients (dense, contiguous, the parameters' sizes)."""
+        try:
+            if not all(map(Tensor.is_contiguous, grads)):
+                return False
+        except RuntimeError:  # a sparse gradient
+            return False
+        return array("q", map(Tensor.numel, grads)) == self.numel and all(
+            map(_PLAIN.__contains__, map(type, grads)))
+
+    def run(self, grads: list[Tensor], hyper: dict[str, Any]) -> bool:
+        """One step (step counts included); False (nothing done) when the options or gradients do not fit."""
+        args = _kernel_args(self.name, hyper)
+        if args is None or not self.fits(grads):
+            return False
+        hp, per, needs_steps = args
+        values = self.values
+        self.steps_fn(self.n, _addr(self.step_ptrs), self.step_code, _addr(values) if needs_steps else None)
+        hp_arr = array("d", hp)
+        g_ptrs = _ptrs(grads)  # (held in a name: the C call reads it)
+        call: list[Any] = [self.n, self.code, _addr(self.p_ptrs), _addr(g_ptrs),
+                           *[_addr(a) for a in self.state_ptrs], _addr(self.numel), _addr(hp_arr)]
+        if per is not None:
+            per_arr = per(values)
+            call.append(_addr(per_arr))
+        self.fn(*call, torch.get_num_threads())
+        try:
+            torch.autograd.graph.increment_version(self.bump)
+        except RuntimeError:  # inference tensors have no version counter
+            pass
+        return True
 
 
 # ---------------------------------------------------------------------------------------------- custom ops

@@ -651,3 +651,20 @@ int64_t tigeropt_rows(int opt, int dtype, void *p, const void *g, void *s1, void
     free(seg);
     return failed ? -1 : updated;
 }
+
+/* ------------------------------------------------------------------ step counts
+   The step count tensors of one call (0-d, float32 when dtype == 0, else float64): each += 1, as
+   torch's `step += 1` rounds; the new values are written to `out` when it is not NULL. */
+void tigeropt_steps(int n, void *const *steps, int dtype, double *out) {
+    for (int i = 0; i < n; i++) {
+        if (dtype == 0) {
+            float *s = (float *)steps[i];
+            *s = *s + 1.0f;
+            if (out) out[i] = (double)*s;
+        } else {
+            double *s = (double *)steps[i];
+            *s = *s + 1.0;
+            if (out) out[i] = *s;
+        }
+    }
+}
