@@ -13,24 +13,14 @@ from typing import Any
 
 import pytest
 import torch
+from rows_cases import IDS, OPTIMIZERS, sparse_grads, stable_coalesce
 
-from tigeropt import Adagrad, AdaX, Lion, Tiger, _cpu
+from tigeropt import Tiger, _cpu
 from tigeropt._cpu import rows as cpu_rows
 
 if _cpu._find_compiler() is None or not _cpu.available():
     pytest.skip("the fused CPU step cannot be built here", allow_module_level=True)
 
-OPTIMIZERS = [
-    ("tiger", Tiger, dict(lr=0.1, beta=0.9, weight_decay=0.1)),
-    ("tiger-max", Tiger, dict(lr=0.05, beta=0.8, weight_decay=0.0, maximize=True)),
-    ("lion", Lion, dict(lr=0.1, betas=(0.8, 0.95), weight_decay=0.1)),
-    ("adax", AdaX, dict(lr=0.05, weight_decay=0.1)),
-    ("adax-w-max", AdaX, dict(lr=0.05, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
-    ("adagrad", Adagrad, dict(lr=0.1, weight_decay=0.1, lr_decay=0.2, initial_accumulator_value=0.3)),
-    ("glove", Adagrad, dict(lr=0.05, glove=True, grad_clip_value=0.5, weight_decay=0.1)),
-    ("rowwise", Adagrad, dict(lr=0.1, weight_decay=0.1, lr_decay=0.2, rowwise=True, maximize=True)),
-]
-IDS = [n for n, _, _ in OPTIMIZERS]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16] + (
     [torch.float16] if _cpu.supports("tiger", torch.float16) else [])
 TOL = {torch.float32: (1e-6, 1e-6), torch.float64: (1e-14, 1e-13), torch.bfloat16: (1e-6, 8e-3),
@@ -38,44 +28,6 @@ TOL = {torch.float32: (1e-6, 1e-6), torch.float64: (1e-14, 1e-13), torch.bfloat1
 # rows: 1, 17 and 35 (not multiples of the kernel's 16-row scheduling block); 513 > the 512-element
 # conversion block of low-precision rows
 SHAPES = [(1, 3), (17, 5), (35, 513)]
-
-
-def _sparse_grads(rows: int, dim: int, dtype: torch.dtype, steps: int, seed: int) -> list[torch.Tensor]:
-    """Uncoalesced sparse gradients: repeats, a listed all-zero row, duplicates that cancel, the first and
-    last rows, and one step listing nothing."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for s in range(steps):
-        if s == 1:
-            out.append(torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.int64), torch.zeros(0, dim),
-                                               (rows, dim)).to(dtype))
-            continue
-        idx = torch.randint(0, rows, (max(1, rows // 2),), generator=gen).tolist()
-        idx += [0, rows - 1, idx[0]]  # first, last, a repeat
-        vals = torch.randn(len(idx), dim, generator=gen)
-        if rows > 2:
-            idx += [rows // 2, rows // 2, 1]
-            cancel = torch.randn(dim, generator=gen)
-            vals = torch.cat([vals, cancel[None], -cancel[None], torch.zeros(1, dim)])  # cancels; zero row
-        out.append(torch.sparse_coo_tensor(torch.tensor([idx]), vals.to(dtype), (rows, dim)))
-    return out
-
-
-def _stable_coalesce(g: torch.Tensor) -> torch.Tensor:
-    """``g`` coalesced with the kernel's documented order: the rows of a repeated index added in the order
-    they appear, in g's dtype (torch's coalesce adds them in an unspecified order)."""
-    idx, vals = g._indices()[0], g._values()
-    rows = sorted(set(idx.tolist()))
-    out = []
-    for r in rows:
-        ks = (idx == r).nonzero().flatten().tolist()
-        acc = vals[ks[0]].clone()
-        for k in ks[1:]:
-            acc = acc + vals[k]
-        out.append(acc)
-    values = torch.stack(out) if out else vals[:0]
-    return torch.sparse_coo_tensor(torch.tensor([rows], dtype=torch.int64).reshape(1, -1), values, g.shape,
-                                   is_coalesced=True)
 
 
 def _run(cls: type, kwargs: dict, shape: tuple[int, int], dtype: torch.dtype, grads: list[torch.Tensor],
@@ -86,7 +38,7 @@ def _run(cls: type, kwargs: dict, shape: tuple[int, int], dtype: torch.dtype, gr
         if mode == "dense":
             W.grad = g.to_dense()
         elif mode == "coalesced":
-            W.grad = _stable_coalesce(g)
+            W.grad = stable_coalesce(g)
         else:
             W.grad = g
         opt.step()
@@ -113,8 +65,8 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 def test_fused_rows_equal_reference(name: str, cls: type, kwargs: dict, dtype: torch.dtype, mode: str,
                                     kernel_calls: list[bool]) -> None:
     for shape in SHAPES:
-        grads = _sparse_grads(*shape, dtype, steps=4, seed=shape[0])
-        W_ref, st_ref = _run(cls, kwargs, shape, dtype, [_stable_coalesce(g) for g in grads], mode,
+        grads = sparse_grads(*shape, dtype, steps=4, seed=shape[0])
+        W_ref, st_ref = _run(cls, kwargs, shape, dtype, [stable_coalesce(g) for g in grads], mode,
                              dict(foreach=False))
         assert not kernel_calls
         W_c, st_c = _run(cls, kwargs, shape, dtype, grads, mode, {})
@@ -143,7 +95,7 @@ def test_fused_rows_equal_reference(name: str, cls: type, kwargs: dict, dtype: t
                          ids=["tiger", "adax", "rowwise"])
 def test_fused_rows_two_threads_equal_one(name: str, cls: type, kwargs: dict) -> None:
     shape = (301, 257)  # > 2 x 32768 elements: the kernel runs on two threads
-    grads = _sparse_grads(*shape, torch.float32, steps=3, seed=7)
+    grads = sparse_grads(*shape, torch.float32, steps=3, seed=7)
     out = []
     previous = torch.get_num_threads()
     for threads in (1, 2):

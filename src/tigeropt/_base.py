@@ -449,12 +449,18 @@ class TigerOptimizer(Optimizer):
             self._build_plan(group, plan_index, params, buckets, paths)
 
     def _rows_path(self, group: dict[str, Any], device: torch.device) -> str:
-        """How lazy rows and sparse gradients are updated: 'cpu' (the fused C row kernel, where the
-        group's dense step would use the fused C step) or 'reference' (gather, reference rule,
-        scatter)."""
-        if (group["fused"] is None and group["foreach"] is None and not group["capturable"]
-                and device.type == "cpu" and self.kernel is not None and self._fused_ok(group)):
-            return "cpu"
+        """How lazy rows and sparse gradients are updated: 'cpu' (the fused C row kernel) where the
+        group's dense step would take the fused C step, 'fused' (the Triton row kernels) where it
+        would take the Triton kernels, else 'reference' (gather, reference rule, scatter)."""
+        if group["capturable"] or self.kernel is None or not self._fused_ok(group) or group["foreach"]:
+            return "reference"
+        if group["fused"] and (device.type == "cuda" or kernels.interpreter_enabled()):
+            return "fused"
+        if group["fused"] is None and group["foreach"] is None:
+            if device.type == "cpu":
+                return "cpu"
+            if device.type == "cuda" and kernels.triton_usable():
+                return "fused"
         return "reference"
 
     def _rows_update(self, tensors: list[Tensor], step: Tensor, hyper: dict[str, Any],

@@ -78,11 +78,16 @@ def get_impl(name: str, path: str) -> Callable[..., None]:
 def get_rows_impl(name: str, path: str) -> Callable[..., bool]:
     """The fused row launcher of optimizer ``name`` for ``path`` ('cpu': C): called as
     ``fn(p, g, states, step, hyper)``, it updates the rows of ``p`` with a non-zero gradient and
-    returns True, or returns False (changing nothing) when it cannot take the tensors."""
+    returns True, or returns False (changing nothing) when it cannot take the tensors.  'fused':
+    the Triton row kernels (:mod:`tigeropt.kernels.rows`)."""
     if path == "cpu":
         from .._cpu import rows
 
         return functools.partial(rows.fused_rows, name)
+    if path == "fused":
+        from . import rows as triton_rows
+
+        return functools.partial(triton_rows.fused_rows, name)
     raise ValueError(f"unknown row kernel path {path!r}")
 
 
