@@ -229,7 +229,7 @@ class Plan:
     steps: int = 600
     batch: int = 32
     coarse: tuple[tuple[str, float, tuple[float, ...]], ...] = ()
-    refine_caps: tuple[tuple[int, int], ...] = ((2, 1), (8, 3))  # (best, default momentum) per round
+    refine_caps: tuple[tuple[int, int], ...] = ((3, 0), (8, 2))  # (best, default momentum) per round
     demo_steps: int = 300
     seeds: tuple[int, ...] = (1, 2)
     digits_epochs: int = 20
@@ -281,16 +281,12 @@ def as_spec(r: dict[str, Any]) -> Spec:
                 r["accumulation"], r["steps"], r["seed"], r["lr_scaling"], r["model"])
 
 
-def neighbours(s: Spec, decay_steps: bool = True) -> Iterator[Spec]:
-    """lr x/÷ sqrt 2 (lr*wd kept), lr*wd x/÷ 3, and each momentum coordinate one ladder step."""
-    decay = s.lr * s.weight_decay
-    for f in (math.sqrt(2), 1 / math.sqrt(2)):
-        lr = _r(s.lr * f)
-        yield replace(s, lr=lr, weight_decay=_r(decay / lr))
-    if decay_steps:
-        for f in (3.0, 1 / 3):
-            yield replace(s, weight_decay=_r(s.weight_decay * f))
-    for i, ladder in enumerate(LADDERS[s.optimizer]):
+def neighbours(s: Spec, decay_steps: bool = True, momentum_first: bool = True) -> Iterator[Spec]:
+    """One step along each coordinate: the first momentum coordinate (ladder), lr x/÷ sqrt 2 (lr*wd
+    kept), lr*wd x/÷ 3, the other momentum coordinate.  ``momentum_first=False``: lr steps first."""
+
+    def mom_steps(i: int) -> Iterator[Spec]:
+        ladder = LADDERS[s.optimizer][i]
         if s.momentum[i] in ladder:
             j = ladder.index(s.momentum[i])
             for k in (j - 1, j + 1):
@@ -298,6 +294,20 @@ def neighbours(s: Spec, decay_steps: bool = True) -> Iterator[Spec]:
                     mom = list(s.momentum)
                     mom[i] = ladder[k]
                     yield replace(s, momentum=tuple(mom))
+
+    decay = s.lr * s.weight_decay
+    lr_steps = [replace(s, lr=_r(s.lr * f), weight_decay=_r(decay / _r(s.lr * f)))
+                for f in (math.sqrt(2), 1 / math.sqrt(2))]
+    if not momentum_first:
+        yield from lr_steps
+    yield from mom_steps(0)
+    if momentum_first:
+        yield from lr_steps
+    if decay_steps:
+        for f in (3.0, 1 / 3):
+            yield replace(s, weight_decay=_r(s.weight_decay * f))
+    for i in range(1, len(s.momentum)):
+        yield from mom_steps(i)
 
 
 def _where(main: dict[str, Any], name: str, mom: tuple[float, ...] | None) -> dict[str, Any]:
@@ -399,7 +409,7 @@ def _batch(plan: Plan, records: Records, main: dict[str, Any]) -> Iterator[tuple
             top_b = best(records, **where_b, optimizer=name)
             if top_b is None or len(matching(records, **where_b, optimizer=name)) >= (1 if plan.small else 4):
                 continue
-            for n in neighbours(as_spec(top_b), decay_steps=False):
+            for n in neighbours(as_spec(top_b), decay_steps=False, momentum_first=False):
                 if n.key() not in records:
                     yield "batch", n
                     break

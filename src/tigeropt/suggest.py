@@ -37,10 +37,10 @@ def _horizon(steps: int) -> float:
 
 def suggest_hparams(optimizer: str, *, adamw_lr: float, adamw_weight_decay: float, steps: int,
                     batch_size: int | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``optimizer`` ("tiger", "lion" or "adamw") from a tuned AdamW's.
+    """Keyword arguments for ``optimizer`` ("tiger" or "lion") from a tuned AdamW's.
 
     Args:
-        optimizer: "tiger" or "lion" (or "adamw": AdamW's own settings back).
+        optimizer: "tiger" or "lion".
         adamw_lr: AdamW's tuned (peak) learning rate.
         adamw_weight_decay: AdamW's decoupled weight decay (``torch.optim.AdamW``'s).
         steps: the run's length in optimizer steps (after gradient accumulation).
@@ -50,7 +50,7 @@ def suggest_hparams(optimizer: str, *, adamw_lr: float, adamw_weight_decay: floa
 
     Returns:
         ``{"lr", "weight_decay", "beta"}`` for Tiger, ``{"lr", "weight_decay", "betas"}`` for
-        Lion (and AdamW), ready for ``Tiger(model.parameters(), **kwargs)``.
+        Lion, ready for ``Tiger(model.parameters(), **kwargs)``.
 
     Example::
 
@@ -60,8 +60,8 @@ def suggest_hparams(optimizer: str, *, adamw_lr: float, adamw_weight_decay: floa
     if not isinstance(optimizer, str):
         raise TypeError(f"optimizer must be a str, got {type(optimizer).__name__}")
     name = optimizer.lower()
-    if name not in ("tiger", "lion", "adamw"):
-        raise ValueError(f"Invalid optimizer: {optimizer!r} (one of 'tiger', 'lion', 'adamw')")
+    if name not in ("tiger", "lion"):
+        raise ValueError(f"Invalid optimizer: {optimizer!r} (one of 'tiger', 'lion')")
     for arg, value in (("adamw_lr", adamw_lr), ("adamw_weight_decay", adamw_weight_decay)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{arg} must be a float, got {type(value).__name__}")
@@ -76,8 +76,6 @@ def suggest_hparams(optimizer: str, *, adamw_lr: float, adamw_weight_decay: floa
             raise TypeError(f"{arg} must be an int, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"Invalid {arg}: {value!r} (must be >= 1)")
-    if name == "adamw":
-        return dict(lr=float(adamw_lr), weight_decay=float(adamw_weight_decay), betas=(0.9, 0.999))
     lr = float(f"{adamw_lr / LR_RATIO:.3g}")
     wd = float(f"{adamw_weight_decay * LR_RATIO:.3g}")
     beta = round(1 - 1 / _horizon(steps), 3)
