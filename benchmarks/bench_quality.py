@@ -14,13 +14,16 @@ Runs are taken in priority order, stage by stage:
    Lion paper recommends: ``lr * wd`` (the decay per step) is held at a fixed value.
 2. ``refine``  coordinate search around each optimizer's best: lr x/÷ sqrt 2, lr*wd x/÷ 3,
    the neighbouring momentum values, until the best is surrounded (or a run cap).
-3. ``seeds``   seeds 1, 2 for each optimizer's best and, for Tiger/Lion, the best at the
-   original's default momentum.
+3. ``suggest`` Tiger and Lion at ``tigeropt.suggest_hparams`` from AdamW's best; ``seeds``:
+   seeds 1, 2 for each optimizer's best setting.
 4. ``digits``  scikit-learn's 8x8 digits, small CNN: lr x momentum grid, 3 seeds each.
-5. ``lr_scaling``  Tiger with the original's ``lr_scaling`` (its lr and wd), a few betas.
-6. ``batch``   fixed budget of 19,200 windows: batch 128 x 150 steps and 512 x 38 steps
-   (gradient accumulation over micro-batches of 32), lr x momentum per optimizer.
-7. ``long``    3,000 steps at batch 32 (5x the windows), the best settings and defaults.
+5. ``demo``    the demo's length (300 steps): its AdamW recipe, Tiger/Lion at the suggestion
+   and at their default momentum.
+6. ``long``    3,000 steps at batch 32 (5x the windows): the best 600-step settings, several betas.
+7. ``batch``   fixed budget of 19,200 windows: batch 128 x 150 steps and 512 x 38 steps
+   (gradient accumulation over micro-batches of 32), lr steps around the batch-32 best.
+8. ``lr_scaling``  Tiger with the original's ``lr_scaling`` (its lr and wd), a few betas.
+9. more ``refine`` and ``seeds`` rounds.
 
 Metric: held-out cross-entropy (nats/char) on fixed batches of unseen stdlib files after
 the last step (digits: test loss/accuracy).  Same init, batches, warm-up + cosine schedule
@@ -346,6 +349,19 @@ def _seeds(plan: Plan, records: Records, main: dict[str, Any]) -> Iterator[tuple
                 yield "seeds", replace(as_spec(top), seed=seed)
 
 
+def _suggested(plan: Plan, records: Records, main: dict[str, Any]) -> Iterator[tuple[str, Spec]]:
+    """Tiger and Lion at what suggest_hparams proposes from AdamW's best (seed 0) setting."""
+    adamw = best(records, **_where(main, "adamw", None))
+    if adamw is None:
+        return
+    for name in ("tiger", "lion"):
+        hp = suggest_hparams(name, adamw_lr=adamw["lr"], adamw_weight_decay=adamw["weight_decay"],
+                             steps=main["steps"], batch_size=main["batch_size"])
+        mom = (hp["beta"],) if name == "tiger" else hp["betas"]
+        yield "suggest", spec("charlm", name, hp["lr"], 0, mom, wd=hp["weight_decay"],
+                              batch_size=main["batch_size"], steps=main["steps"], model=main["model"])
+
+
 def _digits(plan: Plan) -> Iterator[tuple[str, Spec]]:
     """lr x momentum, 3 seeds each (cheap)."""
     steps = plan.digits_epochs * math.ceil(1347 / 64)  # 1347 training images in the 75/25 split
@@ -430,6 +446,7 @@ def stages(plan: Plan, records: dict[str, dict[str, Any]]) -> Iterator[tuple[str
         yield "coarse", spec("charlm", name, lr, LM_DECAY, mom, batch_size=plan.batch, steps=plan.steps,
                              model=plan.model)
     yield from _refine(plan, records, main, plan.refine_caps[0])
+    yield from _suggested(plan, records, main)
     yield from _seeds(plan, records, main)
     yield from _digits(plan)
     yield from _demo(plan, main)
@@ -540,10 +557,10 @@ def regime_table(records: dict[str, dict[str, Any]], where: dict[str, Any], titl
 
         ranked = sorted(settings.values(), key=score)
         rows.append((f"{LABELS[name]}, best", ranked[0][0]))
-        if name != "adamw":
-            default = [g for g in ranked if tuple(g[0]["momentum"]) == DEFAULT_MOMENTUM[name]]
-            if default and default[0] is not ranked[0]:
-                rows.append((f"{LABELS[name]}, default momentum", default[0][0]))
+        default = [g for g in ranked if tuple(g[0]["momentum"]) == DEFAULT_MOMENTUM[name]]
+        if default and default[0] is not ranked[0]:
+            rows.append((f"{LABELS[name]}, default {'betas' if len(DEFAULT_MOMENTUM[name]) > 1 else 'beta'}",
+                         default[0][0]))
     if not rows:
         return []
     ref_rows = [r for label, r in rows if label.startswith("AdamW")]
@@ -634,7 +651,10 @@ def report(args: argparse.Namespace) -> Path:
     regimes = [(f"char-LM, batch {plan.batch} x {plan.steps} steps (the demo's batch)", main)]
     regimes += [(f"char-LM, batch {b} x {s} steps (accumulation {b // plan.batch} x {plan.batch})",
                  dict(main, batch_size=b, steps=s)) for b, s in plan.batch_regimes]
-    regimes += [(f"char-LM, batch {plan.batch} x {plan.long_steps} steps", dict(main, steps=plan.long_steps))]
+    regimes += [(f"char-LM, batch {plan.batch} x {plan.long_steps} steps", dict(main, steps=plan.long_steps)),
+                (f"char-LM, batch {plan.batch} x {plan.demo_steps} steps (the demo's default length; AdamW: "
+                 "the demo's recipe, Tiger/Lion: suggest_hparams and the default momentum)",
+                 dict(main, steps=plan.demo_steps))]
     digits = dict(task="digits", model="cnn")
     lines = ["# Training-quality study (CPU)", "",
              f"`python benchmarks/bench_quality.py --threads {any_r['threads']} --out <dir>` "
@@ -661,7 +681,7 @@ def report(args: argparse.Namespace) -> Path:
         lines.append("")
     lines += regime_table(records, digits, "sklearn digits, small CNN (20 epochs, batch 64; mean of 3 seeds)")
     png = args.out / "quality-study.png"
-    shown = regimes[:1] + regimes[-1:] + [("digits CNN", digits)]
+    shown = regimes[:1] + regimes[-2:-1] + [("digits CNN", digits)]
     if not getattr(args, "no_plot", False) and plot(records, shown, png):
         lines += [f"![loss curves]({png.name})", ""]
     md = args.out / "quality-study.md"

@@ -39,7 +39,7 @@ def test_quick_study_writes_one_record_per_run_for_every_stage(bench, quick_run:
     records = read(quick_run)
     assert len({bench.as_spec(r).key() for r in records}) == len(records)  # no run twice
     stages = {r["stage"] for r in records}
-    expected = {"coarse", "refine", "seeds", "demo", "lr_scaling", "batch", "long"}
+    expected = {"coarse", "refine", "suggest", "seeds", "demo", "lr_scaling", "batch", "long"}
     if bench.load_digits() is not None:
         expected.add("digits")
     assert stages == expected

@@ -12,7 +12,8 @@ import torch
 import tigeropt
 from tigeropt import demo, suggest_hparams
 
-STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quality-study-2026-11-30.jsonl"
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+STUDY = RESULTS / "quality-study-2026-11-30" / "quality-runs.jsonl"
 MAIN = dict(task="charlm", batch_size=32, steps=600, model="d128-l2-h4-c64", lr_scaling=False, seed=0)
 
 
