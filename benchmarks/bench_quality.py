@@ -22,7 +22,8 @@ Runs are taken in priority order, stage by stage:
 6. ``long``    3,000 steps at batch 32 (5x the windows): the best 600-step settings, several betas.
 7. ``batch``   fixed budget of 19,200 windows: batch 128 x 150 steps and 512 x 38 steps
    (gradient accumulation over micro-batches of 32), lr steps around the batch-32 best.
-8. ``lr_scaling``  Tiger with the original's ``lr_scaling`` (its lr and wd), a few betas.
+8. ``lr_scaling``  Tiger with the original's ``lr_scaling`` (its wd 0.01), a few lr.
+   (Stages 6-8 are interleaved: the most telling runs of each first.)
 9. more ``refine`` and ``seeds`` rounds.
 
 Metric: held-out cross-entropy (nats/char) on fixed batches of unseen stdlib files after
@@ -358,6 +359,10 @@ def _suggested(plan: Plan, records: Records, main: dict[str, Any]) -> Iterator[t
         hp = suggest_hparams(name, adamw_lr=adamw["lr"], adamw_weight_decay=adamw["weight_decay"],
                              steps=main["steps"], batch_size=main["batch_size"])
         mom = (hp["beta"],) if name == "tiger" else hp["betas"]
+        if any(math.isclose(r["lr"], hp["lr"], rel_tol=0.01)
+               and math.isclose(r["weight_decay"], hp["weight_decay"], rel_tol=0.01)
+               for r in matching(records, **_where(main, name, mom))):
+            continue  # already run (up to the rounding of wd)
         yield "suggest", spec("charlm", name, hp["lr"], 0, mom, wd=hp["weight_decay"],
                               batch_size=main["batch_size"], steps=main["steps"], model=main["model"])
 
@@ -391,26 +396,26 @@ def _demo(plan: Plan, main: dict[str, Any]) -> Iterator[tuple[str, Spec]]:
             yield "demo", spec("charlm", name, hp["lr"], 0, m, wd=hp["weight_decay"], **kw)
 
 
-def _long(plan: Plan, records: Records, main: dict[str, Any]) -> Iterator[tuple[str, Spec]]:
+LONG_ORDER: list[tuple[str, tuple[float, ...] | None]] = [
+    ("adamw", None), ("tiger", None), ("tiger", (0.965,)), ("tiger", (0.9,)), ("lion", None),
+    ("lion", (0.9, 0.99))]
+
+
+def _long(plan: Plan, records: Records, main: dict[str, Any], part: slice) -> Iterator[tuple[str, Spec]]:
     """``long_steps`` steps (batch as main) at the best 600-step lr/wd, for several momenta."""
-    seen = set()
-    order = [("adamw", None), ("tiger", None), ("tiger", (0.9,)), ("tiger", (0.965,)), ("lion", None),
-             ("lion", (0.9, 0.99))]
-    for name, mom in order[:plan.long_cap]:
+    for name, mom in LONG_ORDER[:plan.long_cap][part]:
         top = best(records, **_where(main, name, mom))
         if top is None and mom is not None:  # this momentum not tried at 600 steps: the best's lr/wd
             top = best(records, **_where(main, name, None))
             top = None if top is None else dict(top, momentum=list(mom))
         if top is not None:
-            s = replace(as_spec(top), steps=plan.long_steps)
-            if s.key() not in seen:
-                seen.add(s.key())
-                yield "long", s
+            yield "long", replace(as_spec(top), steps=plan.long_steps)
 
 
-def _batch(plan: Plan, records: Records, main: dict[str, Any]) -> Iterator[tuple[str, Spec]]:
-    """Same number of windows at larger batches: the batch-32 best at lr x 1, 2, then lr neighbours."""
-    for batch, steps in plan.batch_regimes:
+def _batch(plan: Plan, records: Records, main: dict[str, Any], regimes: slice,
+           more: bool) -> Iterator[tuple[str, Spec]]:
+    """Same number of windows at larger batches: the batch-32 best at lr x 1, 2 (``more``: then lr steps)."""
+    for batch, steps in plan.batch_regimes[regimes]:
         where_b = dict(main, batch_size=batch, steps=steps, seed=0)
         for name in OPTIMIZERS:
             top = best(records, **_where(main, name, None))
@@ -423,7 +428,8 @@ def _batch(plan: Plan, records: Records, main: dict[str, Any]) -> Iterator[tuple
                 lr = _r(s0.lr * f)
                 yield "batch", replace(s0, lr=lr, weight_decay=_r(decay / lr))
             top_b = best(records, **where_b, optimizer=name)
-            if top_b is None or len(matching(records, **where_b, optimizer=name)) >= (1 if plan.small else 4):
+            tried = len(matching(records, **where_b, optimizer=name))
+            if not more or top_b is None or tried >= (1 if plan.small else 4):
                 continue
             for n in neighbours(as_spec(top_b), decay_steps=False, momentum_first=False):
                 if n.key() not in records:
@@ -433,8 +439,8 @@ def _batch(plan: Plan, records: Records, main: dict[str, Any]) -> Iterator[tuple
 
 def _lr_scaling(plan: Plan) -> Iterator[tuple[str, Spec]]:
     """Tiger's lr_scaling (lr relative to each tensor's RMS): the original's wd 0.01, a few lr and betas."""
-    for beta in ((0.965,),) if plan.small else ((0.8,), (0.965,)):
-        for lr in (1e-2,) if plan.small else (1e-2, 3e-3, 3e-2):
+    for beta in ((0.965,),) if plan.small else ((0.8,),):
+        for lr in (1e-2,) if plan.small else (1e-2, 2e-2, 5e-3):
             yield "lr_scaling", spec("charlm", "tiger", lr, 0, beta, batch_size=plan.batch, steps=plan.steps,
                                      lr_scaling=True, wd=0.01, model=plan.model)
 
@@ -450,9 +456,12 @@ def stages(plan: Plan, records: dict[str, dict[str, Any]]) -> Iterator[tuple[str
     yield from _seeds(plan, records, main)
     yield from _digits(plan)
     yield from _demo(plan, main)
-    yield from _long(plan, records, main)
-    yield from _batch(plan, records, main)
+    yield from _long(plan, records, main, slice(0, 4))
     yield from _lr_scaling(plan)
+    yield from _batch(plan, records, main, slice(0, 1), more=False)
+    yield from _long(plan, records, main, slice(4, None))
+    yield from _batch(plan, records, main, slice(1, None), more=False)
+    yield from _batch(plan, records, main, slice(None), more=True)
     for caps in plan.refine_caps[1:]:
         yield from _refine(plan, records, main, caps)
         yield from _seeds(plan, records, main)

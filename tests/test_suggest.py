@@ -70,9 +70,10 @@ def test_bad_input(kwargs: dict, error: type, match: str) -> None:
 
 @pytest.mark.parametrize("name", ["tiger", "lion"])
 def test_reproduces_the_study_at_the_demo_batch_size(name: str) -> None:
-    """From AdamW's best setting, the suggestion is a setting the study ran (seed 0) that is within
-    1% of the best the search found for that optimizer and within 2% of AdamW's best (the target);
-    its lr is within one grid step (x/÷ sqrt 2) of the best lr."""
+    """From AdamW's best setting in the study (batch 32 x 600 steps), the suggestion is a setting
+    the study ran whose held-out loss is within 1% of the best the search found for that optimizer
+    (1%: about the seed-to-seed spread of the best settings), with the best's lr up to one grid
+    step (x/÷ sqrt 2) and its momentum up to one ladder step away."""
     adamw = best(**MAIN, optimizer="adamw")
     kw = suggest_hparams(name, adamw_lr=adamw["lr"], adamw_weight_decay=adamw["weight_decay"], steps=600,
                          batch_size=32)
@@ -83,8 +84,10 @@ def test_reproduces_the_study_at_the_demo_batch_size(name: str) -> None:
     assert ran, f"the study has no run of the suggested {kw}"
     top = best(**MAIN, optimizer=name)
     assert ran[0]["heldout_loss"] <= 1.01 * top["heldout_loss"]
-    assert ran[0]["heldout_loss"] <= 1.02 * adamw["heldout_loss"]
     assert top["lr"] / math.sqrt(2) * 0.99 <= kw["lr"] <= top["lr"] * math.sqrt(2) * 1.01
+    ladder = [0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.965, 0.99]
+    for suggested, found in zip(mom, top["momentum"]):
+        assert abs(ladder.index(suggested) - ladder.index(found)) <= 1
 
 
 def test_demo_uses_the_suggestion_for_its_length() -> None:
