@@ -408,3 +408,63 @@ def test_property_nonfinite_gradients_zero_rows_and_huge_step_counts_agree_on_ev
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True, msg=path)
             assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), path
+
+
+# ------------------------------------------------------------------ 9. the wrappers and helpers too
+def _wrapper_cases() -> list[tuple[str, Any, type, str]]:
+    from tigeropt import (
+        GradNormCritic,
+        LazyOptimizer,
+        MixedOptimizer,
+        describe,
+        embedding_weights,
+        gradient_penalty,
+        kind_groups,
+        param_groups,
+        split_embeddings,
+    )
+
+    m = torch.nn.Sequential(torch.nn.Embedding(5, 2), torch.nn.Linear(2, 1))
+    real, fake = torch.randn(3, 2), torch.randn(3, 2)
+    critic = torch.nn.Linear(2, 1)
+    return [
+        ("param_groups lr str", lambda: param_groups(m, "0.1"), TypeError, "lr"),
+        ("param_groups lr nan", lambda: param_groups(m, math.nan), ValueError, "lr"),
+        ("param_groups wd inf", lambda: param_groups(m, 0.1, math.inf), ValueError, "weight_decay"),
+        ("param_groups layer_decay bool", lambda: param_groups(m, 0.1, layer_decay=True), TypeError,
+         "layer_decay"),
+        ("param_groups model", lambda: param_groups("m", 0.1), TypeError, "model"),
+        ("describe max_names", lambda: describe([], max_names="a"), TypeError, "max_names"),
+        ("kind_groups model", lambda: kind_groups(5), TypeError, "model"),
+        ("embedding_weights model", lambda: embedding_weights(5), TypeError, "model"),
+        ("LazyOptimizer optimizer", lambda: LazyOptimizer(5, m), TypeError, "Optimizer"),
+        ("LazyOptimizer params", lambda: LazyOptimizer(Tiger(m.parameters()), 5), TypeError, "params"),
+        ("MixedOptimizer optimizer", lambda: MixedOptimizer(5), TypeError, "Optimizer"),
+        ("MixedOptimizer empty", lambda: MixedOptimizer(), ValueError, "at least one"),
+        ("split_embeddings model", lambda: split_embeddings(5), TypeError, "model"),
+        ("split_embeddings factory", lambda: split_embeddings(m, 5), TypeError, "embedding_optimizer"),
+        ("GradNormCritic critic", lambda: GradNormCritic(5), TypeError, "critic"),
+        ("GradNormCritic variant", lambda: GradNormCritic(critic, variant="wgan"), ValueError, "variant"),
+        ("GradNormCritic variant type", lambda: GradNormCritic(critic, variant=3), TypeError, "variant"),
+        ("GradNormCritic eps", lambda: GradNormCritic(critic, eps="x"), TypeError, "eps"),
+        ("GradNormCritic eps nan", lambda: GradNormCritic(critic, eps=math.nan), ValueError, "eps"),
+        ("GradNormCritic lipschitz bool", lambda: GradNormCritic(critic, lipschitz=True), TypeError,
+         "lipschitz"),
+        ("GradNormCritic lipschitz 0", lambda: GradNormCritic(critic, lipschitz=0.0), ValueError,
+         "lipschitz"),
+        ("gradient_penalty weight inf", lambda: gradient_penalty(critic, real, fake, weight=math.inf),
+         ValueError, "weight"),
+        ("gradient_penalty weight str", lambda: gradient_penalty(critic, real, fake, weight="a"), TypeError,
+         "weight"),
+        ("gradient_penalty target", lambda: gradient_penalty(critic, real, fake, target=math.nan), ValueError,
+         "target"),
+    ]
+
+
+WRAPPER_CASES = _wrapper_cases()
+
+
+@pytest.mark.parametrize("what,call,error,named", WRAPPER_CASES, ids=[c[0] for c in WRAPPER_CASES])
+def test_wrappers_and_helpers_reject_bad_arguments(what: str, call: Any, error: type, named: str) -> None:
+    with pytest.raises(error, match=named):
+        call()

@@ -39,6 +39,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._validate import check_choice, check_number
+
 __all__ = ["GradNormCritic", "gradient_penalty", "input_grad_norm"]
 
 _VARIANTS = ("gn", "gran")
@@ -129,15 +131,12 @@ class GradNormCritic(nn.Module):
                  lipschitz: float = 1.0) -> None:
         super().__init__()
         if not isinstance(critic, nn.Module):
-            raise ValueError(f"Invalid critic: expected an nn.Module, got {type(critic).__name__}")
-        if variant not in _VARIANTS:
-            raise ValueError(f"Invalid variant: {variant!r} (must be one of {_VARIANTS})")
+            raise TypeError(f"Invalid type for critic: expected an nn.Module, got {type(critic).__name__}")
+        check_choice("variant", variant, _VARIANTS)
         if eps is None:
             eps = 0.0 if variant == "gn" else 1e-4
-        if not (isinstance(eps, (int, float)) and eps >= 0.0 and eps != float("inf")):
-            raise ValueError(f"Invalid eps: {eps!r} (must be a finite number >= 0)")
-        if not (isinstance(lipschitz, (int, float)) and 0.0 < lipschitz < float("inf")):
-            raise ValueError(f"Invalid lipschitz: {lipschitz!r} (must be a finite number > 0)")
+        check_number("eps", eps, 0.0)
+        check_number("lipschitz", lipschitz, 0.0, lo_open=True)
         self.critic = critic
         self.variant = variant
         self.eps = float(eps)
@@ -176,8 +175,8 @@ def gradient_penalty(critic: nn.Module, real: Tensor, fake: Tensor, weight: floa
     _check_input(fake, "fake")
     if real.shape != fake.shape:
         raise ValueError(f"Invalid fake shape: {tuple(fake.shape)} (must match real's {tuple(real.shape)})")
-    if not (isinstance(weight, (int, float)) and weight >= 0.0):
-        raise ValueError(f"Invalid weight: {weight!r} (must be a number >= 0)")
+    check_number("weight", weight, 0.0)
+    check_number("target", target, 0.0)
     batch = real.shape[0]
     if alpha is None:
         alpha = torch.rand(batch, generator=generator, dtype=real.dtype, device=real.device)

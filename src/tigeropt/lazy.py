@@ -40,12 +40,18 @@ __all__ = ["LazyOptimizer", "embedding_weights"]
 EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
 
+def _check_module(name: str, value: Any) -> None:
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"Invalid type for {name}: expected an nn.Module, got {type(value).__name__}")
+
+
 def embedding_weights(model: nn.Module, types: tuple[type[nn.Module], ...] = EMBEDDING_TYPES) -> list[Tensor]:
     """The weights of every ``nn.Embedding``/``nn.EmbeddingBag`` (or ``types``) inside ``model``.
 
     Each tensor appears once, in module order (a weight tied to an output layer
     is still listed, once); weights with ``requires_grad=False`` are left out.
     """
+    _check_module("model", model)
     out: list[Tensor] = []
     seen: set[int] = set()
     for module in model.modules():
@@ -210,6 +216,9 @@ class LazyOptimizer(_WrapperOptimizer):
     def _resolve(self, params: Iterable[Tensor | nn.Module] | nn.Module) -> list[Tensor]:
         if isinstance(params, Tensor):
             raise TypeError("LazyOptimizer: params must be an iterable of tensors or modules, got a Tensor")
+        if not isinstance(params, (nn.Module, Iterable)):
+            raise TypeError(f"Invalid type for params: expected tensors or modules, "
+                            f"got {type(params).__name__}")
         items = [params] if isinstance(params, nn.Module) else list(params)
         tensors: list[Tensor] = []
         for item in items:

@@ -304,6 +304,10 @@ def split_embeddings(model: nn.Module, embedding_optimizer: OptimizerFactory | N
     drift — and :class:`tigeropt.Tiger` with its defaults for the rest.  The
     returned optimizer's ``optimizers[0]`` is the embedding optimizer.
     """
+    for name, factory in (("embedding_optimizer", embedding_optimizer), ("other_optimizer", other_optimizer)):
+        if factory is not None and not callable(factory):
+            raise TypeError(f"Invalid type for {name}: expected an optimizer class or a callable taking a "
+                            f"list of tensors, got {type(factory).__name__}")
     emb = embedding_weights(model, types)
     if not emb:
         raise ValueError(f"split_embeddings: model has no trainable {'/'.join(t.__name__ for t in types)} "

@@ -58,7 +58,6 @@ so the head keeps ``lr``, the top block gets ``lr*decay``, the embeddings ``lr*d
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +65,8 @@ from typing import Any
 
 from torch import Tensor, nn
 from torch.optim import Optimizer
+
+from ._validate import check_int, check_number
 
 __all__ = ["param_groups", "describe", "ParamGroups", "DEFAULT", "DEFAULT_NO_DECAY", "DEFAULT_EMBEDDINGS",
            "DEFAULT_BLOCK_PATTERN", "NORM_TYPES", "BIAS_PATTERN"]
@@ -139,10 +140,7 @@ class ParamGroups(list):
 
 
 def _check_number(value: Any, name: str, positive: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
-        value > 0 if positive else value >= 0)
-    if not ok:
-        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number {'>' if positive else '>='} 0)")
+    check_number(name, value, 0.0, lo_open=positive)
     return float(value)
 
 
@@ -275,7 +273,7 @@ def param_groups(
         a :class:`ParamGroups` (a list of dicts; ``str()`` is :func:`describe`).
     """
     if not isinstance(model, nn.Module):
-        raise ValueError(f"Invalid model: {type(model).__name__} (must be an nn.Module)")
+        raise TypeError(f"Invalid type for model: expected an nn.Module, got {type(model).__name__}")
     lr = _check_number(lr, "lr")
     weight_decay = _check_number(weight_decay, "weight_decay")
     if layer_decay is not None:
@@ -400,6 +398,7 @@ def describe(groups: Iterable[Mapping[str, Any]] | Optimizer, max_names: int = 3
 
     ``groups`` may be :func:`param_groups`' result, any list of group dicts, or an optimizer.
     """
+    check_int("max_names", max_names, 0)
     if isinstance(groups, Optimizer):
         groups = groups.param_groups
     groups = list(groups)

@@ -217,6 +217,8 @@ def kind_groups(model: nn.Module, **options: Any) -> list[dict[str, Any]]:
     normalization layers "norm", other tensors with ndim <= 1 "bias", the rest
     "dense".  ``options`` (e.g. ``lr=...``) are copied into every group.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Invalid type for model: expected an nn.Module, got {type(model).__name__}")
     by_kind: dict[str, list[Tensor]] = {k: [] for k in KINDS[1:]}
     seen: set[int] = set()
     for module in model.modules():
