@@ -259,7 +259,7 @@ def test_bad_arguments() -> None:
         GradNormCritic(HalfSquare(), "gran", eps=-0.1)
     with pytest.raises(ValueError, match="Invalid lipschitz: 0"):
         GradNormCritic(HalfSquare(), "gran", lipschitz=0)
-    with pytest.raises(ValueError, match="Invalid critic"):
+    with pytest.raises(TypeError, match="critic"):
         GradNormCritic(lambda x: x)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="Invalid x shape"):
         GradNormCritic(HalfSquare())(torch.tensor(1.0))
