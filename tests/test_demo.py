@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -100,4 +101,32 @@ def test_bad_arguments_and_progress_without_tqdm(monkeypatch: pytest.MonkeyPatch
         report(step, 1.5)
     report(None, 1.5)
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 10 and lines[-1].split() == ["Tiger", "step", "20/20", "loss", "1.500"]
+    assert len(lines) == 10 and lines[-1].split() == ["Tiger", "step", "20/20", "batch", "loss", "1.500"]
+
+
+def test_footer_names_only_what_ran_and_thread_grammar(capsys: pytest.CaptureFixture[str]) -> None:
+    torch_threads = torch.get_num_threads()
+    try:
+        demo.main(["--steps", "2", "--optimizers", "tiger", "--threads", "1", *TINY])
+    finally:
+        torch.set_num_threads(torch_threads)
+    out = capsys.readouterr().out
+    assert re.search(r", 1 thread$", out, flags=re.M) and "1 threads" not in out
+    assert "AdaX" not in out and "AdamW" not in out  # the footer speaks of what ran
+    assert "progress bar showed single training batches" in out
+    demo.main(["--steps", "2", "--optimizers", "adamw,adax", *TINY])
+    out = capsys.readouterr().out
+    assert "AdaX-W is AdaX with decoupled weight decay" in out and "AdamW uses torch's fused kernel" in out
+
+
+def test_plot_saves_a_png_of_the_loss_curves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (pip install -e '.[demo]')")
+    path = tmp_path / "sub" / "curves.png"
+    demo.main(["--steps", "3", "--optimizers", "tiger,lion", "--plot", str(path), *TINY])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    assert f"Loss curves: {path}" in capsys.readouterr().out
+
+
+def test_smooth_is_a_trailing_mean() -> None:
+    assert demo.smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert demo.smooth([2.0], 20) == [2.0]
