@@ -1,9 +1,10 @@
 """Optimizer step benchmark: tigeropt's paths against torch.optim and peer libraries.
 
     python benchmarks/bench_step.py                          # CUDA if present, else CPU
-    python benchmarks/bench_step.py --device cpu --threads 2 # the issue's CPU case and small tensors
+    python benchmarks/bench_step.py --device cpu --threads 2 # 24M parameters on CPU, and small tensors
     python benchmarks/bench_step.py --device cuda --layouts gpt2,1b,small,small-flat
     python benchmarks/bench_step.py --quick                  # a smoke run (tiny layouts, few steps)
+    python benchmarks/bench_step.py --out benchmarks/results # also write the tables and charts
 
 An optimizer step is memory-bound: its floor is the bytes it must move over the device's copy
 bandwidth.  Bytes per fp32 parameter: Tiger, Lion and Adagrad 20 (read p, g, state; write p,
@@ -16,7 +17,7 @@ smaller than ``--min-bytes`` (default: 4x the last-level cache or 256 MiB), seve
 the parameters, gradients and states are stepped in turn so no step finds its data in cache.
 
 Layouts (``--layouts``):
-  cpu24m      24M fp32 parameters in 50 tensors (the issue's CPU target case)
+  cpu24m      24M fp32 parameters in 50 tensors (a mid-sized model on CPU; the CPU targets)
   gpt2        GPT-2-small-like tensor list (124M parameters, 148 tensors)
   1b          ~1B-parameter LLaMA-like transformer (d=2048, 18 layers, untied head)
   small       2,000 small tensors (``--small-size`` elements each)
@@ -30,9 +31,11 @@ torch.optim.AdamW (fused, foreach); torch.optim.Adagrad (fused, foreach); lion-p
 and triton on CUDA); bitsandbytes Lion/Adagrad 32-bit; pytorch_optimizer Lion/Tiger: each where
 installed, otherwise listed as skipped with the reason.
 
-Writes ``benchmarks/results/<date>-<device>.md`` (the tables, with device, torch/triton
-versions, thread count, copy bandwidth and the issue's targets checked) and ``.png`` (bar
-charts; needs matplotlib, skipped with a note otherwise).
+Prints the tables and the speed targets checked (tigeropt's fused steps against torch's fused
+AdamW/Adagrad and the copy bandwidth).  With ``--out DIR`` (e.g. ``benchmarks/results``) it also
+writes ``DIR/<date>-<device>.md`` (the tables, with device, torch/triton versions, thread count,
+copy bandwidth and the targets checked) and ``.png`` (bar charts; needs matplotlib, skipped with
+a note otherwise); without ``--out`` nothing is written.
 """
 
 from __future__ import annotations
@@ -579,12 +582,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="steps: all rows' optimizers alive, one step of each in turn (CPU default: fair "
                          "under drifting load); rows: one row after the other (CUDA default: less memory)")
     ap.add_argument("--target-steps", type=int, default=100,
-                    help="CPU: steps of the head-to-head run of the target rows on cpu24m (0: skip)")
+                    help="CPU: steps of the head-to-head run of the rows the speed targets compare, on "
+                         "cpu24m (0: skip)")
     ap.add_argument("--no-reference", action="store_true", help="skip the slow reference rows")
     ap.add_argument("--only", default=None, help="regex: run only rows whose label matches")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny layout, 3 steps")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--out", type=Path, default=None, metavar="DIR",
+                    help="write the .md tables and .png charts into DIR, e.g. benchmarks/results "
+                         "(default: print only, write nothing)")
+    ap.add_argument("--no-write", action="store_true", help="write nothing even with --out")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -673,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(header + body + ["", "## Targets", ""] + (targets or ["- none checked by this run"]))
     text += "\n"
     print("\n## Targets\n" + "\n".join(targets), flush=True)
-    if not args.no_write:
+    if args.out is not None and not args.no_write:
         args.out.mkdir(parents=True, exist_ok=True)
         md = args.out / f"{date}-{slug}.md"
         png_note = write_png(md.with_suffix(".png"), by_layout, desc)
