@@ -134,16 +134,16 @@ def _file_segments(path: Path) -> list[list[str]]:
     return [w for w in (words(t) for t in extract_text(source)) if w]
 
 
-def read_corpus(files: Sequence[Path], workers: int = 1) -> list[list[str]]:
-    """Segments (lists of words) of all files, with a progress bar over files."""
+def read_corpus(files: Sequence[Path], workers: int = 1, progress: bool = True) -> list[list[str]]:
+    """Segments (lists of words) of all files, with a progress bar over files (unless ``progress=False``)."""
     segments: list[list[str]] = []
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             for segs in tqdm(pool.map(_file_segments, files, chunksize=16), total=len(files),
-                             desc="files", unit="file"):
+                             desc="files", unit="file", disable=not progress):
                 segments.extend(segs)
     else:
-        for path in tqdm(files, desc="files", unit="file"):
+        for path in tqdm(files, desc="files", unit="file", disable=not progress):
             segments.extend(_file_segments(path))
     return segments
 
@@ -371,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--words", default="list,file,error,thread", help="words to show neighbours of")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch.set_num_threads for training; the per-batch ops are small (0 = leave as is)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars (reading files, training)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -385,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     files = stdlib_files()
     if args.max_files:
         files = files[:args.max_files]
-    segments = read_corpus(files, args.workers)
+    segments = read_corpus(files, args.workers, progress=not args.no_progress)
     t_read = time.perf_counter() - t0
     vocab = build_vocab(segments, args.vocab, args.min_count)
     ids, seg = encode(segments, vocab)

@@ -174,3 +174,15 @@ def test_nearest_neighbours_by_cosine() -> None:
     assert [w for w, _ in nn_] == ["c", "b"]
     assert nn_[0][1] == pytest.approx(3.0 / math.hypot(3.0, 0.3))
     assert sg.nearest(model, vocab, "zzz") == []
+
+
+def test_read_corpus_progress_bar_only_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm", reason="without tqdm there is no bar either way")
+    files = []
+    for k in range(3):
+        files.append(tmp_path / f"m{k}.py")
+        files[-1].write_text(SOURCE)
+    quiet = sg.read_corpus(files, progress=False)
+    assert capsys.readouterr().err == ""
+    loud = sg.read_corpus(files)
+    assert "files" in capsys.readouterr().err and loud == quiet and len(quiet) == 3 * 6
