@@ -10,6 +10,7 @@ from .adagrad import Adagrad
 from .adax import AdaX
 from .factory import available_optimizers, create_optimizer, register_optimizer
 from .gan import GradNormCritic, gradient_penalty
+from .in_backward import OptimizerInBackward, optimizer_in_backward
 from .lazy import LazyOptimizer, embedding_weights
 from .lion import Lion
 from .mixed import MixedOptimizer, split_embeddings
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Tiger", "Lion", "AdaX", "Adagrad", "TigerOptimizer", "kind_groups",
     "LazyOptimizer", "embedding_weights", "MixedOptimizer", "split_embeddings",
+    "optimizer_in_backward", "OptimizerInBackward",
     "GradNormCritic", "gradient_penalty", "gan",
     "param_groups", "describe", "DEFAULT_NO_DECAY", "suggest_hparams",
     "create_optimizer", "register_optimizer", "available_optimizers",

@@ -1,0 +1,150 @@
+"""The optimizer step inside backward: each parameter is updated as soon as its gradient is ready.
+
+    opt = tigeropt.optimizer_in_backward(model.parameters(), tigeropt.Tiger, lr=1e-3)
+    for batch in data:
+        loss = model(batch)
+        loss.backward()          # every parameter is updated here, its gradient freed at once
+        scheduler.step()         # LR schedulers work on ``opt`` as usual (no opt.step() call)
+
+One optimizer of ``optimizer_class`` per parameter steps it from a
+``Tensor.register_post_accumulate_grad_hook`` and then sets its ``.grad`` to None, so the
+gradients of the whole model never exist at the same time (torch documents this pattern in
+"How to save memory by fusing the optimizer step into the backward pass"; torchrec's
+``apply_optimizer_in_backward`` does it for embedding tables).  The peak memory of a step then
+holds the largest gradient rather than all of them (``benchmarks/bench_in_backward.py``).
+
+The result equals an ordinary ``step()`` for rules that act element-, row- or tensor-wise
+(every tigeropt optimizer, and torch's), including sparse gradients and ``lazy=True`` groups.
+What needs every gradient before any update cannot run this way and is refused:
+
+* ``opt.step()`` raises ``RuntimeError``: the update already happened in ``backward()``, so a
+  training loop that still calls it (typically after ``clip_grad_norm_``, a ``GradScaler``'s
+  ``unscale_``/``step`` or several ``backward()`` calls of gradient accumulation) stops at
+  once instead of training silently with unclipped, scaled or per-micro-batch updates;
+* ``GradScaler.step(opt)`` raises the same error.
+
+The object is a ``torch.optim.Optimizer`` (a :class:`~tigeropt.MixedOptimizer` of the
+per-parameter optimizers): ``param_groups`` (one group per parameter, the inner optimizers'
+dicts, so schedulers and ``group["lr"] = ...`` reach them), ``state``,
+``state_dict``/``load_state_dict`` (a resumed run continues bit-identically),
+``remove()`` detaches the hooks (the parameters then keep their gradients again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .mixed import MixedOptimizer
+
+__all__ = ["optimizer_in_backward", "OptimizerInBackward"]
+
+_REFUSED = ("the optimizer step runs inside backward() (optimizer_in_backward): each parameter was "
+            "already updated when its gradient was ready, and the gradient freed. Remove the step() "
+            "call. What needs all gradients before the update cannot run this way: gradient clipping "
+            "(clip_grad_norm_), GradScaler (unscale_/inf checks) and gradient accumulation over several "
+            "backward() calls; use an ordinary optimizer for those")
+
+
+class OptimizerInBackward(MixedOptimizer):
+    """Per-parameter optimizers stepped from post-accumulate-grad hooks.  See the module docstring."""
+
+    _step_supports_amp_scaling = True  # GradScaler.step hands itself to step(), which refuses
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
+                 optimizer_class: Callable[..., Optimizer], **kwargs: Any) -> None:
+        if not callable(optimizer_class):
+            raise TypeError(f"optimizer_class must be an optimizer class (or factory), got "
+                            f"{type(optimizer_class).__name__}")
+        if isinstance(params, Tensor):
+            raise TypeError("params must be an iterable of tensors or param-group dicts, got a Tensor")
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer_in_backward got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        inner: list[Optimizer] = []
+        self._params: list[Tensor] = []
+        seen: set[int] = set()
+        for group in groups:
+            ps = group["params"]
+            ps = [ps] if isinstance(ps, Tensor) else list(ps)
+            options = {k: v for k, v in group.items() if k != "params"}
+            for p in ps:
+                if not isinstance(p, Tensor):
+                    raise TypeError("optimizer_in_backward: params must hold tensors, got "
+                                    f"{type(p).__name__}")
+                if id(p) in seen:
+                    raise ValueError(f"optimizer_in_backward: a parameter of shape {tuple(p.shape)} is given "
+                                     "twice")
+                if not p.is_leaf or not p.requires_grad:
+                    raise ValueError("optimizer_in_backward: parameters must be leaf tensors with "
+                                     f"requires_grad=True (shape {tuple(p.shape)})")
+                seen.add(id(p))
+                self._params.append(p)
+                inner.append(optimizer_class([{"params": [p], **options}], **kwargs))
+        super().__init__(inner)
+        self._handles: list[Any] = []
+        self._attach()
+
+    def _attach(self) -> None:
+        for p, opt in zip(self._params, self.optimizers):
+            self._handles.append(p.register_post_accumulate_grad_hook(self._hook(opt)))
+
+    def _hook(self, opt: Optimizer) -> Callable[[Tensor], None]:
+        def hook(p: Tensor) -> None:
+            for pre in self._optimizer_step_pre_hooks.values():
+                pre(self, (), {})
+            opt.step()
+            p.grad = None  # free it now: no step needs it any more
+            self._opt_called = True  # type: ignore[attr-defined]  # what LR schedulers check
+            for post in self._optimizer_step_post_hooks.values():
+                post(self, (), {})
+
+        return hook
+
+    def remove(self) -> None:
+        """Detach the hooks: backward() leaves gradients in ``.grad`` again and updates nothing."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are attached (False after :meth:`remove`)."""
+        return bool(self._handles)
+
+    def __repr__(self) -> str:
+        name = type(self.optimizers[0]).__name__
+        return f"OptimizerInBackward({name} x {len(self.optimizers)} parameters, attached={self.attached})"
+
+    def _own_state(self) -> dict[str, Any]:
+        return {"optimizers": self.optimizers, "defaults": self.defaults, "_params": self._params,
+                "_handles": []}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._attach()  # a copy updates its own (copied) parameters
+
+    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Refused: the step runs inside backward().  Raises ``RuntimeError`` saying why."""
+        raise RuntimeError(_REFUSED)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Gradients are freed in backward already; clears any left (e.g. after :meth:`remove`)."""
+        super().zero_grad(set_to_none=set_to_none)
+
+
+def optimizer_in_backward(params: Iterable[Tensor] | Iterable[dict[str, Any]],
+                          optimizer_class: Callable[..., Optimizer], **kwargs: Any) -> OptimizerInBackward:
+    """Update each parameter inside ``backward()`` as soon as its gradient is accumulated.
+
+    ``params`` are tensors or param-group dicts (as for any optimizer); ``optimizer_class`` and
+    ``kwargs`` build one optimizer per parameter (``optimizer_class([{"params": [p], **group}],
+    **kwargs)``).  Returns an :class:`OptimizerInBackward`: see :mod:`tigeropt.in_backward` for
+    what works (schedulers, checkpoints, sparse gradients, ``lazy=True``) and what is refused.
+    """
+    return OptimizerInBackward(params, optimizer_class, **kwargs)
