@@ -579,8 +579,8 @@ class StepPlan:
                 return False
         except RuntimeError:  # a sparse gradient
             return False
-        return array("q", map(Tensor.numel, grads)) == self.numel and all(
-            map(_PLAIN.__contains__, map(type, grads)))
+        # (gradients of plain tensors are plain tensors: their type is not checked again)
+        return array("q", map(Tensor.numel, grads)) == self.numel
 
     def run(self, grads: list[Tensor], hyper: dict[str, Any]) -> bool:
         """One step (step counts included); False (nothing done) when the options or gradients do not fit."""
