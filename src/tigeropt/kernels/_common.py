@@ -22,7 +22,9 @@ Launch design (one launch per optimizer step and tensor group, like torch's ``mu
   and its state (true for ordinary and ``channels_last`` parameters).  Anything else is handled
   by a contiguous working copy that is written back after the kernel (correct, but slower, and
   such groups rebuild their tables every step).  A gradient laid out unlike its parameter is
-  copied into the parameter's layout.
+  copied into the parameter's layout.  A tensor that is not 16-byte aligned (a view at an odd
+  offset) also gets an aligned working copy, so that it does not drop every other tensor of the
+  launch to scalar accesses (``tests/test_codegen.py`` checks the vector widths).
 * DTensor (FSDP2) parameters: the kernels update the local shards (``to_local()``).
 * CUDA graphs: a step whose tables are cached (one eager step with the same tensors first) is
   captured as a single kernel.  Tables missing at capture time are written inside the graph (one
@@ -72,20 +74,28 @@ class LaunchConfig:
             raise ValueError(f"Invalid num_warps: {self.num_warps!r} (must be a power of two <= 32)")
 
 
-# GPU: 2048 fp32 elements per step and 8 warps give every thread 8 elements (two 16-byte loads
-# per fp32 stream); 4 steps per program keep the table look-ups amortized while leaving
-# enough programs (>= 6 waves on an H100 at 100M parameters) for good load balance.
+# GPU, fp32 parameters: 2048 elements per step and 8 warps give every thread 8 elements (two 16-byte
+# loads per stream); 4 steps per program keep the table look-ups amortized while leaving enough
+# programs (>= 6 waves on an H100 at 100M parameters) for good load balance.
 _CUDA_CONFIG = LaunchConfig(block=2048, chunk=8192, num_warps=8)
+# bf16/fp16 parameters: 1024 elements and 8 warps give every thread 4 elements, one access of 64 bits
+# per 16-bit stream and of 128 bits per fp32 state stream, in the same register layout.  With 2048
+# (8 per thread) the 16-bit loads become 128-bit but the fp32 streams get another layout, and every
+# state store goes through shared memory with two barriers (checked by tests/test_codegen.py).
+_CUDA_CONFIG_16 = LaunchConfig(block=1024, chunk=8192, num_warps=8)
+_CUDA_CONFIGS = {torch.float32: _CUDA_CONFIG, torch.bfloat16: _CUDA_CONFIG_16, torch.float16: _CUDA_CONFIG_16}
 # Interpreter (tests on CPU): small tiles so that little tensors still span several programs.
 _INTERPRETER_CONFIG = LaunchConfig(block=128, chunk=512, num_warps=4)
 _override: LaunchConfig | None = None
 
 
-def launch_config(device: torch.device) -> LaunchConfig:
-    """The fixed tile sizes for ``device`` (no autotuning on live parameters)."""
+def launch_config(device: torch.device, dtype: torch.dtype = torch.float32) -> LaunchConfig:
+    """The fixed tile sizes for ``device`` and parameter ``dtype`` (no autotuning on live parameters)."""
     if _override is not None:
         return _override
-    return _CUDA_CONFIG if device.type == "cuda" else _INTERPRETER_CONFIG
+    if device.type == "cuda":
+        return _CUDA_CONFIGS.get(dtype, _CUDA_CONFIG)
+    return _INTERPRETER_CONFIG
 
 
 @contextlib.contextmanager
@@ -322,10 +332,11 @@ def _grad_table(plan: _Plan, grads: Sequence[Tensor], grad_ptrs: tuple[int, ...]
 
 
 def _grads_match(plan: _Plan, grads: Sequence[Tensor]) -> bool:
-    """Whether every gradient has its parameter's layout (so one linear walk covers both)."""
+    """Whether every gradient has its parameter's layout (so one linear walk covers both) and is
+    16-byte aligned (one misaligned gradient would drop every gradient access to scalar width)."""
     if plan.contiguous:
-        return all(map(Tensor.is_contiguous, grads))
-    return all(g.stride() == s for g, s in zip(grads, plan.strides))
+        return all(map(Tensor.is_contiguous, grads)) and _aligned(grads)
+    return all(g.stride() == s for g, s in zip(grads, plan.strides)) and _aligned(grads)
 
 
 def prepare(params: Sequence[Tensor], grads: Sequence[Tensor],
@@ -337,7 +348,7 @@ def prepare(params: Sequence[Tensor], grads: Sequence[Tensor],
     if not params:
         return None
     device = params[0].device
-    config = launch_config(device)
+    config = launch_config(device, params[0].dtype)
     capturing = _capturing(device)
     write_back: list[tuple[Tensor, Tensor]] = []
     try:
@@ -371,7 +382,7 @@ def prepare(params: Sequence[Tensor], grads: Sequence[Tensor],
     copied_grads = not _grads_match(plan, grads)
     if copied_grads:
         _check_lists(params, grads, states)
-        grads = [g if g.stride() == p.stride() and _dense(g)
+        grads = [g if g.stride() == p.stride() and _dense(g) and (not g.numel() or g.data_ptr() % _ALIGN == 0)
                  else torch.empty_strided(p.shape, p.stride(), dtype=g.dtype, device=device).copy_(g)
                  for g, p in zip(grads, params)]
         ptrs[1] = tuple(map(Tensor.data_ptr, grads))
@@ -405,6 +416,14 @@ def _normalize(params: Sequence[Tensor], states: Sequence[Sequence[Tensor]]
             t = lst[i]
             c = t.contiguous()
             if c is not t:
+                write_back.append((t, c))
+                lst[i] = c
+    # A tensor that is not 16-byte aligned would make its whole role (every tensor of the launch)
+    # use scalar accesses: it alone gets an aligned working copy (fresh allocations are aligned).
+    for lst in [params, *states]:
+        for i, t in enumerate(lst):
+            if t.numel() and t.data_ptr() % _ALIGN:
+                c = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
                 write_back.append((t, c))
                 lst[i] = c
     return params, states, write_back
