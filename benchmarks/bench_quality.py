@@ -58,6 +58,7 @@ RUNS_FILE = "quality-runs.jsonl"
 Records = dict[str, dict[str, Any]]  # Spec.key() -> the run's record
 TARGET = 0.02  # relative held-out-loss gap to AdamW's best
 LABELS = {"adamw": "AdamW", "tiger": "Tiger", "lion": "Lion"}
+COLORS = {"adamw": "tab:blue", "tiger": "tab:orange", "lion": "tab:red"}
 DEFAULT_MOMENTUM = {"adamw": (0.9, 0.999), "tiger": (0.965,), "lion": (0.9, 0.99)}
 #: lr * weight decay (the decay applied per step) of the demo's AdamW recipe, 3e-3 x 0.1.
 LM_DECAY = 3e-4
@@ -233,7 +234,7 @@ class Plan:
     steps: int = 600
     batch: int = 32
     coarse: tuple[tuple[str, float, tuple[float, ...]], ...] = ()
-    refine_caps: tuple[tuple[int, int], ...] = ((3, 0), (8, 2))  # (best, default momentum) per round
+    refine_caps: tuple[tuple[int, int], ...] = ((3, 0), (6, 0), (10, 2))  # (best, default momentum) per round
     demo_steps: int = 300
     seeds: tuple[int, ...] = (1, 2)
     digits_epochs: int = 20
@@ -314,6 +315,16 @@ def neighbours(s: Spec, decay_steps: bool = True, momentum_first: bool = True) -
         yield from mom_steps(i)
 
 
+def already_run(records: Records, s: Spec) -> bool:
+    """``s`` or the same setting up to the 3-digit rounding of lr and wd (seed and all else equal)."""
+    if s.key() in records:
+        return True
+    return any(math.isclose(r["lr"], s.lr, rel_tol=0.01) and math.isclose(r["weight_decay"], s.weight_decay,
+                                                                          rel_tol=0.01)
+               and replace(as_spec(r), lr=s.lr, weight_decay=s.weight_decay).key() == s.key()
+               for r in records.values())
+
+
 def _where(main: dict[str, Any], name: str, mom: tuple[float, ...] | None) -> dict[str, Any]:
     where = dict(main, optimizer=name, seed=0)
     if mom is not None:
@@ -336,7 +347,7 @@ def _refine(plan: Plan, records: dict[str, dict[str, Any]], main: dict[str, Any]
         if top is None or len(matching(records, stage="refine", **where)) >= cap:
             continue
         for n in neighbours(as_spec(top)):
-            if (mom is None or n.momentum == mom) and n.key() not in records:
+            if (mom is None or n.momentum == mom) and not already_run(records, n):
                 yield "refine", n
                 break
 
@@ -359,12 +370,10 @@ def _suggested(plan: Plan, records: Records, main: dict[str, Any]) -> Iterator[t
         hp = suggest_hparams(name, adamw_lr=adamw["lr"], adamw_weight_decay=adamw["weight_decay"],
                              steps=main["steps"], batch_size=main["batch_size"])
         mom = (hp["beta"],) if name == "tiger" else hp["betas"]
-        if any(math.isclose(r["lr"], hp["lr"], rel_tol=0.01)
-               and math.isclose(r["weight_decay"], hp["weight_decay"], rel_tol=0.01)
-               for r in matching(records, **_where(main, name, mom))):
-            continue  # already run (up to the rounding of wd)
-        yield "suggest", spec("charlm", name, hp["lr"], 0, mom, wd=hp["weight_decay"],
-                              batch_size=main["batch_size"], steps=main["steps"], model=main["model"])
+        s = spec("charlm", name, hp["lr"], 0, mom, wd=hp["weight_decay"], batch_size=main["batch_size"],
+                 steps=main["steps"], model=main["model"])
+        if not already_run(records, s):
+            yield "suggest", s
 
 
 def _digits(plan: Plan) -> Iterator[tuple[str, Spec]]:
@@ -456,13 +465,17 @@ def stages(plan: Plan, records: dict[str, dict[str, Any]]) -> Iterator[tuple[str
     yield from _seeds(plan, records, main)
     yield from _digits(plan)
     yield from _demo(plan, main)
+    for caps in plan.refine_caps[1:2]:
+        yield from _refine(plan, records, main, caps)
+        yield from _suggested(plan, records, main)
+        yield from _seeds(plan, records, main)
     yield from _long(plan, records, main, slice(0, 4))
     yield from _lr_scaling(plan)
     yield from _batch(plan, records, main, slice(0, 1), more=False)
     yield from _long(plan, records, main, slice(4, None))
     yield from _batch(plan, records, main, slice(1, None), more=False)
     yield from _batch(plan, records, main, slice(None), more=True)
-    for caps in plan.refine_caps[1:]:
+    for caps in plan.refine_caps[2:]:
         yield from _refine(plan, records, main, caps)
         yield from _seeds(plan, records, main)
 
@@ -623,15 +636,17 @@ def plot(records: dict[str, dict[str, Any]], regimes: list[tuple[str, dict[str, 
     fig, axes = plt.subplots(1, len(regimes), figsize=(5.5 * len(regimes), 4.2), squeeze=False)
     for ax, (title, where) in zip(axes[0], regimes):
         for name in OPTIMIZERS:
-            for mom in (None, DEFAULT_MOMENTUM[name]) if name != "adamw" else (None,):
+            shown = None
+            for mom in (None, DEFAULT_MOMENTUM[name]):
                 w = dict(where, optimizer=name, seed=0)
                 if mom is not None:
                     w["momentum"] = list(mom)
                 r = best(records, **w)
-                if r is None:
+                if r is None or r is shown:
                     continue
+                shown = r
                 xs = [(i + 0.5) * r["steps"] / len(r["curve"]) for i in range(len(r["curve"]))]
-                ax.plot(xs, r["curve"], linestyle="--" if mom is not None else "-",
+                ax.plot(xs, r["curve"], linestyle="--" if mom is not None else "-", color=COLORS[name],
                         label=f"{LABELS[name]} {fmt_mom(r)} lr {r['lr']:g}: {r['heldout_loss']:.3f}")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
@@ -641,7 +656,8 @@ def plot(records: dict[str, dict[str, Any]], regimes: list[tuple[str, dict[str, 
         else:
             ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
         ax.grid(alpha=0.3)
-        ax.legend(title="best setting: held-out loss", fontsize=7)
+        ax.legend(title="best (solid) / default momentum (dashed): held-out loss", fontsize=7,
+                  title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
