@@ -574,8 +574,11 @@ def regime_table(records: dict[str, dict[str, Any]], where: dict[str, Any], titl
             settings.setdefault(replace(as_spec(r), seed=0).key(), []).append(r)
 
         def score(group: list[dict[str, Any]]) -> float:
+            """char-LM: the search's seed-0 loss; digits (every setting has 3 seeds): the mean."""
             seed0 = [r["heldout_loss"] for r in group if r["seed"] == 0]
-            return seed0[0] if seed0 else statistics.fmean(r["heldout_loss"] for r in group)
+            if seed0 and where.get("task") != "digits":
+                return seed0[0]
+            return statistics.fmean(r["heldout_loss"] for r in group)
 
         ranked = sorted(settings.values(), key=score)
         rows.append((f"{LABELS[name]}, best", ranked[0][0]))
@@ -664,6 +667,46 @@ def plot(records: dict[str, dict[str, Any]], regimes: list[tuple[str, dict[str, 
     return True
 
 
+def regimes_of(plan: Plan) -> list[tuple[str, dict[str, Any]]]:
+    main = dict(task="charlm", batch_size=plan.batch, steps=plan.steps, model=plan.model, lr_scaling=False)
+    regimes = [(f"char-LM, batch {plan.batch} x {plan.steps} steps (the demo's batch)", main)]
+    regimes += [(f"char-LM, batch {plan.batch} x {plan.long_steps} steps (5x the windows; lr and wd: the "
+                 "600-step best's)", dict(main, steps=plan.long_steps))]
+    regimes += [(f"char-LM, batch {b} x {s} steps (same windows as {plan.batch} x {plan.steps}; "
+                 f"accumulation {b // plan.batch} x {plan.batch})", dict(main, batch_size=b, steps=s))
+                for b, s in plan.batch_regimes]
+    regimes += [(f"char-LM, batch {plan.batch} x {plan.demo_steps} steps (the demo's default length; AdamW: "
+                 "the demo's recipe, Tiger/Lion: suggest_hparams and the default momentum)",
+                 dict(main, steps=plan.demo_steps))]
+    return regimes
+
+
+def tables(records: Records, plan: Plan) -> tuple[list[str], list[str]]:
+    """(the main regime's table, every other table) as markdown lines."""
+    regimes = regimes_of(plan)
+    main_title, main = regimes[0]
+    main_lines = regime_table(records, main, main_title)[2:]  # without the title
+    more: list[str] = []
+    for title, where in regimes[1:]:
+        more += regime_table(records, where, title)
+    more += [f"### Best per momentum setting (char-LM, batch {plan.batch} x {plan.steps} steps, seed 0)", "",
+             *momentum_table(records, main)]
+    ls = matching(records, task="charlm", lr_scaling=True)
+    if ls:
+        more += [f"### Tiger with the original's lr_scaling (char-LM, batch {plan.batch} x {plan.steps}, "
+                 "seed 0)", "", "| lr | wd | beta | held-out loss | vs AdamW best |",
+                 "|---:|---:|---|---:|---:|"]
+        ref = best(records, **main, optimizer="adamw", seed=0)
+        for r in sorted(ls, key=lambda r: (r["momentum"][0], r["lr"])):
+            gap = "" if ref is None else f"{100 * (r['heldout_loss'] / ref['heldout_loss'] - 1):+.1f}%"
+            more.append(f"| {r['lr']:g} | {r['weight_decay']:g} | {r['momentum'][0]:g} "
+                        f"| {r['heldout_loss']:.4f} | {gap} |")
+        more.append("")
+    more += regime_table(records, dict(task="digits", model="cnn"),
+                         "sklearn digits, small CNN (20 epochs, batch 64; mean of 3 seeds)")
+    return main_lines, more
+
+
 def report(args: argparse.Namespace) -> Path:
     records = load_records(args.out / RUNS_FILE)
     plan = Plan.quick() if args.quick else Plan.full()
@@ -672,15 +715,7 @@ def report(args: argparse.Namespace) -> Path:
     any_r = next(iter(records.values()))
     first = min(r["finished"] for r in records.values())
     last = max(r["finished"] for r in records.values())
-    main = dict(task="charlm", batch_size=plan.batch, steps=plan.steps, model=plan.model, lr_scaling=False)
-    regimes = [(f"char-LM, batch {plan.batch} x {plan.steps} steps (the demo's batch)", main)]
-    regimes += [(f"char-LM, batch {b} x {s} steps (accumulation {b // plan.batch} x {plan.batch})",
-                 dict(main, batch_size=b, steps=s)) for b, s in plan.batch_regimes]
-    regimes += [(f"char-LM, batch {plan.batch} x {plan.long_steps} steps", dict(main, steps=plan.long_steps)),
-                (f"char-LM, batch {plan.batch} x {plan.demo_steps} steps (the demo's default length; AdamW: "
-                 "the demo's recipe, Tiger/Lion: suggest_hparams and the default momentum)",
-                 dict(main, steps=plan.demo_steps))]
-    digits = dict(task="digits", model="cnn")
+    regimes = regimes_of(plan)
     lines = ["# Training-quality study (CPU)", "",
              f"`python benchmarks/bench_quality.py --threads {any_r['threads']} --out <dir>` "
              f"(then `--report`); {len(records)} runs finished between {first} and {last} UTC on "
@@ -693,24 +728,22 @@ def report(args: argparse.Namespace) -> Path:
              "(the decay per step) fixed, as the Lion paper advises; the refine stage also varies it. "
              "'best' = lowest seed-0 loss; mean/spread over the seeds run for that setting. State bytes "
              "exclude step counters.", ""]
-    for title, where in regimes:
-        lines += regime_table(records, where, title)
-    lines += ["### Best per momentum setting (char-LM, batch 32 x 600 steps, seed 0)", "",
-              *momentum_table(records, main)]
-    ls = matching(records, task="charlm", lr_scaling=True)
-    if ls:
-        lines += ["### Tiger with the original's lr_scaling (char-LM, batch 32 x 600, seed 0)", "",
-                  "| lr | wd | beta | held-out loss |", "|---:|---:|---|---:|"]
-        lines += [f"| {r['lr']:g} | {r['weight_decay']:g} | {r['momentum'][0]:g} | {r['heldout_loss']:.4f} |"
-                  for r in sorted(ls, key=lambda r: (r["momentum"][0], r["lr"]))]
-        lines.append("")
-    lines += regime_table(records, digits, "sklearn digits, small CNN (20 epochs, batch 64; mean of 3 seeds)")
+    main_lines, more = tables(records, plan)
+    lines += [f"### {regimes[0][0]}", "", *main_lines, *more]
     png = args.out / "quality-study.png"
-    shown = regimes[:1] + regimes[-2:-1] + [("digits CNN", digits)]
+    shown = regimes[:2] + [("digits CNN", dict(task="digits", model="cnn"))]
     if not getattr(args, "no_plot", False) and plot(records, shown, png):
         lines += [f"![loss curves]({png.name})", ""]
     md = args.out / "quality-study.md"
     md.write_text("\n".join(lines) + "\n")
+    readme = getattr(args, "readme", None)
+    if readme is not None:
+        text = readme.read_text()
+        for block, body in (("main", main_lines), ("more", more)):
+            begin, end = f"<!-- quality-study:{block} -->", f"<!-- /quality-study:{block} -->"
+            i, j = text.index(begin) + len(begin), text.index(end)
+            text = text[:i] + "\n" + "\n".join(body).strip() + "\n" + text[j:]
+        readme.write_text(text)
     return md
 
 
@@ -723,6 +756,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny grid, model and runs: CI smoke test only")
     parser.add_argument("--report", action="store_true", help="only write the report from the runs so far")
     parser.add_argument("--no-plot", action="store_true", help="no loss-curve PNG")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="also rewrite the quality-study blocks of this README")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.report:

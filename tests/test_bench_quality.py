@@ -93,3 +93,15 @@ def test_report_tables(bench, quick_run: Path) -> None:
     assert f"| {adamw_best['lr']:g} |" in row and "+0.0%" in row
     for label in ("Tiger, best", "Lion, best"):
         assert any(line.startswith(f"| {label}") for line in md.splitlines())
+
+
+def test_readme_tables_are_the_committed_study(bench, tmp_path: Path) -> None:
+    """The README's quality tables are what --report writes from the committed raw runs."""
+    study = ROOT / "benchmarks" / "results" / "quality-study-2026-11-30"
+    (tmp_path / "quality-runs.jsonl").write_text((study / "quality-runs.jsonl").read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text((ROOT / "README.md").read_text())
+    bench.report(bench.argparse.Namespace(quick=False, out=tmp_path, no_plot=True, readme=readme))
+    assert readme.read_text() == (ROOT / "README.md").read_text()
+    committed = (study / "quality-study.md").read_text().replace("![loss curves](quality-study.png)\n\n", "")
+    assert (tmp_path / "quality-study.md").read_text().split("\n", 3)[3] == committed.split("\n", 3)[3]
