@@ -468,3 +468,20 @@ WRAPPER_CASES = _wrapper_cases()
 def test_wrappers_and_helpers_reject_bad_arguments(what: str, call: Any, error: type, named: str) -> None:
     with pytest.raises(error, match=named):
         call()
+
+
+def test_subclass_with_own_constructor_loads_its_own_checkpoint() -> None:
+    """The class check uses the hyperparameters a subclass really keeps (its defaults)."""
+
+    class ScaledTiger(Tiger):
+        def __init__(self, params: Any, lr: float = 1e-3, scale: float = 2.0) -> None:
+            super().__init__(params, lr=lr * scale)
+
+    p = torch.randn(3, requires_grad=True)
+    opt = ScaledTiger([p])
+    p.grad = torch.randn(3)
+    opt.step()
+    q = p.detach().clone().requires_grad_()
+    again = ScaledTiger([q])
+    again.load_state_dict(opt.state_dict())
+    assert torch.equal(again.state[q]["exp_avg"], opt.state[p]["exp_avg"])

@@ -552,7 +552,8 @@ class TigerOptimizer(Optimizer):
                 raise ValueError(f"{name}: param group {i} of the checkpoint has {len(saved['params'])} "
                                  f"parameters, this optimizer's {len(group['params'])}")
             foreign = sorted((saved.keys() - own_keys) & _known_hyperparameters())
-            missing = sorted(k for k in _core_hyperparameters(type(self)) if k not in saved)
+            missing = sorted(k for k in _core_hyperparameters(type(self))
+                             if k in self.defaults and k not in saved)
             if foreign or missing:
                 source = _guess_optimizer(saved)
                 raise ValueError(
