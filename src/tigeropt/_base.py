@@ -293,6 +293,7 @@ class TigerOptimizer(Optimizer):
             state = self.state
             if snap is None or len(state) != len(snap) or not all(map(_is, state.values(), snap)):
                 plans.clear()  # state created, replaced or dropped since the plans were built
+                self._state_snapshot = None  # the plans rebuilt this step take a new snapshot
         return plans
 
     def _snapshot_state(self) -> None:
@@ -323,10 +324,17 @@ class TigerOptimizer(Optimizer):
             return False
         for b in plan.buckets:
             for key, lst in zip(b.keys, b.checked):
-                if not all(map(_is, map(operator.itemgetter(key), b.state_dicts), lst)):
-                    return False  # a state tensor was replaced
+                try:
+                    if not all(map(_is, map(operator.itemgetter(key), b.state_dicts), lst)):
+                        return False  # a state tensor was replaced
+                except KeyError:  # a state dict was emptied (state[p].clear())
+                    return False
             gb = grads if b.idx is None else [grads[i] for i in b.idx]
             if b.cpu is not None:
+                # the C plan holds raw addresses: a state tensor whose storage moved (t.data = ...)
+                # would be written where it no longer lives
+                if not all(_ptrs(lst) == ptrs for lst, ptrs in zip(b.checked, b.ptrs)):
+                    return False
                 if not b.cpu.fits(gb):
                     return False
             elif any(map(_IS_SPARSE, gb)):
@@ -363,7 +371,8 @@ class TigerOptimizer(Optimizer):
                 cpu_plan = _cpu.StepPlan.build(self.kernel, ps, states, lists[-1])
             planned.append(_Bucket(idx=idx, impl=self._impl(path), lists=[ps, *states], steps=lists[-1],
                                    cpu=cpu_plan, state_dicts=[self.state[p] for p in ps],
-                                   keys=(*self.state_keys, "step"), checked=(*states, lists[-1])))
+                                   keys=(*self.state_keys, "step"), checked=(*states, lists[-1]),
+                                   ptrs=(*map(_ptrs, states), _ptrs(lists[-1])) if cpu_plan else ()))
         with_grad = {id(p) for p in params}
         self._plans[index] = _GroupPlan(
             n=len(group_params), group_params=group_params, params=params,
@@ -703,6 +712,7 @@ class _Bucket:
     state_dicts: list[dict[str, Any]]  # self.state[p] of each param
     keys: tuple[str, ...]  # state keys checked for identity every step ...
     checked: tuple[list[Tensor], ...]  # ... against these tensors
+    ptrs: tuple[array, ...] = ()  # C plans: the data pointers of ``checked`` when built
 
 
 @dataclass

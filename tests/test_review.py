@@ -1,0 +1,101 @@
+"""Adversarial review of the step engine, row kernels, wrappers and checkpoints: each test is a
+defect a user could hit, reproduced the way the user would hit it (fails before its fix)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import tigeropt
+
+OPTIMIZERS: list[tuple[type, dict[str, Any]]] = [
+    (tigeropt.Tiger, dict(lr=0.01)),
+    (tigeropt.Lion, dict(lr=0.01, weight_decay=0.1)),
+    (tigeropt.AdaX, dict(lr=0.01)),
+    (tigeropt.Adagrad, dict(lr=0.1, lr_decay=0.01)),
+]
+IDS = [c.__name__ for c, _ in OPTIMIZERS]
+
+
+def _unplanned(cls: type) -> type:
+    """The same optimizer with cached step plans switched off."""
+    return type(f"Unplanned{cls.__name__}", (cls,), {"_build_plan": lambda self, *args: None})
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(5, 3), (7,), (300,)]]
+
+
+def _grads(params: list[torch.nn.Parameter], step: int) -> None:
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
+def _same(a: torch.optim.Optimizer, pa: list, b: torch.optim.Optimizer, pb: list) -> None:
+    for p, q in zip(pa, pb):
+        assert torch.equal(p, q), (p - q).abs().max()
+        assert a.state[p].keys() == b.state[q].keys()
+        for key in a.state[p]:
+            assert torch.equal(a.state[p][key], b.state[q][key]), key
+
+
+def _twin_runs(cls: type, kwargs: dict[str, Any], change: Any, steps: int = 6, at: int = 3) -> None:
+    """Run cls (plans on) and its unplanned twin with the same mid-training change: same result."""
+    runs = []
+    for c in (cls, _unplanned(cls)):
+        params = _params()
+        opt = c(params, **kwargs)
+        keep: list[Any] = []
+        for i in range(steps):
+            if i == at:
+                keep.append(change(opt, params))
+            _grads(params, i)
+            opt.step()
+        runs.append((opt, params))
+    _same(runs[0][0], runs[0][1], runs[1][0], runs[1][1])
+
+
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS, ids=IDS)
+def test_emptied_state_dict_after_planned_steps_starts_fresh(cls: type, kwargs: dict[str, Any]) -> None:
+    # "reset the optimizer state of this layer": state[p].clear() made the planned step raise KeyError
+    def clear(opt: torch.optim.Optimizer, params: list) -> None:
+        opt.state[params[0]].clear()
+
+    _twin_runs(cls, kwargs, clear)
+
+
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS, ids=IDS)
+@pytest.mark.parametrize("what", ["state", "step"])
+def test_state_storage_replaced_through_data_is_seen(cls: type, kwargs: dict[str, Any], what: str) -> None:
+    # t.data = t.data.clone() (or .to(...)/pin_memory()/an offload round trip) keeps the state tensor
+    # object but moves its storage: the C plan kept writing at the old address (heap corruption
+    # when the old storage was freed; here it is kept alive, so the state silently froze instead).
+    def move(opt: torch.optim.Optimizer, params: list) -> list:
+        old = []
+        for key, t in opt.state[params[2]].items():
+            if (key == "step") == (what == "step"):
+                old.append(t.data)
+                t.data = t.data.clone()
+        return old
+
+    _twin_runs(cls, kwargs, move)
+
+
+def test_replaced_state_dict_rebuilds_the_plan_once() -> None:
+    # after opt.state[p] = {...} the snapshot of the state was never refreshed: every later step
+    # dropped and rebuilt every plan (the plans were never used again)
+    params = _params()
+    opt = tigeropt.Tiger(params, lr=0.01)
+    builds = []
+    build = opt._build_plan
+    opt._build_plan = lambda *args: (builds.append(1), build(*args))[1]
+    for i in range(8):
+        if i == 2:
+            opt.state[params[0]] = {k: v.clone() for k, v in opt.state[params[0]].items()}
+        _grads(params, i)
+        opt.step()
+    assert len(builds) == 2  # the first step, and the step after the replacement
