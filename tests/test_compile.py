@@ -45,14 +45,15 @@ def _model(seed: int = 0) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
 
 
-def _train(make: Callable[..., torch.optim.Optimizer], compiled: bool, steps: int = 6
+def _train(make: Callable[..., torch.optim.Optimizer], compiled: bool, steps: int = 6, device: str = "cpu"
            ) -> tuple[torch.nn.Module, dict[str, int]]:
     """A training loop whose step (forward, backward, opt.step, zero_grad) is compiled or eager."""
-    model = _model()
-    lr = torch.tensor(0.01)
+    model = _model().to(device)
+    lr = torch.tensor(0.01, device=device)
     opt = make(model.parameters(), lr)
     gen = torch.Generator().manual_seed(1)
-    data = [(torch.randn(32, 8, generator=gen), torch.randn(32, 3, generator=gen)) for _ in range(steps)]
+    data = [(torch.randn(32, 8, generator=gen).to(device), torch.randn(32, 3, generator=gen).to(device))
+            for _ in range(steps)]
 
     def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -69,12 +70,22 @@ def _train(make: Callable[..., torch.optim.Optimizer], compiled: bool, steps: in
                    "breaks": sum(counters["graph_break"].values())}
 
 
+_ADAMW: dict[str, dict[str, int]] = {}
+
+
+def _adamw_counts(device: str) -> dict[str, int]:
+    """Graphs and breaks of torch.optim.AdamW on the same compiled loop (measured once per device)."""
+    if device not in _ADAMW:
+        _, _ADAMW[device] = _train(lambda ps, lr: torch.optim.AdamW(ps, lr=lr), compiled=True, device=device)
+        torch._dynamo.reset()
+        counters.clear()
+    return _ADAMW[device]
+
+
 @pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=IDS)
 def test_compiled_train_step_no_more_graphs_than_adamw_and_equal_to_eager(name: str, cls: type,
                                                                           kwargs: dict[str, Any]) -> None:
-    _, adamw = _train(lambda ps, lr: torch.optim.AdamW(ps, lr=lr), compiled=True)
-    torch._dynamo.reset()
-    counters.clear()
+    adamw = _adamw_counts("cpu")
     make = lambda ps, lr: cls(ps, **dict(kwargs, lr=lr))  # noqa: E731
     compiled, ours = _train(make, compiled=True)
     assert ours["graphs"] <= adamw["graphs"], (ours, adamw, dict(counters["graph_break"]))
@@ -182,3 +193,67 @@ def test_custom_op_called_directly_matches_the_launcher() -> None:
                         maximize=False, fallback=_multi_tensor_lion)
     for a, b in zip(params + m, twins + m2):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+@pytest.fixture
+def _cuda() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if not kernels.triton_usable():
+        pytest.skip(kernels.triton_status())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=IDS)
+def test_cuda_compiled_train_step_no_more_graphs_than_adamw(name: str, cls: type, kwargs: dict[str, Any],
+                                                            _cuda: None) -> None:
+    adamw = _adamw_counts("cuda")
+    make = lambda ps, lr: cls(ps, **dict(kwargs, lr=lr))  # noqa: E731
+    compiled, ours = _train(make, compiled=True, device="cuda")
+    assert ours["graphs"] <= adamw["graphs"] and ours["breaks"] <= adamw["breaks"], (ours, adamw)
+    eager, _ = _train(make, compiled=False, device="cuda")
+    for p, q in zip(compiled.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=IDS)
+def test_cuda_graph_capture_of_the_compiled_capturable_step(name: str, cls: type, kwargs: dict[str, Any],
+                                                            _cuda: None) -> None:
+    """capturable=True: the compiled step (fused custom op) captured in a CUDA graph, replayed with new
+    gradients and a new lr each time, equals the eager steps."""
+    params = [torch.nn.Parameter(p.detach().cuda()) for p in _params()]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    lr, lr_twin = torch.tensor(kwargs["lr"], device="cuda"), torch.tensor(kwargs["lr"], device="cuda")
+    opt = cls(params, **dict(kwargs, lr=lr), capturable=True)
+    ref = cls(twins, **dict(kwargs, lr=lr_twin), capturable=True)
+    for p, q in zip(params, twins):  # static gradient buffers, refilled before every replay
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+    step = torch.compile(opt.step, fullgraph=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles, builds the launch tables
+        for _ in range(2):
+            step()
+            ref.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for i in range(3):
+        gen = torch.Generator(device="cuda").manual_seed(i)
+        for p, q in zip(params, twins):
+            p.grad.copy_(torch.randn(p.shape, device="cuda", generator=gen))
+            q.grad.copy_(p.grad)
+        lr.fill_(kwargs["lr"] * 0.5 ** i)
+        lr_twin.fill_(kwargs["lr"] * 0.5 ** i)
+        graph.replay()
+        ref.step()
+    torch.cuda.synchronize()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+        assert opt.state[p]["step"].item() == ref.state[q]["step"].item() == 6
