@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -393,10 +394,12 @@ def _digits(plan: Plan) -> Iterator[tuple[str, Spec]]:
 
 
 def _demo(plan: Plan, main: dict[str, Any]) -> Iterator[tuple[str, Spec]]:
-    """The demo's length: AdamW's recipe, Tiger/Lion at suggest_hparams and at their default momentum."""
+    """The demo's length: AdamW's recipe (default and short-run betas), Tiger/Lion at suggest_hparams
+    and at their default momentum."""
     adamw = demo.RECIPES["adamw"]
     kw = dict(batch_size=plan.batch, steps=plan.demo_steps, model=plan.model)
-    yield "demo", spec("charlm", "adamw", adamw.lr, 0, DEFAULT_MOMENTUM["adamw"], wd=adamw.weight_decay, **kw)
+    for betas in (DEFAULT_MOMENTUM["adamw"], demo.SHORT_RUN_ADAMW_BETAS):
+        yield "demo", spec("charlm", "adamw", adamw.lr, 0, betas, wd=adamw.weight_decay, **kw)
     for name in ("tiger", "lion"):
         hp = suggest_hparams(name, adamw_lr=adamw.lr, adamw_weight_decay=adamw.weight_decay,
                              steps=plan.demo_steps, batch_size=plan.batch)
@@ -465,11 +468,13 @@ def stages(plan: Plan, records: dict[str, dict[str, Any]]) -> Iterator[tuple[str
     yield from _seeds(plan, records, main)
     yield from _digits(plan)
     yield from _demo(plan, main)
+    yield from itertools.islice(_lr_scaling(plan), 1)
+    yield from _long(plan, records, main, slice(0, 3))
     for caps in plan.refine_caps[1:2]:
         yield from _refine(plan, records, main, caps)
         yield from _suggested(plan, records, main)
         yield from _seeds(plan, records, main)
-    yield from _long(plan, records, main, slice(0, 4))
+    yield from _long(plan, records, main, slice(3, 4))
     yield from _lr_scaling(plan)
     yield from _batch(plan, records, main, slice(0, 1), more=False)
     yield from _long(plan, records, main, slice(4, None))
@@ -675,8 +680,8 @@ def regimes_of(plan: Plan) -> list[tuple[str, dict[str, Any]]]:
     regimes += [(f"char-LM, batch {b} x {s} steps (same windows as {plan.batch} x {plan.steps}; "
                  f"accumulation {b // plan.batch} x {plan.batch})", dict(main, batch_size=b, steps=s))
                 for b, s in plan.batch_regimes]
-    regimes += [(f"char-LM, batch {plan.batch} x {plan.demo_steps} steps (the demo's default length; AdamW: "
-                 "the demo's recipe, Tiger/Lion: suggest_hparams and the default momentum)",
+    regimes += [(f"char-LM, batch {plan.batch} x {plan.demo_steps} steps (the demo's default length: its "
+                 "settings, and the default momentum)",
                  dict(main, steps=plan.demo_steps))]
     return regimes
 

@@ -100,3 +100,8 @@ def test_demo_uses_the_suggestion_for_its_length() -> None:
         assert opt.param_groups[0][key] == kw[key]
         default, _, _ = demo.make_optimizer(name, model)  # without a run length: the original's default
         assert default.param_groups[0][key] == {"beta": 0.965, "betas": (0.9, 0.99)}[key]
+    short, _, _ = demo.make_optimizer("adamw", model, steps=300)
+    assert short.param_groups[0]["betas"] == demo.SHORT_RUN_ADAMW_BETAS
+    for steps in (None, 3000):
+        adamw_opt, _, _ = demo.make_optimizer("adamw", model, steps=steps)
+        assert adamw_opt.param_groups[0]["betas"] == (0.9, 0.999)
