@@ -9,8 +9,9 @@ What carried over from AdamW's best setting:
 * **momentum**: the originals' defaults (Tiger beta 0.965, Lion (0.9, 0.99)) are made for
   long runs; in a short run a sign step keeps pushing a full lr for about 1/(1-beta)
   steps after its gradient turns, and lower momentum won by a wide margin.  The
-  momentum horizon 1/(1-beta) suggested here grows with the run's length in optimizer
-  steps (``steps``): 5 steps (beta 0.8) up to about 1,000 steps, longer beyond.
+  momentum horizon 1/(1-beta) suggested here is 5 steps (beta 0.8) up to 1,000 optimizer
+  steps, what the study measured (at 300 and 600 steps); beyond, it grows with sqrt(steps) up
+  to the default's 28.6 steps (0.965), an extrapolation.
 
 The defaults of :class:`~tigeropt.Tiger` and :class:`~tigeropt.Lion` stay the originals'.
 """
