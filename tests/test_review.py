@@ -99,3 +99,17 @@ def test_replaced_state_dict_rebuilds_the_plan_once() -> None:
         _grads(params, i)
         opt.step()
     assert len(builds) == 2  # the first step, and the step after the replacement
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.9), (0.8, 0.99)])
+def test_tiger_group_given_only_betas_takes_beta_from_them(betas: tuple[float, float]) -> None:
+    # a group written for Lion (or copying the betas mirror) set only betas; equal betas were
+    # silently replaced by the default beta's mirror (0.965), unequal ones took betas[0]
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    opt = tigeropt.Tiger([{"params": [p], "betas": betas}])
+    opt.add_param_group({"params": [q], "betas": betas})
+    for group in opt.param_groups:
+        assert group["beta"] == betas[0] and group["betas"] == (betas[0], betas[0])
+    with pytest.raises(ValueError, match="betas"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "betas": (1.5, 1.5)})
+    assert len(opt.param_groups) == 2

@@ -38,7 +38,8 @@ and mirrors it as ``betas = (beta, beta)`` in ``defaults`` and in every param gr
 :class:`~tigeropt.MixedOptimizer` next to AdamW or Lion.  At each ``step()`` a group
 whose ``betas[0] != betas[1]`` (what such a write leaves) takes ``beta = betas[0]``;
 otherwise ``beta`` wins (set ``group["beta"]`` by hand as before); then
-``betas = (beta, beta)`` again.
+``betas = (beta, beta)`` again.  A param group given ``betas`` but no ``beta``
+(constructor or ``add_param_group``) takes ``beta = betas[0]``.
 """
 
 from __future__ import annotations
@@ -162,14 +163,19 @@ class Tiger(TigerOptimizer):
                          on_nonfinite=on_nonfinite, capturable=capturable)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        betas = param_group.get("betas") if isinstance(param_group, dict) else None
+        if isinstance(betas, (tuple, list)) and len(betas) == 2 and "beta" not in param_group:
+            # a group that sets only betas (written for Lion, or by hand) means beta = betas[0]; the
+            # defaults' beta would otherwise win the mirror and the group's betas be dropped silently
+            param_group = {**param_group, "beta": betas[0]}
         super().add_param_group(param_group)
         self._sync_beta(self.param_groups[-1])  # {"beta": 0.9} got the default betas: mirror 0.9
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
-        check_number("beta", group["beta"], 0.0, 1.0, hi_open=True)
         if "betas" in group:  # Tiger's mirror of beta for LR schedulers (module docstring)
             check_betas("betas", group["betas"], [(0.0, 1.0, False, True)] * 2)
+        check_number("beta", group["beta"], 0.0, 1.0, hi_open=True)
         check_number("weight_decay", group["weight_decay"], 0.0)
         check_bool("lr_scaling", group["lr_scaling"])
         check_int("accumulation_steps", group["accumulation_steps"], 1)
