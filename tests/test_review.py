@@ -113,3 +113,29 @@ def test_tiger_group_given_only_betas_takes_beta_from_them(betas: tuple[float, f
     with pytest.raises(ValueError, match="betas"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "betas": (1.5, 1.5)})
     assert len(opt.param_groups) == 2
+
+
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS, ids=IDS)
+def test_a_set_of_parameters_in_a_group_is_refused_as_torch_does(cls: type, kwargs: dict[str, Any]) -> None:
+    # the group's params were converted with list(set): an order that changes between runs, so a
+    # checkpoint's state lands on other tensors of the same shape when resumed (torch refuses sets)
+    a, b, c = (torch.nn.Parameter(torch.randn(3)) for _ in range(3))
+    with pytest.raises(TypeError, match="params.*ordered"):
+        cls([{"params": {a, b}}], **kwargs)
+    opt = cls([a], **kwargs)
+    with pytest.raises(TypeError, match="params.*ordered"):
+        opt.add_param_group({"params": {b, c}})
+    assert len(opt.param_groups) == 1
+    with pytest.raises(TypeError, match="ordered"):
+        torch.optim.AdamW([{"params": {a, b}}])  # the convention followed
+
+
+def test_wrappers_refuse_a_set_of_parameters_in_a_group() -> None:
+    a, b, c = (torch.nn.Parameter(torch.randn(3)) for _ in range(3))
+    mixed = tigeropt.MixedOptimizer(torch.optim.AdamW([a]), tigeropt.Tiger([b]))
+    with pytest.raises(TypeError, match="params.*ordered"):
+        mixed.add_param_group({"params": {c}}, optimizer=1)
+    assert [len(o.param_groups) for o in mixed.optimizers] == [1, 1]
+    with pytest.raises(TypeError, match="params.*ordered"):
+        tigeropt.optimizer_in_backward([{"params": {a, b}}], tigeropt.Tiger)
+    assert not a._post_accumulate_grad_hooks and not b._post_accumulate_grad_hooks

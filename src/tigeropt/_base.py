@@ -49,7 +49,7 @@ from torch.optim import Optimizer
 
 from . import kernels
 from ._ops import compiling
-from ._validate import check, check_bool, check_choice, check_lr, check_optional_bool
+from ._validate import check, check_bool, check_choice, check_lr, check_optional_bool, check_ordered_params
 
 # DTensor (FSDP2, tensor parallel) is looked up, never imported: importing torch.distributed.tensor costs
 # about half a second, and while nobody has imported it no tensor can be a DTensor.
@@ -145,6 +145,7 @@ class TigerOptimizer(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         params = param_group.get("params")
+        check_ordered_params(params)
         if params is not None and not isinstance(params, (Tensor, list)):
             param_group["params"] = params = list(params)  # a generator is read once, here
         candidate = {**self.defaults, **param_group}

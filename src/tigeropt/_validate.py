@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["check", "check_lr", "check_number", "check_int", "check_bool", "check_choice", "check_betas",
-           "check_optional_bool"]
+           "check_optional_bool", "check_ordered_params"]
 
 
 def check(ok: bool, name: str, value: Any, requirement: str) -> None:
@@ -88,3 +88,12 @@ def check_lr(lr: Any, name: str = "lr") -> None:
         check(math.isfinite(value) and value >= 0.0, name, lr, "must be a finite number >= 0")
         return
     check_number(name, lr, 0.0)
+
+
+def check_ordered_params(value: Any) -> None:
+    """torch.optim's rule for a param group's ``params``: not a set (its order changes between runs,
+    so a checkpoint's state would land on other tensors of the same shape)."""
+    if isinstance(value, (set, frozenset)):
+        raise TypeError("Invalid type for params: optimizer parameters need to be organized in ordered "
+                        "collections, but the ordering of tensors in sets will change between runs "
+                        "(checkpoints would map state to the wrong tensors); use a list")

@@ -38,6 +38,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._validate import check_ordered_params
 from .mixed import MixedOptimizer
 
 __all__ = ["optimizer_in_backward", "OptimizerInBackward"]
@@ -71,6 +72,7 @@ class OptimizerInBackward(MixedOptimizer):
         seen: set[int] = set()
         for group in groups:
             ps = group["params"]
+            check_ordered_params(ps)
             ps = [ps] if isinstance(ps, Tensor) else list(ps)
             options = {k: v for k, v in group.items() if k != "params"}
             for p in ps:

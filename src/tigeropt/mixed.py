@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._validate import check_ordered_params
 from .lazy import EMBEDDING_TYPES, _WrapperOptimizer, embedding_weights
 from .tiger import Tiger
 
@@ -215,6 +216,7 @@ class MixedOptimizer(_WrapperOptimizer):
                 raise ValueError(f"Invalid optimizer: {index!r} (an index in [0, {len(self.optimizers)}) "
                                  "or one of the inner optimizers)")
         params = param_group["params"]
+        check_ordered_params(params)
         params = [params] if isinstance(params, Tensor) else list(params)
         held = {id(p): i for i, o in enumerate(self.optimizers) for g in o.param_groups for p in g["params"]}
         for p in params:
