@@ -26,6 +26,7 @@ and, when CUDA is available, on the GPU too (``--devices`` picks).
 
     python benchmarks/bench_lazy.py                      # 1M x 512 (~2 GB per tensor, ~8 GB peak)
     python benchmarks/bench_lazy.py --rows 100000        # smaller
+    python benchmarks/bench_lazy.py --threads 1 --cpu-time   # one core, CPU time: immune to other load
 """
 
 from __future__ import annotations
@@ -61,17 +62,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Callable[[], object], device: torch.device, reps: int, warmup: int) -> float:
-    """Median wall time of one ``step()`` in milliseconds."""
+def time_steps(step: Callable[[], object], device: torch.device, reps: int, warmup: int,
+               clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median time of one ``step()`` in milliseconds (wall clock, or ``clock``)."""
     for _ in range(warmup):
         step()
     sync(device)
     times = []
     for _ in range(reps):
-        start = time.perf_counter()
+        start = clock()
         step()
         sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((clock() - start) * 1e3)
     return statistics.median(times)
 
 
@@ -111,7 +113,8 @@ def bench(args: argparse.Namespace, device: torch.device) -> list[list[str]]:
     def run(make: Callable[[], torch.optim.Optimizer], grad: Tensor) -> float:
         opt = make()
         W.grad = grad
-        ms = time_steps(opt.step, device, args.reps, args.warmup)
+        clock = time.process_time if args.cpu_time and device.type == "cpu" else time.perf_counter
+        ms = time_steps(opt.step, device, args.reps, args.warmup, clock)
         W.grad = None
         del opt  # free the state before the next optimizer
         if device.type == "cuda":
@@ -143,8 +146,10 @@ def markdown(table: Sequence[Sequence[str]], args: argparse.Namespace, device: t
     lines += ["| " + " | ".join(row) + " |" for row in table]
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    clock = ("process CPU time (all threads)" if args.cpu_time and device.type == "cpu"
+             else "wall clock")
     lines.append(f"\n{args.rows} x {args.dim} fp32 table, {args.frac:.2%} of rows touched, median of "
-                 f"{args.reps} steps, {where}, torch {torch.__version__}")
+                 f"{args.reps} steps ({clock}), {where}, torch {torch.__version__}")
     return "\n".join(lines)
 
 
@@ -159,6 +164,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3 if cuda else 2)
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"] if cuda else ["cpu"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time CPU steps by the process's CPU time instead of the wall clock: on a "
+                             "shared machine (other processes on the cores) use it with --threads 1")
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     parser.add_argument("--no-torch-reference", dest="torch_reference", action="store_false",
                         help="skip the torch AdamW / LazyOptimizer / SparseAdam row")

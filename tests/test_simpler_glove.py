@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -186,3 +187,18 @@ def test_read_corpus_progress_bar_only_when_asked(tmp_path: Path, capsys: pytest
     assert capsys.readouterr().err == ""
     loud = sg.read_corpus(files)
     assert "files" in capsys.readouterr().err and loud == quiet and len(quiet) == 3 * 6
+
+
+def test_main_compares_rowwise_with_standard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The script's run table includes row-wise Adagrad, whose state is one float per word."""
+    sg.main(["--max-files", "3", "--epochs", "1", "--vocab", "300", "--min-count", "1", "--dim", "8",
+             "--runs", "standard,rowwise", "--no-progress", "--workers", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    lines = {name: next(line for line in out.splitlines() if line.startswith(f"[{name}:"))
+             for name in ("standard", "rowwise")}
+    assert "rowwise=True" in lines["rowwise"] and "rowwise=False" in lines["standard"]
+    mb = {k: float(v.split("optimizer state ")[1].split(" MB")[0]) for k, v in lines.items()}
+    vocab = int(re.search(r", vocab (\d+) ", out).group(1))
+    assert mb["standard"] == pytest.approx(vocab * 8 * 4 / 1e6, rel=1e-3)  # 4 bytes per element
+    assert mb["rowwise"] == pytest.approx(vocab * 4 / 1e6, rel=1e-3)  # 4 bytes per word
+    assert "nearest neighbours (rowwise)" in out
