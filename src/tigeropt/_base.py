@@ -30,6 +30,24 @@ Shared flag documentation (every optimizer accepts these keyword arguments):
         gradients hold inf/NaN. "skip" leaves parameters, state and step count
         untouched for that group; "raise" raises ``FloatingPointError``. The
         check costs one reduction and one host sync per group and step.
+    state_precision (None | "fp32" | "bf16" | "8bit"): how the state tensors are
+        stored (math is fp32, or fp64 for fp64 parameters).  None: fp32 for bf16/fp16
+        parameters, the parameter's dtype otherwise.  "bf16": rounded once per step at
+        the store.  "8bit": block-scaled fp8 e4m3 codes, 256-element blocks with one
+        fp32 absmax each (state ``<key>`` uint8 codes of the state's shape, plus
+        ``<key>_absmax``); see :mod:`tigeropt._lowp`.  A checkpoint loads into any
+        precision: fp32/bf16 state is quantized into "8bit", 8-bit state decoded into
+        fp32/bf16 (rounded to nearest); the same precision loads bit-exactly.
+    stochastic_rounding (bool): bf16 parameters, bf16 state and 8-bit state are rounded
+        stochastically from the fp32 result (expected value exact), with bits from a
+        counter-based hash of (sr_seed, step, parameter index, element index).  With
+        neither bf16 parameters nor low-precision state it has no effect: a warning says so.
+        fp16 parameters are refused (ValueError).
+    sr_seed (int): seed of the rounding hash, in [0, 2^32) (saved in the state_dict).
+    Groups with low-precision state or stochastic rounding run the reference
+    (``foreach=False``) or foreach path (the fused kernels do not implement them yet:
+    ``fused=True`` is refused); lazy rows, sparse gradients, complex and DTensor
+    parameters are refused with them.
 """
 
 from __future__ import annotations
@@ -38,6 +56,7 @@ import functools
 import itertools
 import operator
 import sys
+import warnings
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -47,7 +66,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import kernels
+from . import _lowp, kernels
 from ._ops import compiling
 from ._validate import check, check_bool, check_choice, check_lr, check_optional_bool, check_ordered_params
 
@@ -75,7 +94,12 @@ _NONFINITE = ("ignore", "skip", "raise")
 #: How the model runs here, not part of the trajectory: a checkpoint's values never override these.
 EXECUTION_FLAGS = ("foreach", "fused", "capturable")
 #: Options every tigeropt optimizer takes besides its hyperparameters.
-COMMON_OPTIONS = ("maximize", "foreach", "fused", "on_nonfinite", "capturable", "lazy")
+COMMON_OPTIONS = ("maximize", "foreach", "fused", "on_nonfinite", "capturable", "lazy", "state_precision",
+                  "stochastic_rounding", "sr_seed")
+#: Options a checkpoint never overrides: the execution flags and the state precision (a checkpoint
+#: of another precision is converted on load).
+LOADER_OPTIONS = (*EXECUTION_FLAGS, "state_precision")
+STATE_PRECISIONS = ("fp32", "bf16", "8bit")
 #: parameter dtypes the Triton kernels take (math in fp32); fp64 stays on the foreach path.
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: (optimizer class, path) -> fused launcher (a plain dict: cheap, and traceable by Dynamo).
@@ -125,9 +149,14 @@ class TigerOptimizer(Optimizer):
         fused: bool | None = None,
         on_nonfinite: str = "ignore",
         capturable: bool = False,
+        state_precision: str | None = None,
+        stochastic_rounding: bool = False,
+        sr_seed: int = 0,
     ) -> None:
         defaults = dict(defaults, maximize=maximize, foreach=foreach, fused=fused,
-                        on_nonfinite=on_nonfinite, capturable=capturable, lazy=defaults.get("lazy", False))
+                        on_nonfinite=on_nonfinite, capturable=capturable, lazy=defaults.get("lazy", False),
+                        state_precision=state_precision, stochastic_rounding=stochastic_rounding,
+                        sr_seed=sr_seed)
         self._validate({**defaults, "params": []})  # bad arguments fail here even with no parameters
         super().__init__(params, defaults)
 
@@ -136,7 +165,8 @@ class TigerOptimizer(Optimizer):
         self._drop_plans()
         for group in self.param_groups:
             for key, value in (("maximize", False), ("foreach", None), ("fused", None),
-                               ("on_nonfinite", "ignore"), ("lazy", False), ("capturable", False)):
+                               ("on_nonfinite", "ignore"), ("lazy", False), ("capturable", False),
+                               ("state_precision", None), ("stochastic_rounding", False), ("sr_seed", 0)):
                 group.setdefault(key, value)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -170,6 +200,7 @@ class TigerOptimizer(Optimizer):
         check_bool("capturable", group["capturable"])
         check_bool("lazy", group["lazy"])
         check_choice("on_nonfinite", group["on_nonfinite"], _NONFINITE)
+        self._validate_precision(group)
         self._validate_group(group)
         fused, foreach, capturable = group["fused"], group["foreach"], group["capturable"]
         if fused and foreach:
@@ -178,11 +209,36 @@ class TigerOptimizer(Optimizer):
             raise ValueError("capturable=True needs the fused Triton path (leave fused unset or True)")
         if (fused or capturable) and not self._fused_ok(group):
             raise ValueError(f"{type(self).__name__}(fused=True or capturable=True) does not support the "
-                             f"options this group uses ({self._unfused_options(group)}); leave fused unset "
+                             f"options this group uses "
+                             f"({self._unfused_options(group) or _lp_options(group)}); leave fused unset "
                              "(the foreach path runs them)")
         if fused and (self.kernel is None or not kernels.triton_usable()):
             why = kernels.triton_status() if self.kernel else "this optimizer has no fused kernel"
             raise RuntimeError(f"{type(self).__name__}(fused=True) is not available: {why}")
+
+    def _validate_precision(self, group: dict[str, Any]) -> None:
+        """state_precision, stochastic_rounding and sr_seed of a group (part of ``_validate``)."""
+        precision = group.get("state_precision")
+        if precision is not None:
+            check_choice("state_precision", precision, STATE_PRECISIONS)
+        sr = group.get("stochastic_rounding", False)
+        check_bool("stochastic_rounding", sr)
+        seed = group.get("sr_seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"Invalid type for sr_seed: expected an int, got {type(seed).__name__} "
+                            f"({seed!r})")
+        check(0 <= seed < 2 ** 32, "sr_seed", seed, "must be an int in [0, 2**32)")
+        if group["lazy"] and _lp_options(group):
+            raise ValueError(f"Invalid lazy: True (not supported with {_lp_options(group)} yet; use a "
+                             "group with lazy=False for these parameters)")
+        params = [p for p in group.get("params", []) if isinstance(p, Tensor)]
+        if sr and params:
+            if any(p.dtype == torch.float16 for p in params):
+                raise ValueError("Invalid stochastic_rounding: True (rounds to bf16; this group holds fp16 "
+                                 "parameters: use bf16 parameters or stochastic_rounding=False)")
+            if precision not in ("bf16", "8bit") and not any(p.dtype == torch.bfloat16 for p in params):
+                warnings.warn("stochastic_rounding=True has no effect in this group: it rounds bf16 "
+                              "parameters and bf16/8bit state, and the group has neither", stacklevel=4)
 
     # ----------------------------------------------------------------- hooks for subclasses
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -206,13 +262,21 @@ class TigerOptimizer(Optimizer):
         """Fresh state for ``p``: the step count and one tensor per state key."""
         device = p.device if group["capturable"] else "cpu"
         state = {"step": torch.tensor(0.0, dtype=_scalar_dtype(), device=device)}
+        precision = group.get("state_precision")
+        if precision is not None or group.get("stochastic_rounding"):
+            _check_low_precision_param(type(self).__name__, p, group)
         for key in self.state_keys:
             shape = self._state_shape(key, p, group)
-            if shape == tuple(p.shape):
-                t = torch.zeros_like(p, dtype=state_dtype(p.dtype), memory_format=torch.preserve_format)
-            else:
-                t = torch.zeros(shape, dtype=state_dtype(p.dtype), device=p.device)
             value = self._initial_value(key, group)
+            if precision == "8bit":
+                full = torch.full(shape, value, dtype=torch.float32, device=p.device)
+                state[key], state[key + "_absmax"] = _lowp.encode_8bit(full)
+                continue
+            dtype = _storage_dtype(p, precision)
+            if shape == tuple(p.shape):
+                t = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            else:
+                t = torch.zeros(shape, dtype=dtype, device=p.device)
             if value != 0.0:  # complex: both components of view_as_real start at value
                 (torch.view_as_real(t) if t.is_complex() else t).fill_(value)
             state[key] = t
@@ -220,7 +284,7 @@ class TigerOptimizer(Optimizer):
 
     def _fused_ok(self, group: dict[str, Any]) -> bool:
         """Whether the fused kernels implement every option this group uses."""
-        return not self._unfused_options(group)
+        return not self._unfused_options(group) and not _lp_options(group)
 
     def _unfused_options(self, group: dict[str, Any]) -> str:
         """The options of this group the fused kernels do not implement ('' if none)."""
@@ -307,7 +371,8 @@ class TigerOptimizer(Optimizer):
 
     def _plan_flags(self, group: dict[str, Any]) -> tuple[Any, ...]:
         return (group["fused"], group["foreach"], group["capturable"], group["lazy"], group["on_nonfinite"],
-                self._fused_ok(group), torch.get_default_dtype())
+                self._fused_ok(group), torch.get_default_dtype(), group.get("state_precision"),
+                group.get("stochastic_rounding"))
 
     def _step_planned(self, group: dict[str, Any], plan: _GroupPlan) -> bool:
         """One step of ``group`` with its plan; False (nothing changed) when the plan does not fit."""
@@ -417,6 +482,9 @@ class TigerOptimizer(Optimizer):
             return
         self._init_group(group)
         hyper = self._hyper(group)
+        if _low_precision(group):
+            self._step_low_precision(group, params, grads, hyper)
+            return
 
         buckets: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
         paths: dict[tuple[torch.device, torch.dtype], str] = {}
@@ -457,6 +525,47 @@ class TigerOptimizer(Optimizer):
             impl(*lists[:-1], steps, **hyper)
         if plannable and plan_index is not None:
             self._build_plan(group, plan_index, params, buckets, paths)
+
+    def _step_low_precision(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                            hyper: dict[str, Any]) -> None:
+        """One step of a group with low-precision state or stochastic rounding.
+
+        Each parameter and state tensor is read into a working copy in the math dtype (fp32, fp64 for
+        fp64 parameters; 8-bit state decoded), the optimizer's reference or foreach rule updates the
+        working copies, and each is stored back once: bf16 with round-to-nearest or stochastic
+        rounding, 8-bit re-encoded (:mod:`tigeropt._lowp`).  The rounding bits depend on (sr_seed,
+        step, parameter index, element index) only, so both paths give bit-identical results.
+        """
+        name = type(self).__name__
+        for p, g in zip(params, grads):
+            if g.is_sparse:
+                raise RuntimeError(f"{name}: sparse gradients are not supported with "
+                                   f"{_lp_options(group) or 'state_precision=fp32 for fp64 parameters'} yet")
+            _check_low_precision_param(name, p, group)
+        index = {id(q): i for i, q in enumerate(q for grp in self.param_groups for q in grp["params"])}
+        seed, sr = group["sr_seed"], group["stochastic_rounding"]
+        buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for j, p in enumerate(params):
+            md = torch.float64 if p.dtype == torch.float64 else torch.float32
+            buckets.setdefault((p.device, md), []).append(j)
+        for (device, md), js in buckets.items():
+            ps = [params[j] for j in js]
+            states = [self.state[p] for p in ps]
+            steps = [st["step"] for st in states]
+            torch._foreach_add_(steps, 1)
+            work_p = [p if p.dtype == md else p.to(md) for p in ps]
+            work_s = [[_read_state(st, k, md) for st in states] for k in self.state_keys]
+            impl = self._impl(self._path(group, device, md))
+            impl(work_p, [grads[j] for j in js], *work_s, steps, **hyper)
+            for p, st, w, *ws in zip(ps, states, work_p, *work_s):
+                step, pidx = int(st["step"]), index[id(p)]
+                if w is not p:
+                    if sr and p.dtype == torch.bfloat16:
+                        p.copy_(_lowp.round_bf16(w, _lowp.key32(seed, step, pidx, 0)))
+                    else:
+                        p.copy_(w)
+                for i, (k, w_s) in enumerate(zip(self.state_keys, ws)):
+                    _write_state(st, k, w_s, _lowp.key32(seed, step, pidx, 1 + i) if sr else None)
 
     def _rows_path(self, group: dict[str, Any], device: torch.device) -> str:
         """How lazy rows and sparse gradients are updated: 'cpu' (the fused C row kernel) where the
@@ -523,7 +632,7 @@ class TigerOptimizer(Optimizer):
         state for bf16/fp16 parameters bit-exact.
         """
         groups = self._check_state_dict(state_dict)
-        flags = [{k: g[k] for k in EXECUTION_FLAGS} for g in self.param_groups]
+        flags = [{k: g.get(k) for k in LOADER_OPTIONS} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, own in zip(self.param_groups, flags):
             for key, value in self.defaults.items():  # a torch.optim.Adagrad checkpoint lacks our options
@@ -537,8 +646,11 @@ class TigerOptimizer(Optimizer):
             if p is None:
                 continue
             mine = self.state[p]
+            group = self._group_of(p)
             for key in self.state_keys:
-                mine[key] = st[key].to(device=p.device, dtype=state_dtype(p.dtype), copy=True)
+                mine.pop(key + "_absmax", None)
+                mine.update(_convert_state(st, key, p, group.get("state_precision"),
+                                           self._state_shape(key, p, group)))
             step = st.get("step")
             if step is not None:
                 step = step.detach() if isinstance(step, Tensor) else torch.tensor(float(step))
@@ -573,7 +685,8 @@ class TigerOptimizer(Optimizer):
                     + (" and " if foreign and missing else "")
                     + (f"lacks {missing}" if missing else ""))
         # each group as it will be once loaded: the checkpoint's options, this optimizer's execution flags
-        merged = [{**self.defaults, **group, **saved, **{k: group[k] for k in (*EXECUTION_FLAGS, "params")}}
+        merged = [{**self.defaults, **group, **saved,
+                   **{k: group.get(k) for k in (*LOADER_OPTIONS, "params")}}
                   for saved, group in zip(saved_groups, self.param_groups)]
         id_map: dict[Any, tuple[Tensor, dict[str, Any]]] = {}
         for saved, group, loaded in zip(saved_groups, self.param_groups, merged):
@@ -582,7 +695,8 @@ class TigerOptimizer(Optimizer):
             if pid not in id_map:
                 continue
             p, group = id_map[pid]
-            extra = sorted(k for k in st if k != "step" and k not in self.state_keys)
+            extra = sorted(k for k in st if k != "step" and k not in self.state_keys
+                           and not (k.endswith("_absmax") and k[:-7] in self.state_keys))
             if extra:
                 source = _guess_optimizer(saved_groups[0])
                 raise ValueError(f"{name}: the state of parameter {pid} holds {extra}, which "
@@ -596,6 +710,15 @@ class TigerOptimizer(Optimizer):
                     raise ValueError(f"{name}: state {key!r} of parameter {pid} has shape "
                                      f"{tuple(st[key].shape)}, expected {want} for a parameter of shape "
                                      f"{tuple(p.shape)}")
+                absmax = st.get(key + "_absmax")
+                if (absmax is None) != (st[key].dtype != torch.uint8):
+                    what = "8-bit codes without" if absmax is None else "not 8-bit codes but has"
+                    raise ValueError(f"{name}: state {key!r} of parameter {pid} is {what} "
+                                     f"{key + '_absmax'!r}")
+                if absmax is not None and tuple(absmax.shape) != (_lowp.nblocks(st[key].numel()),):
+                    raise ValueError(f"{name}: state {key + '_absmax'!r} of parameter {pid} has shape "
+                                     f"{tuple(absmax.shape)}, expected ({_lowp.nblocks(st[key].numel())},) "
+                                     "(one per 256-element block)")
         for i, candidate in enumerate(merged):
             try:
                 self._validate(candidate)
@@ -761,6 +884,90 @@ def _choose_path(name: str, kernel: str | None, fused: bool | None, foreach: boo
 
 # What torch.compiler.assume_constant_result does, without importing torch._dynamo at import time.
 _choose_path._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def _lp_options(group: dict[str, Any]) -> str:
+    """The low-precision options a group uses that only the reference/foreach paths implement."""
+    used = []
+    if group.get("stochastic_rounding"):
+        used.append("stochastic_rounding=True")
+    precision = group.get("state_precision")
+    if precision in ("bf16", "8bit"):
+        used.append(f"state_precision={precision!r}")
+    return ", ".join(used)
+
+
+def _low_precision(group: dict[str, Any]) -> bool:
+    """Whether a group's step runs :meth:`TigerOptimizer._step_low_precision` (state stored in
+    another dtype than the math, or stochastic rounding)."""
+    if _lp_options(group):
+        return True
+    return group.get("state_precision") == "fp32" and any(p.dtype == torch.float64 for p in group["params"])
+
+
+def _storage_dtype(p: Tensor, precision: str | None) -> torch.dtype:
+    """dtype of the (non-8-bit) state of parameter ``p`` under ``state_precision``."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp32":
+        return torch.complex64 if p.is_complex() else torch.float32
+    return state_dtype(p.dtype)
+
+
+def _check_low_precision_param(name: str, p: Tensor, group: dict[str, Any]) -> None:
+    options = _lp_options(group)
+    if p.is_complex() and (options or p.dtype == torch.complex128 and group.get("state_precision") == "fp32"):
+        raise RuntimeError(f"{name}: complex parameters are not supported with "
+                           f"{options or 'state_precision=fp32 for complex128 parameters'}")
+    if _is_dtensor(p) and (options or p.dtype == torch.float64 and group.get("state_precision") == "fp32"):
+        raise RuntimeError(f"{name}: DTensor (FSDP2) parameters are not supported with "
+                           f"{options or 'state_precision=fp32 for fp64 parameters'} yet (the rounding "
+                           "hash needs global element indices)")
+    if group.get("stochastic_rounding") and p.dtype == torch.float16:
+        raise RuntimeError(f"{name}: stochastic_rounding=True rounds to bf16, not fp16 parameters")
+
+
+def _read_state(state: dict[str, Any], key: str, dtype: torch.dtype) -> Tensor:
+    """State tensor ``key`` in the math ``dtype`` (8-bit decoded; the tensor itself if already so)."""
+    t = state[key]
+    if t.dtype == torch.uint8:
+        return _lowp.decode_8bit(t, state[key + "_absmax"]).to(dtype)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _write_state(state: dict[str, Any], key: str, work: Tensor, sr_key: int | None) -> None:
+    """Store a working copy into state ``key``: once rounded (stochastically with ``sr_key``)."""
+    t = state[key]
+    if work is t:
+        return
+    if t.dtype == torch.uint8:
+        codes, absmax = _lowp.encode_8bit(work, sr_key)
+        t.copy_(codes)
+        state[key + "_absmax"].copy_(absmax)
+    elif t.dtype == torch.bfloat16 and sr_key is not None:
+        t.copy_(_lowp.round_bf16(work, sr_key))
+    else:
+        t.copy_(work)
+
+
+def _convert_state(st: dict[str, Any], key: str, p: Tensor, precision: str | None, shape: tuple[int, ...]
+                   ) -> dict[str, Tensor]:
+    """Checkpoint state ``key`` (float, or 8-bit codes + absmax) as this optimizer stores it.
+
+    Same storage: copied bit-exactly.  Float into "8bit": quantized (round to nearest).  8-bit
+    into float: decoded, then cast (round to nearest).
+    """
+    src = st[key]
+    absmax = st.get(key + "_absmax")
+    if precision == "8bit":
+        if src.dtype == torch.uint8 and absmax is not None:
+            return {key: src.to(device=p.device, copy=True).reshape(shape),
+                    key + "_absmax": absmax.to(device=p.device, dtype=torch.float32, copy=True)}
+        codes, am = _lowp.encode_8bit(src.to(device=p.device, dtype=torch.float32))
+        return {key: codes, key + "_absmax": am}
+    if src.dtype == torch.uint8 and absmax is not None:
+        src = _lowp.decode_8bit(src.to(p.device), absmax.to(device=p.device, dtype=torch.float32))
+    return {key: src.to(device=p.device, dtype=_storage_dtype(p, precision), copy=True)}
 
 
 def _scalar_dtype() -> torch.dtype:

@@ -152,6 +152,8 @@ class Adagrad(TigerOptimizer):
         rowwise: FBGEMM's row-wise Adagrad: one accumulator per row of a 2-D parameter
             (state ``sum`` of shape ``(rows,)``); every parameter of the group must be 2-D and real.
         maximize, foreach, fused, on_nonfinite, capturable: see :mod:`tigeropt._base`.
+        state_precision, stochastic_rounding, sr_seed: low-precision state and bf16 stochastic
+            rounding, see :mod:`tigeropt._base`.
         lazy: per-group; with dense gradients only rows that have a non-zero change.
     """
 
@@ -168,7 +170,8 @@ class Adagrad(TigerOptimizer):
                  skip_nonfinite_rows: bool = False, rowwise: bool = False, maximize: bool = False,
                  foreach: bool | None = None,
                  fused: bool | None = None, lazy: bool = False, on_nonfinite: str = "ignore",
-                 capturable: bool = False) -> None:
+                 capturable: bool = False, state_precision: str | None = None,
+                 stochastic_rounding: bool = False, sr_seed: int = 0) -> None:
         if initial_accumulator_value is None:
             initial_accumulator_value = 1.0 if glove else 0.0
         defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
@@ -176,7 +179,9 @@ class Adagrad(TigerOptimizer):
                         grad_clip_value=grad_clip_value, skip_nonfinite_rows=skip_nonfinite_rows,
                         rowwise=rowwise, lazy=lazy)
         super().__init__(params, defaults, maximize=maximize, foreach=foreach, fused=fused,
-                         on_nonfinite=on_nonfinite, capturable=capturable)
+                         on_nonfinite=on_nonfinite, capturable=capturable,
+                         state_precision=state_precision, stochastic_rounding=stochastic_rounding,
+                         sr_seed=sr_seed)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])

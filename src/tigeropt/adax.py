@@ -119,6 +119,8 @@ class AdaX(TigerOptimizer):
         weight_decay: L2 added to the gradient (default 5e-4), or decoupled with
             ``decoupled_weight_decay=True`` (AdaX-W).
         maximize, foreach, fused, on_nonfinite, capturable: see :mod:`tigeropt._base`.
+        state_precision, stochastic_rounding, sr_seed: low-precision state and bf16 stochastic
+            rounding, see :mod:`tigeropt._base`.
         lazy: per-group; only rows (dim 0) with gradient change (sparse gradients allowed).
     """
 
@@ -131,11 +133,15 @@ class AdaX(TigerOptimizer):
                  betas: tuple[float, float] = (0.9, 1e-4), eps: float = 1e-12, weight_decay: float = 5e-4,
                  *, decoupled_weight_decay: bool = False, maximize: bool = False,
                  foreach: bool | None = None, fused: bool | None = None, lazy: bool = False,
-                 on_nonfinite: str = "ignore", capturable: bool = False) -> None:
+                 on_nonfinite: str = "ignore", capturable: bool = False,
+                 state_precision: str | None = None, stochastic_rounding: bool = False,
+                 sr_seed: int = 0) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, lazy=lazy)
         super().__init__(params, defaults, maximize=maximize, foreach=foreach, fused=fused,
-                         on_nonfinite=on_nonfinite, capturable=capturable)
+                         on_nonfinite=on_nonfinite, capturable=capturable,
+                         state_precision=state_precision, stochastic_rounding=stochastic_rounding,
+                         sr_seed=sr_seed)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])

@@ -76,6 +76,8 @@ class Lion(TigerOptimizer):
         betas: (b1, b2) — b1 interpolates the update direction, b2 is the momentum decay.
         weight_decay: decoupled weight decay (``p *= 1 - lr*wd``).
         maximize, foreach, fused, on_nonfinite, capturable: see :mod:`tigeropt._base`.
+        state_precision, stochastic_rounding, sr_seed: low-precision state and bf16 stochastic
+            rounding, see :mod:`tigeropt._base`.
         lazy: per-group; only rows (dim 0) with gradient change (sparse gradients allowed).
 
     Setting Tiger and Lion (``benchmarks/bench_quality.py``; README "Setting Tiger and Lion"):
@@ -96,10 +98,14 @@ class Lion(TigerOptimizer):
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, *,
                  maximize: bool = False, foreach: bool | None = None, fused: bool | None = None,
-                 lazy: bool = False, on_nonfinite: str = "ignore", capturable: bool = False) -> None:
+                 lazy: bool = False, on_nonfinite: str = "ignore", capturable: bool = False,
+                 state_precision: str | None = None, stochastic_rounding: bool = False,
+                 sr_seed: int = 0) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, lazy=lazy)
         super().__init__(params, defaults, maximize=maximize, foreach=foreach, fused=fused,
-                         on_nonfinite=on_nonfinite, capturable=capturable)
+                         on_nonfinite=on_nonfinite, capturable=capturable,
+                         state_precision=state_precision, stochastic_rounding=stochastic_rounding,
+                         sr_seed=sr_seed)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])

@@ -132,6 +132,8 @@ class Tiger(TigerOptimizer):
         beta: momentum decay (default 0.965); LR schedulers see it as ``betas = (beta, beta)``.
         weight_decay: ``p -= lr*wd*p`` (default 0.01).
         maximize, foreach, fused, on_nonfinite, capturable: see :mod:`tigeropt._base`.
+        state_precision, stochastic_rounding, sr_seed: low-precision state and bf16 stochastic
+            rounding, see :mod:`tigeropt._base`.
         lr_scaling, accumulation_steps, nan_guard, shrink_ratio, kind: the original's extras.
         lazy: per-group; only rows (dim 0) with gradient change (sparse gradients allowed).
 
@@ -155,12 +157,15 @@ class Tiger(TigerOptimizer):
                  foreach: bool | None = None, fused: bool | None = None, lr_scaling: bool = False,
                  accumulation_steps: int = 1, nan_guard: bool = False, shrink_ratio: float = 0.99,
                  kind: str = "auto", lazy: bool = False, on_nonfinite: str = "ignore",
-                 capturable: bool = False) -> None:
+                 capturable: bool = False, state_precision: str | None = None,
+                 stochastic_rounding: bool = False, sr_seed: int = 0) -> None:
         defaults = dict(lr=lr, beta=beta, betas=(beta, beta), weight_decay=weight_decay,
                         lr_scaling=lr_scaling, accumulation_steps=accumulation_steps, nan_guard=nan_guard,
                         shrink_ratio=shrink_ratio, kind=kind, lazy=lazy)
         super().__init__(params, defaults, maximize=maximize, foreach=foreach, fused=fused,
-                         on_nonfinite=on_nonfinite, capturable=capturable)
+                         on_nonfinite=on_nonfinite, capturable=capturable,
+                         state_precision=state_precision, stochastic_rounding=stochastic_rounding,
+                         sr_seed=sr_seed)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         betas = param_group.get("betas") if isinstance(param_group, dict) else None

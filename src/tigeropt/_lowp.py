@@ -1,0 +1,161 @@
+"""Low-precision storage: stochastic rounding to bf16 and block-scaled 8-bit (fp8 e4m3) state.
+
+This module sits below the optimizers and the kernels (it imports nothing from tigeropt) and
+is the one definition of the rounding that every path uses.
+
+Random bits: a counter-based integer hash
+-----------------------------------------
+No generator state: the 32 random bits of an element are a pure function of
+(seed, step, parameter index, stream, element index), so any path, any order of evaluation and
+a resumed checkpoint draw the same bits.  The mixing function is Chris Wellons' ``lowbias32``::
+
+    h(x) = x ^ x>>16;  x *= 0x7feb352d;  x ^= x>>15;  x *= 0x846ca68b;  x ^= x>>16   (mod 2^32)
+
+    key   = h(h(h(h(seed) ^ step) ^ param_index) ^ stream)           (all taken mod 2^32)
+    bits  = h(h(e_lo ^ key) ^ e_hi)     e = element index, e_lo/e_hi its low/high 32 bits
+
+``param_index`` is the parameter's position in the optimizer (param_groups order, as in the
+state_dict); ``stream`` is 0 for the parameter and 1 + i for state tensor ``state_keys[i]``;
+``e`` is the element's logical (row-major) index in the tensor; ``step`` is the parameter's
+step count after the increment.  In torch the hash runs in int64 with each product split in
+16-bit halves (no overflow), in C on ``uint32_t`` and in Triton on ``tl.uint32``.
+
+Stochastic rounding to bf16
+---------------------------
+bf16 is the upper half of an fp32 bit pattern.  With ``u`` the fp32 bits of the exact result
+and ``r = bits >> 16`` uniform in [0, 2^16): ``bf16 bits = (u + r) >> 16``.  The result is the
+next bf16 away from zero with probability ``(u & 0xffff) / 2^16`` (the discarded fraction of a
+unit) and the truncated value otherwise, so its expected value is the fp32 value exactly.
+inf stays inf; NaN becomes the canonical bf16 NaN 0x7fc0 (what torch's conversion gives);
+a finite value above the largest bf16 rounds to inf with that probability.
+
+8-bit state: block-scaled fp8 e4m3
+----------------------------------
+A state tensor (flattened row-major) is cut in blocks of 256 elements; each block stores one
+fp32 ``absmax`` (largest finite magnitude) and 256 one-byte codes, the OCP fp8 e4m3 (``e4m3fn``:
+4 exponent bits, 3 mantissa bits, largest 448, smallest subnormal 2^-9) bit patterns of
+``x * 448/absmax``: 1 + 4/256 = 1.016 bytes per element.  The float map keeps small values: an
+element is flushed to 0 only below absmax * 2^-10/448 (2.2e-6 of the block's largest), where
+a linear absmax int8 map flushes everything below absmax/254.  Encoding rounds to nearest
+(ties to even) or, with stochastic rounding, up with probability equal to the discarded
+fraction (exactly unbiased: the fraction is a multiple of 2^-20, compared with 24 random bits).
+Non-finite elements are stored as NaN codes (0x7f, sign kept) and decode to NaN.
+Decoding: ``code_value * (absmax / 448)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["hash32", "key32", "element_bits", "round_bf16", "encode_8bit", "decode_8bit", "BLOCK",
+           "FP8_MAX", "nblocks", "hash32_int"]
+
+M32 = 0xFFFFFFFF
+BLOCK = 256
+FP8_MAX = 448.0
+_C1, _C2 = 0x7FEB352D, 0x846CA68B
+
+
+def hash32_int(x: int) -> int:
+    """``lowbias32`` on a Python int (the scalar definition the tensor versions follow)."""
+    x &= M32
+    x ^= x >> 16
+    x = (x * _C1) & M32
+    x ^= x >> 15
+    x = (x * _C2) & M32
+    x ^= x >> 16
+    return x
+
+
+def key32(seed: int, step: int, param_index: int, stream: int) -> int:
+    """The per-(seed, step, parameter, stream) key of the element hash (module docstring)."""
+    k = hash32_int(seed)
+    k = hash32_int(k ^ (step & M32))
+    k = hash32_int(k ^ (param_index & M32))
+    return hash32_int(k ^ (stream & M32))
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``x * c mod 2^32`` for int64 ``x`` in [0, 2^32) without int64 overflow."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & M32
+
+
+def hash32(x: Tensor) -> Tensor:
+    """``lowbias32`` elementwise on an int64 tensor of values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, _C1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _C2)
+    return x ^ (x >> 16)
+
+
+def element_bits(key: int, numel: int, device: torch.device | str = "cpu",
+                 index: Tensor | None = None) -> Tensor:
+    """32 random bits (int64 in [0, 2^32)) for elements ``0..numel-1`` (or the int64 ``index``)."""
+    e = torch.arange(numel, dtype=torch.int64, device=device) if index is None else index
+    return hash32(hash32((e & M32) ^ key) ^ (e >> 32))
+
+
+def round_bf16(x: Tensor, key: int | None) -> Tensor:
+    """``x`` (fp32) in bf16: to nearest (``key=None``), else stochastically with the element hash."""
+    if key is None:
+        return x.to(torch.bfloat16)
+    x = x.float().contiguous()
+    u = x.view(torch.int32).to(torch.int64) & M32
+    r = element_bits(key, x.numel(), x.device).view(x.shape) >> 16
+    hi = (u + r) >> 16  # <= 0xff80 for every non-NaN input (NaN is replaced below)
+    hi = torch.where(torch.isnan(x), 0x7FC0, hi)
+    hi = torch.where(hi >= 0x8000, hi - 0x10000, hi)
+    return hi.to(torch.int16).view(torch.bfloat16)
+
+
+def nblocks(numel: int) -> int:
+    return -(-numel // BLOCK)
+
+
+def encode_8bit(x: Tensor, key: int | None = None) -> tuple[Tensor, Tensor]:
+    """(codes uint8 of ``x``'s shape, absmax fp32 [nblocks]) of ``x`` (fp32; module docstring).
+
+    ``key=None`` rounds to nearest (ties to even); otherwise stochastically with the element hash.
+    """
+    shape, n = x.shape, x.numel()
+    nb = nblocks(n)
+    flat = x.detach().float().reshape(-1)
+    if nb * BLOCK != n:
+        flat = torch.cat([flat, flat.new_zeros(nb * BLOCK - n)])
+    blocks = flat.view(nb, BLOCK)
+    finite = torch.isfinite(blocks)
+    a = torch.where(finite, blocks.abs(), 0.0)
+    absmax = a.amax(dim=1) if nb else a.new_zeros(0)
+    scale = absmax / FP8_MAX
+    y = a / torch.where(scale > 0, scale, 1.0)[:, None]
+    y = y.clamp_max(FP8_MAX)
+    exp = (y.view(torch.int32) >> 23) - 127  # y >= 0: the sign bit is 0
+    ulp = ((exp.clamp_min(-6) - 3 + 127) << 23).view(torch.float32)  # 2^(max(e,-6)-3): e4m3's spacing
+    t = y / ulp  # exact: ulp is a power of two
+    fl = torch.floor(t)
+    frac = t - fl
+    if key is None:
+        up = (frac > 0.5) | ((frac == 0.5) & (torch.remainder(fl, 2.0) == 1.0))
+    else:
+        bits = element_bits(key, nb * BLOCK, x.device).view(nb, BLOCK)
+        up = frac > (bits >> 8).float() * 2.0 ** -24
+    q = (fl + up.float()) * ulp
+    q = torch.where(torch.signbit(blocks), -q, q)
+    codes = q.to(torch.float8_e4m3fn).view(torch.uint8)
+    nan_code = torch.where(torch.signbit(blocks), 0xFF, 0x7F).to(torch.uint8)
+    codes = torch.where(finite, codes, nan_code)
+    return codes.reshape(-1)[:n].reshape(shape).contiguous(), absmax
+
+
+def decode_8bit(codes: Tensor, absmax: Tensor) -> Tensor:
+    """fp32 values of ``codes`` (uint8, any shape) with their blocks' ``absmax``."""
+    shape, n = codes.shape, codes.numel()
+    nb = absmax.numel()
+    flat = codes.reshape(-1)
+    if nb * BLOCK != n:
+        flat = torch.cat([flat, flat.new_zeros(nb * BLOCK - n)])
+    values = flat.view(torch.float8_e4m3fn).float().view(nb, BLOCK) * (absmax / FP8_MAX)[:, None]
+    return values.reshape(-1)[:n].reshape(shape)

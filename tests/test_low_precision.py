@@ -1,0 +1,361 @@
+"""Low precision: stochastic rounding to bf16, bf16 and 8-bit (block-scaled fp8 e4m3) state."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+import tigeropt
+from tigeropt import _lowp
+from tigeropt._lowp import BLOCK, FP8_MAX, decode_8bit, encode_8bit, hash32, hash32_int, key32, round_bf16
+
+OPTIMIZERS = [tigeropt.Tiger, tigeropt.Lion, tigeropt.AdaX, tigeropt.Adagrad]
+PRECISIONS = [None, "fp32", "bf16", "8bit"]
+
+
+def _bits(x: torch.Tensor) -> list[int]:
+    return (x.view(torch.int16).to(torch.int64) & 0xFFFF).tolist()
+
+
+# ----------------------------------------------------------------------------- the hash
+def test_hash_tensor_equals_scalar_definition():
+    xs = [0, 1, 2, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 123456789, 0xDEADBEEF]
+    assert hash32(torch.tensor(xs, dtype=torch.int64)).tolist() == [hash32_int(x) for x in xs]
+    # lowbias32 written out once more by hand on one value
+    x = 0xDEADBEEF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) % 2 ** 32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) % 2 ** 32
+    x ^= x >> 16
+    assert hash32_int(0xDEADBEEF) == x
+
+
+def test_element_bits_follow_the_documented_formula():
+    key = key32(7, 3, 2, 1)
+    idx = torch.tensor([0, 1, 5, 2 ** 32 + 5, 2 ** 40 + 9], dtype=torch.int64)
+    got = _lowp.element_bits(key, 0, index=idx).tolist()
+    want = [hash32_int(hash32_int((e & 0xFFFFFFFF) ^ key) ^ (e >> 32)) for e in idx.tolist()]
+    assert got == want
+    assert key == hash32_int(hash32_int(hash32_int(hash32_int(7) ^ 3) ^ 2) ^ 1)
+
+
+# ----------------------------------------------------------------------------- SR golden values
+@pytest.mark.parametrize("r16, value, want", [
+    (0x0000, 1.0 + 2 ** -9, 1.0),                     # down: random bits below the discarded fraction
+    (0xBFFF, 1.0 + 2 ** -9, 1.0),                     # 0x4000 + 0xbfff = 0xffff: still down
+    (0xC000, 1.0 + 2 ** -9, 1.0 + 2 ** -7),           # 0x4000 + 0xc000 carries: up
+    (0xFFFF, -(1.0 + 2 ** -9), -(1.0 + 2 ** -7)),     # negative: "up" is away from zero
+    (0x0000, -(1.0 + 2 ** -9), -1.0),
+    (0xFFFF, 1.0, 1.0),                               # a bf16 value never moves
+    (0xFFFF, float("inf"), float("inf")),
+    (0xFFFF, -float("inf"), -float("inf")),
+    (0xFFFF, 3.3961e38, float("inf")),                # above bf16's largest: up is inf
+    (0x0000, 3.3961e38, 3.3895313892515355e38),       # ... down is the largest bf16
+])
+def test_stochastic_rounding_golden(monkeypatch, r16, value, want):
+    monkeypatch.setattr(_lowp, "element_bits", lambda key, n, device="cpu", index=None:
+                        torch.full((n,), r16 << 16, dtype=torch.int64))
+    got = round_bf16(torch.tensor([value], dtype=torch.float32), key=1)
+    assert got.dtype == torch.bfloat16
+    assert got.float().item() == want
+
+
+def test_stochastic_rounding_keeps_nan_and_matches_the_bit_rule():
+    x = torch.tensor([float("nan"), -float("nan"), 1.5, 1 + 2 ** -12, -3.0e-3, 0.0, -0.0, 1e-40])
+    key = key32(1, 2, 3, 0)
+    got = round_bf16(x, key)
+    assert torch.isnan(got[:2].float()).all()
+    assert _bits(got[:2]) == [0x7FC0, 0x7FC0]
+    r = [b >> 16 for b in _lowp.element_bits(key, x.numel()).tolist()]
+    u = (x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF).tolist()
+    assert _bits(got[2:]) == [(ui + ri) >> 16 for ui, ri in zip(u[2:], r[2:])]
+
+
+def test_stochastic_rounding_is_unbiased():
+    n = 200_000
+    for value in (1.0 + 2 ** -9, 1.0 + 3 * 2 ** -10 + 2 ** -14, -0.3, 5e-3):
+        x = torch.full((n,), value)
+        lo = x.to(torch.bfloat16).float()
+        ulp = torch.nextafter(lo.abs(), torch.tensor(math.inf)).to(torch.bfloat16).float() - lo.abs()
+        ulp = ulp[0].item() if ulp[0].item() > 0 else 2 ** (math.floor(math.log2(abs(value))) - 7)
+        for seed in range(3):
+            got = round_bf16(x, key32(seed, 1, 0, 0)).double()
+            assert set(got.unique().tolist()) <= {math.floor(value / ulp) * ulp, math.ceil(value / ulp) * ulp}
+            frac = (value - math.floor(value / ulp) * ulp) / ulp
+            sigma = ulp * math.sqrt(frac * (1 - frac) / n)
+            assert abs(got.mean().item() - value) < 5 * sigma + 1e-12, (value, seed)
+
+
+def test_stochastic_rounding_moves_parameters_below_half_a_unit():
+    """lr below half a bf16 unit: round-to-nearest never moves the parameter, SR moves it on average."""
+    torch.manual_seed(0)
+    steps, lr = 20, 1e-3  # half a unit at 1.0 is 2^-8 = 3.9e-3
+    results = {}
+    for sr in (False, True):
+        p = torch.ones(20_000, dtype=torch.bfloat16, requires_grad=True)
+        opt = tigeropt.Tiger([p], lr=lr, weight_decay=0.0, stochastic_rounding=sr)
+        for _ in range(steps):
+            p.grad = torch.ones_like(p)
+            opt.step()
+        results[sr] = p.detach().double()
+    assert torch.equal(results[False], torch.ones_like(results[False]))
+    expected = 1.0 - steps * lr
+    sigma = 2 ** -7 * math.sqrt(steps / 4 / results[True].numel())
+    assert abs(results[True].mean().item() - expected) < 6 * sigma
+
+
+# ----------------------------------------------------------------------------- 8-bit codes
+def test_8bit_roundtrip_error_per_block():
+    torch.manual_seed(0)
+    x = torch.randn(7, 300) * torch.logspace(-7, 2, 300)
+    codes, absmax = encode_8bit(x)
+    assert codes.dtype == torch.uint8 and codes.shape == x.shape
+    assert absmax.shape == (math.ceil(x.numel() / BLOCK),)
+    assert torch.equal(absmax, torch.cat([x.reshape(-1), x.new_zeros(absmax.numel() * BLOCK - x.numel())])
+                       .view(-1, BLOCK).abs().amax(1))
+    y = decode_8bit(codes, absmax)
+    scale = (absmax / FP8_MAX).repeat_interleave(BLOCK)[: x.numel()].view_as(x)
+    bound = torch.maximum(x.abs() * 2 ** -4, scale * 2 ** -10) * (1 + 1e-6)
+    assert ((y - x).abs() <= bound).all()
+    assert torch.equal(encode_8bit(y)[0], codes)  # decoded values encode to the same codes
+
+
+def test_8bit_keeps_small_values_a_linear_map_flushes():
+    """The frozen-element fraction: elements 1e-5 .. 1 of their block's max keep a non-zero code."""
+    torch.manual_seed(1)
+    x = torch.randn(64, BLOCK).sign() * torch.logspace(-5, 0, BLOCK)
+    codes, absmax = encode_8bit(x)
+    y = decode_8bit(codes, absmax)
+    assert (y != 0).all()
+    assert torch.equal(torch.sign(y), torch.sign(x))
+    linear = torch.round(x / x.abs().amax(1, keepdim=True) * 127)  # int8 absmax map, for contrast
+    assert (linear == 0).float().mean() > 0.3
+
+
+def test_8bit_non_finite_and_zero_blocks():
+    x = torch.zeros(2 * BLOCK)
+    x[0], x[1], x[2], x[BLOCK] = float("nan"), -float("inf"), 2.0, -0.0
+    codes, absmax = encode_8bit(x)
+    assert absmax.tolist() == [2.0, 0.0]
+    y = decode_8bit(codes, absmax)
+    assert torch.isnan(y[:2]).all() and y[2].item() == 2.0
+    assert (y[3:] == 0).all()
+
+
+def test_8bit_stochastic_encoding_is_unbiased():
+    n_blocks = 2000
+    x = torch.full((n_blocks, BLOCK), 0.3)
+    x[:, 0] = 1.0  # absmax 1: 0.3*448 = 134.4 lies between the e4m3 values 128 and 144
+    y = decode_8bit(*encode_8bit(x, key32(0, 1, 0, 1)))[:, 1:].double()
+    scale = torch.tensor(1.0) / FP8_MAX  # decoding multiplies the code's value by absmax/448 in fp32
+    assert set(y.unique().tolist()) == set((torch.tensor([128.0, 144.0]) * scale).tolist())
+    p = (134.4 - 128) / 16
+    sigma = 16 / 448 * math.sqrt(p * (1 - p) / y.numel())
+    assert abs(y.mean().item() - 0.3) < 5 * sigma
+    rtn = decode_8bit(*encode_8bit(x))[:, 1:]
+    assert torch.equal(rtn, torch.full_like(rtn, 128.0) * scale)
+
+
+# ----------------------------------------------------------------------------- optimizers
+def _run(cls, prec, sr, foreach, steps=4, seed=3, dtype=torch.bfloat16, state=None, params=None):
+    torch.manual_seed(0)
+    if params is None:
+        params = [torch.randn(300, 7).to(dtype).requires_grad_(), torch.randn(7).to(dtype).requires_grad_()]
+    opt = cls(params, state_precision=prec, stochastic_rounding=sr, foreach=foreach, sr_seed=seed)
+    if state is not None:
+        opt.load_state_dict(state)
+    gen = torch.Generator().manual_seed(1 + (0 if state is None else 100))
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+        opt.step()
+    return params, opt
+
+
+def _state_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("prec", PRECISIONS)
+@pytest.mark.parametrize("sr", [False, True])
+def test_reference_and_foreach_bitwise(cls, prec, sr):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pr, optr = _run(cls, prec, sr, foreach=False)
+        pf, optf = _run(cls, prec, sr, foreach=True)
+    for a, b in zip(pr, pf):
+        assert torch.equal(a, b)
+    for a, b in zip(pr, pf):
+        _state_equal(optr.state[a], optf.state[b])
+    want = {None: torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "8bit": torch.uint8}[prec]
+    assert optr.state[pr[0]][cls.state_keys[0]].dtype == want
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_fp32_state_precision_is_the_default_path(cls):
+    """state_precision='fp32' with bf16 parameters and no SR is today's rule: bitwise the same."""
+    pa, _ = _run(cls, None, False, foreach=None)
+    pb, _ = _run(cls, "fp32", False, foreach=None)
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+
+
+def test_seed_changes_the_rounding():
+    pa, _ = _run(tigeropt.Tiger, "bf16", True, foreach=True, seed=1)
+    pb, _ = _run(tigeropt.Tiger, "bf16", True, foreach=True, seed=2)
+    assert not torch.equal(pa[0], pb[0])
+
+
+def test_bf16_params_fp64_state_precision_fp32():
+    """fp64 parameters with state_precision='fp32': state stored fp32, math fp64."""
+    pr, optr = _run(tigeropt.AdaX, "fp32", False, foreach=False, dtype=torch.float64)
+    pf, optf = _run(tigeropt.AdaX, "fp32", False, foreach=True, dtype=torch.float64)
+    assert optr.state[pr[0]]["exp_avg"].dtype == torch.float32
+    for a, b in zip(pr, pf):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("prec", ["bf16", "8bit"])
+def test_resume_continues_identically(cls, prec):
+    """3 steps, checkpoint, 3 more in a new optimizer == 6 steps in one (gradients from seed 101 after 3)."""
+    full, opt_full = _run(cls, prec, True, foreach=True, steps=3)
+    sd = copy.deepcopy(opt_full.state_dict())
+    cont_params = [p.detach().clone().requires_grad_() for p in full]
+    _, opt_a = _run(cls, prec, True, foreach=True, steps=3, state=sd, params=cont_params)
+    gen = torch.Generator().manual_seed(101)
+    for _ in range(3):
+        for p in full:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        opt_full.step()
+    for a, b in zip(full, cont_params):
+        assert torch.equal(a, b)
+        _state_equal(opt_full.state[a], opt_a.state[b])
+    for g in opt_a.state_dict()["param_groups"]:
+        assert (g["state_precision"], g["stochastic_rounding"], g["sr_seed"]) == (prec, True, 3)
+
+
+@pytest.mark.parametrize("prec", ["bf16", "8bit"])
+def test_state_dict_round_trip_bit_exact(prec):
+    params, opt = _run(tigeropt.AdaX, prec, True, foreach=True)
+    sd = copy.deepcopy(opt.state_dict())
+    other = tigeropt.AdaX([p.detach().clone().requires_grad_() for p in params], state_precision=prec)
+    other.load_state_dict(sd)
+    for k, st in sd["state"].items():
+        _state_equal(st, other.state_dict()["state"][k])
+
+
+def test_checkpoint_conversion_between_precisions():
+    params, opt32 = _run(tigeropt.Tiger, None, False, foreach=True, dtype=torch.float32)
+    sd32 = copy.deepcopy(opt32.state_dict())
+    m32 = sd32["state"][0]["exp_avg"]
+    fresh = [p.detach().clone().requires_grad_() for p in params]
+    # fp32 -> 8bit: quantized (round to nearest)
+    opt8 = tigeropt.Tiger(fresh, state_precision="8bit")
+    opt8.load_state_dict(sd32)
+    codes, absmax = encode_8bit(m32)
+    assert torch.equal(opt8.state[fresh[0]]["exp_avg"], codes)
+    assert torch.equal(opt8.state[fresh[0]]["exp_avg_absmax"], absmax)
+    assert opt8.param_groups[0]["state_precision"] == "8bit"  # the loader's precision, not the checkpoint's
+    # 8bit -> fp32: decoded
+    sd8 = copy.deepcopy(opt8.state_dict())
+    back = tigeropt.Tiger(fresh)
+    back.load_state_dict(sd8)
+    assert torch.equal(back.state[fresh[0]]["exp_avg"], decode_8bit(codes, absmax))
+    assert "exp_avg_absmax" not in back.state[fresh[0]]
+    # fp32 -> bf16 (round to nearest) -> fp32 (exact)
+    optb = tigeropt.Tiger(fresh, state_precision="bf16")
+    optb.load_state_dict(sd32)
+    assert torch.equal(optb.state[fresh[0]]["exp_avg"], m32.to(torch.bfloat16))
+    back.load_state_dict(copy.deepcopy(optb.state_dict()))
+    assert torch.equal(back.state[fresh[0]]["exp_avg"], m32.to(torch.bfloat16).float())
+    # and training continues from the converted state on every precision
+    for o in (opt8, optb, back):
+        for p in fresh:
+            p.grad = torch.ones_like(p)
+        o.step()
+    assert all(torch.isfinite(p).all() for p in fresh)
+
+
+def test_8bit_bytes_per_element():
+    p = torch.zeros(1000, 256, dtype=torch.bfloat16, requires_grad=True)
+    opt = tigeropt.Tiger([p], state_precision="8bit", stochastic_rounding=True)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    st = opt.state[p]
+    state_bytes = sum(t.numel() * t.element_size() for k, t in st.items() if k != "step")
+    assert state_bytes / p.numel() == 1 + 4 / BLOCK
+    assert (p.element_size() * p.numel() + state_bytes) / p.numel() < 3.1
+
+
+def test_tiger_8bit_elements_do_not_freeze():
+    """Small momenta next to a large one in the same block still move their parameters."""
+    torch.manual_seed(0)
+    p = torch.zeros(4 * BLOCK, requires_grad=True)
+    opt = tigeropt.Tiger([p], lr=0.1, weight_decay=0.0, state_precision="8bit")
+    scale = torch.logspace(-5, 0, p.numel())[torch.randperm(p.numel())]
+    for _ in range(3):
+        p.grad = scale.clone()
+        opt.step()
+    assert (p.detach() != 0).all()
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_validation_errors_name_the_argument():
+    p = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(ValueError, match="state_precision.*16bit"):
+        tigeropt.Tiger([p], state_precision="16bit")
+    with pytest.raises(TypeError, match="state_precision"):
+        tigeropt.Lion([p], state_precision=8)
+    with pytest.raises(TypeError, match="stochastic_rounding"):
+        tigeropt.AdaX([p], stochastic_rounding="yes")
+    with pytest.raises(ValueError, match="sr_seed"):
+        tigeropt.Adagrad([p], sr_seed=-1)
+    with pytest.raises(TypeError, match="sr_seed"):
+        tigeropt.Adagrad([p], sr_seed=1.5)
+    with pytest.raises(ValueError, match="stochastic_rounding"):
+        tigeropt.Tiger([p], stochastic_rounding=True, fused=True)
+    with pytest.raises(ValueError, match="lazy"):
+        tigeropt.Tiger([p], state_precision="8bit", lazy=True)
+    with pytest.raises(ValueError, match="stochastic_rounding"):
+        tigeropt.Tiger([torch.zeros(3, dtype=torch.float16, requires_grad=True)], stochastic_rounding=True)
+    with pytest.warns(UserWarning, match="no effect"):
+        tigeropt.Tiger([torch.zeros(3, requires_grad=True)], stochastic_rounding=True)
+
+
+def test_rejected_group_and_checkpoint_change_nothing():
+    p = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    opt = tigeropt.Tiger([p], state_precision="bf16", stochastic_rounding=True)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="state_precision"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "state_precision": "int4"})
+    bad = copy.deepcopy(before)
+    bad["param_groups"][0]["sr_seed"] = 2 ** 32
+    with pytest.raises(ValueError, match="sr_seed"):
+        opt.load_state_dict(bad)
+    bad = copy.deepcopy(before)
+    bad["state"][0]["exp_avg_absmax"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="exp_avg_absmax"):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    assert len(opt.param_groups) == 1
+    assert after["param_groups"] == before["param_groups"]
+    _state_equal(after["state"][0], before["state"][0])
+
+
+def test_sparse_gradients_refused_with_low_precision():
+    p = torch.zeros(4, 3, requires_grad=True)
+    opt = tigeropt.Adagrad([p], state_precision="8bit")
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 3), (4, 3), check_invariants=True)
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
