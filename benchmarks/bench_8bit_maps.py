@@ -1,0 +1,154 @@
+"""Which 8-bit map for optimizer state?  The fraction of elements whose update is lost.
+
+    python benchmarks/bench_8bit_maps.py                 # ~1 minute on one CPU thread
+    python benchmarks/bench_8bit_maps.py --steps 300 --out benchmarks/results/8bit-maps.md
+
+Trains the demo's character-level transformer in fp32 with each optimizer (Tiger, Lion, AdaX,
+Adagrad) for ``--steps`` steps, and at a few points quantizes the real fp32 state with each
+candidate map (256-element blocks, one fp32 absmax per block) and measures:
+
+* sign optimizers (Tiger, Lion; Lion's update is sign(b1*m + (1-b1)*g)): the fraction of
+  elements whose update is *lost* (zero from the quantized state while the fp32 state gives a
+  non-zero update: the element is frozen this step) and the fraction whose update sign flips;
+* AdaX and Adagrad: the fraction of elements whose update (from the quantized first and second
+  moments) is lost, and the median and 99th percentile relative error of the update.
+
+Maps: ``linear-int8`` (round(x/absmax*127), what a plain absmax int8 map does), ``e4m3``
+(block-scaled fp8 e4m3, what tigeropt's "8bit" stores), ``e4m3-unsigned`` for non-negative state
+is the same grid (the sign bit is wasted there), ``bf16`` (2 bytes, for comparison).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import tigeropt
+from tigeropt import demo
+from tigeropt._lowp import BLOCK, decode_8bit, encode_8bit
+
+
+def linear_int8(x: Tensor) -> Tensor:
+    flat = x.reshape(-1)
+    n = flat.numel()
+    nb = -(-n // BLOCK)
+    flat = torch.cat([flat, flat.new_zeros(nb * BLOCK - n)]).view(nb, BLOCK)
+    absmax = flat.abs().amax(1, keepdim=True)
+    scale = torch.where(absmax > 0, absmax / 127, 1.0)
+    q = torch.round(flat / scale).clamp(-127, 127) * scale
+    return q.reshape(-1)[:n].view_as(x)
+
+
+def linear_uint8(x: Tensor) -> Tensor:
+    """Non-negative state: round(x/absmax*255)."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    nb = -(-n // BLOCK)
+    flat = torch.cat([flat, flat.new_zeros(nb * BLOCK - n)]).view(nb, BLOCK)
+    absmax = flat.abs().amax(1, keepdim=True)
+    scale = torch.where(absmax > 0, absmax / 255, 1.0)
+    return (torch.round(flat / scale).clamp(0, 255) * scale).reshape(-1)[:n].view_as(x)
+
+
+MAPS = {
+    "linear-int8": linear_int8,
+    "e4m3": lambda x: decode_8bit(*encode_8bit(x)),
+    "bf16": lambda x: x.to(torch.bfloat16).float(),
+}
+MAPS_NONNEG = {"linear-uint8": linear_uint8, "e4m3": MAPS["e4m3"], "bf16": MAPS["bf16"]}
+
+
+def sign_update(name: str, opt: torch.optim.Optimizer, p: Tensor, m: Tensor) -> Tensor:
+    if name == "lion":
+        b1 = opt.param_groups[0]["betas"][0]
+        return torch.sign(b1 * m + (1 - b1) * p.grad)
+    return torch.sign(m)
+
+
+def measure(name: str, opt: torch.optim.Optimizer, rows: dict[tuple[str, str], list[float]]) -> None:
+    for p, st in opt.state.items():
+        if p.grad is None or p.numel() < BLOCK:
+            continue
+        if name in ("tiger", "lion"):
+            m = st["exp_avg"]
+            ref = sign_update(name, opt, p, m)
+            for map_name, q in MAPS.items():
+                upd = sign_update(name, opt, p, q(m))
+                live = ref != 0
+                rows.setdefault((map_name, "lost"), []).append(float((upd[live] == 0).float().mean()))
+                flipped = (upd[live] == -ref[live]).float().mean()
+                rows.setdefault((map_name, "flipped"), []).append(float(flipped))
+        else:
+            if name == "adax":
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+                ref = m / (v.sqrt() + 1e-12)
+            else:
+                m, v = p.grad, st["sum"]
+                ref = m / (v.sqrt() + 1e-10)
+            for map_name, q in MAPS_NONNEG.items():
+                signed = MAPS["linear-int8" if map_name == "linear-uint8" else map_name]
+                qm = signed(m) if name == "adax" else m  # Adagrad's numerator is the gradient
+                denom = q(v).sqrt() + (1e-12 if name == "adax" else 1e-10)
+                upd = qm / denom
+                live = ref != 0
+                rel = ((upd - ref).abs() / ref.abs())[live]
+                rows.setdefault((map_name, "lost"), []).append(float((upd[live] == 0).float().mean()))
+                rows.setdefault((map_name, "rel err median"), []).append(float(rel.median()))
+                p99 = torch.quantile(rel[:100_000], 0.99)
+                rows.setdefault((map_name, "rel err p99"), []).append(float(p99))
+
+
+def run(name: str, steps: int, corpus: demo.CharCorpus, seed: int = 0) -> dict[tuple[str, str], float]:
+    torch.manual_seed(seed)
+    model = demo.CharTransformer()
+    params = [p for p in model.parameters()]
+    opt = {"tiger": lambda: tigeropt.Tiger(params, lr=5e-4, beta=0.9, weight_decay=0.1),
+           "lion": lambda: tigeropt.Lion(params, lr=5e-4, weight_decay=0.1),
+           "adax": lambda: tigeropt.AdaX(params, lr=3e-3),
+           "adagrad": lambda: tigeropt.Adagrad(params, lr=1e-2)}[name]()
+    gen = torch.Generator().manual_seed(seed)
+    rows: dict[tuple[str, str], list[float]] = {}
+    points = {steps // 4, steps // 2, steps - 1}
+    for step in range(steps):
+        x, y = corpus.batch("train", 32, model.context, gen)
+        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step in points:
+            measure(name, opt, rows)
+    return {k: sum(v) / len(v) for k, v in rows.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--optimizers", default="tiger,lion,adax,adagrad")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    corpus = demo.load_corpus(max_chars=2_000_000)
+    lines = [f"`python benchmarks/bench_8bit_maps.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+             "", "| optimizer | map | metric | value |", "|---|---|---|---:|"]
+    t0 = time.time()
+    for name in args.optimizers.split(","):
+        for (map_name, metric), value in sorted(run(name, args.steps, corpus).items()):
+            fmt = f"{value:.2e}" if "err" in metric else f"{100 * value:.4f}%"
+            lines.append(f"| {name} | {map_name} | {metric} | {fmt} |")
+    lines.append("")
+    lines.append(f"({args.steps} fp32 training steps each, state measured at 1/4, 1/2 and the end, "
+                 f"averaged over tensors; {time.time() - t0:.0f} s)")
+    text = "\n".join(lines)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
