@@ -161,6 +161,31 @@ def test_8bit_stochastic_encoding_is_unbiased():
     assert torch.equal(rtn, torch.full_like(rtn, 128.0) * scale)
 
 
+def test_c_stores_equal_the_torch_code():
+    from tigeropt import _cpu
+
+    if not _cpu.available():
+        pytest.skip(f"fused CPU library unavailable: {_cpu.status()}")
+    torch.manual_seed(0)
+    x = torch.randn(100_003) * torch.logspace(-45, 38, 100_003)
+    x[::97], x[::101], x[::103] = float("nan"), float("inf"), -float("inf")
+    x[5], x[7] = -0.0, 3.3961e38
+    for key in (0, 12345, 0xFFFFFFFF):
+        out = torch.empty(x.shape, dtype=torch.bfloat16)
+        assert _cpu.sr_bf16(x, out, key)
+        assert torch.equal(out.view(torch.int16), round_bf16(x, key).view(torch.int16))
+    y = torch.randn(70_001) * torch.logspace(-12, 3, 70_001)[torch.randperm(70_001)]
+    y[::211], y[3], y[::1000], y[2] = float("nan"), -0.0, 0.0, -float("inf")
+    y[5 * BLOCK:6 * BLOCK] = 0.0
+    for key in (None, 7, 0xFFFFFFFF):
+        codes = torch.empty(y.shape, dtype=torch.uint8)
+        absmax = torch.empty(math.ceil(y.numel() / BLOCK))
+        assert _cpu.encode_e4m3(y, codes, absmax, key)
+        want_codes, want_absmax = encode_8bit(y, key)
+        assert torch.equal(codes, want_codes) and torch.equal(absmax, want_absmax)
+    assert not _cpu.sr_bf16(x[::2], torch.empty(x[::2].shape, dtype=torch.bfloat16), 1)  # strided: torch's
+
+
 # ----------------------------------------------------------------------------- optimizers
 def _run(cls, prec, sr, foreach, steps=4, seed=3, dtype=torch.bfloat16, state=None, params=None):
     torch.manual_seed(0)
@@ -186,17 +211,30 @@ def _state_equal(a, b):
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("prec", PRECISIONS)
 @pytest.mark.parametrize("sr", [False, True])
-def test_reference_and_foreach_bitwise(cls, prec, sr):
+def test_reference_foreach_and_default_bitwise(cls, prec, sr):
+    """Reference, foreach and the default path (on CPU: C stores when the library builds) agree bitwise."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pr, optr = _run(cls, prec, sr, foreach=False)
-        pf, optf = _run(cls, prec, sr, foreach=True)
-    for a, b in zip(pr, pf):
-        assert torch.equal(a, b)
-    for a, b in zip(pr, pf):
-        _state_equal(optr.state[a], optf.state[b])
-    want = {None: torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "8bit": torch.uint8}[prec]
+        for foreach in (True, None):
+            pf, optf = _run(cls, prec, sr, foreach=foreach)
+            for a, b in zip(pr, pf):
+                assert torch.equal(a, b)
+                _state_equal(optr.state[a], optf.state[b])
+    eight = torch.bfloat16 if cls is tigeropt.Adagrad else torch.uint8  # Adagrad's sum: bf16 under "8bit"
+    want = {None: torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "8bit": eight}[prec]
     assert optr.state[pr[0]][cls.state_keys[0]].dtype == want
+
+
+def test_8bit_stores_non_negative_state_in_bf16():
+    """AdaX's exp_avg_sq and Adagrad's sum stay bf16 under "8bit" (benchmarks/bench_8bit_maps.py: an
+    8-bit second moment flushed to 0 next to a non-zero numerator gives huge updates)."""
+    p, opt = _run(tigeropt.AdaX, "8bit", True, foreach=None)
+    st = opt.state[p[0]]
+    assert st["exp_avg"].dtype == torch.uint8 and "exp_avg_absmax" in st
+    assert st["exp_avg_sq"].dtype == torch.bfloat16 and "exp_avg_sq_absmax" not in st
+    p, opt = _run(tigeropt.Adagrad, "8bit", False, foreach=None)
+    assert set(opt.state[p[0]]) == {"step", "sum"} and opt.state[p[0]]["sum"].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)

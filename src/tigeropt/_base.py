@@ -35,7 +35,8 @@ Shared flag documentation (every optimizer accepts these keyword arguments):
         parameters, the parameter's dtype otherwise.  "bf16": rounded once per step at
         the store.  "8bit": block-scaled fp8 e4m3 codes, 256-element blocks with one
         fp32 absmax each (state ``<key>`` uint8 codes of the state's shape, plus
-        ``<key>_absmax``); see :mod:`tigeropt._lowp`.  A checkpoint loads into any
+        ``<key>_absmax``; see :mod:`tigeropt._lowp`) for the keys in ``state_8bit_keys``
+        (signed momenta), bf16 for the others (AdaX's exp_avg_sq, Adagrad's sum).  A checkpoint loads into any
         precision: fp32/bf16 state is quantized into "8bit", 8-bit state decoded into
         fp32/bf16 (rounded to nearest); the same precision loads bit-exactly.
     stochastic_rounding (bool): bf16 parameters, bf16 state and 8-bit state are rounded
@@ -45,9 +46,10 @@ Shared flag documentation (every optimizer accepts these keyword arguments):
         fp16 parameters are refused (ValueError).
     sr_seed (int): seed of the rounding hash, in [0, 2^32) (saved in the state_dict).
     Groups with low-precision state or stochastic rounding run the reference
-    (``foreach=False``) or foreach path (the fused kernels do not implement them yet:
-    ``fused=True`` is refused); lazy rows, sparse gradients, complex and DTensor
-    parameters are refused with them.
+    (``foreach=False``) or foreach math (the fused kernels do not implement them yet:
+    ``fused=True`` is refused); on the default path (``fused=None``, CPU) the rounding
+    and 8-bit encoding run in C (bit for bit the torch code).  Lazy rows, sparse
+    gradients, complex and DTensor parameters are refused with them.
 """
 
 from __future__ import annotations
@@ -138,6 +140,9 @@ class TigerOptimizer(Optimizer):
     kernel: ClassVar[str | None] = None
     #: Whether sparse gradients are accepted without ``lazy=True``.
     supports_sparse: ClassVar[bool] = False
+    #: State keys stored as 8-bit codes under ``state_precision="8bit"`` (None: all); the others are
+    #: stored in bf16 there (non-negative second moments: see benchmarks/bench_8bit_maps.py).
+    state_8bit_keys: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(
         self,
@@ -268,11 +273,12 @@ class TigerOptimizer(Optimizer):
         for key in self.state_keys:
             shape = self._state_shape(key, p, group)
             value = self._initial_value(key, group)
-            if precision == "8bit":
+            key_precision = self._key_precision(key, precision)
+            if key_precision == "8bit":
                 full = torch.full(shape, value, dtype=torch.float32, device=p.device)
                 state[key], state[key + "_absmax"] = _lowp.encode_8bit(full)
                 continue
-            dtype = _storage_dtype(p, precision)
+            dtype = _storage_dtype(p, key_precision)
             if shape == tuple(p.shape):
                 t = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             else:
@@ -281,6 +287,12 @@ class TigerOptimizer(Optimizer):
                 (torch.view_as_real(t) if t.is_complex() else t).fill_(value)
             state[key] = t
         return state
+
+    def _key_precision(self, key: str, precision: str | None) -> str | None:
+        """How state ``key`` is stored under the group's ``state_precision``."""
+        if precision == "8bit" and self.state_8bit_keys is not None and key not in self.state_8bit_keys:
+            return "bf16"
+        return precision
 
     def _fused_ok(self, group: dict[str, Any]) -> bool:
         """Whether the fused kernels implement every option this group uses."""
@@ -557,15 +569,19 @@ class TigerOptimizer(Optimizer):
             work_s = [[_read_state(st, k, md) for st in states] for k in self.state_keys]
             impl = self._impl(self._path(group, device, md))
             impl(work_p, [grads[j] for j in js], *work_s, steps, **hyper)
+            # the default path on CPU rounds and encodes in C (bit for bit the torch code of _lowp)
+            c_store = group["fused"] is None and group["foreach"] is None and device.type == "cpu"
             for p, st, w, *ws in zip(ps, states, work_p, *work_s):
                 step, pidx = int(st["step"]), index[id(p)]
                 if w is not p:
                     if sr and p.dtype == torch.bfloat16:
-                        p.copy_(_lowp.round_bf16(w, _lowp.key32(seed, step, pidx, 0)))
+                        key = _lowp.key32(seed, step, pidx, 0)
+                        if not (c_store and _c_lowp() is not None and _c_lowp().sr_bf16(w, p, key)):
+                            p.copy_(_lowp.round_bf16(w, key))
                     else:
                         p.copy_(w)
                 for i, (k, w_s) in enumerate(zip(self.state_keys, ws)):
-                    _write_state(st, k, w_s, _lowp.key32(seed, step, pidx, 1 + i) if sr else None)
+                    _write_state(st, k, w_s, _lowp.key32(seed, step, pidx, 1 + i) if sr else None, c_store)
 
     def _rows_path(self, group: dict[str, Any], device: torch.device) -> str:
         """How lazy rows and sparse gradients are updated: 'cpu' (the fused C row kernel) where the
@@ -649,7 +665,7 @@ class TigerOptimizer(Optimizer):
             group = self._group_of(p)
             for key in self.state_keys:
                 mine.pop(key + "_absmax", None)
-                mine.update(_convert_state(st, key, p, group.get("state_precision"),
+                mine.update(_convert_state(st, key, p, self._key_precision(key, group.get("state_precision")),
                                            self._state_shape(key, p, group)))
             step = st.get("step")
             if step is not None:
@@ -935,17 +951,29 @@ def _read_state(state: dict[str, Any], key: str, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _write_state(state: dict[str, Any], key: str, work: Tensor, sr_key: int | None) -> None:
-    """Store a working copy into state ``key``: once rounded (stochastically with ``sr_key``)."""
+def _c_lowp() -> Any:
+    """tigeropt._cpu if its library loads (its low-precision stores), else None."""
+    from . import _cpu
+
+    return _cpu if _cpu.available() else None
+
+
+def _write_state(state: dict[str, Any], key: str, work: Tensor, sr_key: int | None, c_store: bool = False
+                 ) -> None:
+    """Store a working copy into state ``key``: once rounded (stochastically with ``sr_key``); with
+    ``c_store`` by the C twins of the torch code where they take the tensors."""
     t = state[key]
     if work is t:
         return
+    c = _c_lowp() if c_store else None
     if t.dtype == torch.uint8:
-        codes, absmax = _lowp.encode_8bit(work, sr_key)
-        t.copy_(codes)
-        state[key + "_absmax"].copy_(absmax)
+        if c is None or not c.encode_e4m3(work, t, state[key + "_absmax"], sr_key):
+            codes, absmax = _lowp.encode_8bit(work, sr_key)
+            t.copy_(codes)
+            state[key + "_absmax"].copy_(absmax)
     elif t.dtype == torch.bfloat16 and sr_key is not None:
-        t.copy_(_lowp.round_bf16(work, sr_key))
+        if c is None or not c.sr_bf16(work, t, sr_key):
+            t.copy_(_lowp.round_bf16(work, sr_key))
     else:
         t.copy_(work)
 

@@ -158,6 +158,7 @@ class Adagrad(TigerOptimizer):
     """
 
     state_keys = ("sum",)
+    state_8bit_keys = ()  # sum >= 0 in bf16 under "8bit": an 8-bit sum flushed to 0 blows the update up
     reference_impl = staticmethod(_single_tensor_adagrad)
     foreach_impl = staticmethod(_multi_tensor_adagrad)
     kernel = "adagrad"

@@ -125,6 +125,7 @@ class AdaX(TigerOptimizer):
     """
 
     state_keys = ("exp_avg", "exp_avg_sq")
+    state_8bit_keys = ("exp_avg",)  # exp_avg_sq (v >= 0) in bf16: an 8-bit v flushed to 0 blows the update up
     reference_impl = staticmethod(_single_tensor_adax)
     foreach_impl = staticmethod(_multi_tensor_adax)
     kernel = "adax"

@@ -671,3 +671,49 @@ def _cpu_adagrad_op(params: list[Tensor], grads: list[Tensor], states: list[Tens
 
 for _op in (_cpu_tiger_op, _cpu_lion_op, _cpu_adax_op, _cpu_adagrad_op):
     _op.register_fake(lambda *args, **kwargs: None)  # in-place updates only: nothing to describe
+
+
+# ---------------------------------------------------------------------------------------------- low precision
+# The stores of tigeropt._lowp (stochastic rounding to bf16, block-scaled fp8 e4m3 encoding) in C, bit for
+# bit as the torch code there; the low-precision step of the optimizer base uses them on its default path.
+def _lowp_lib() -> Any:
+    lib = _load()
+    if lib is None:
+        return None
+    if not getattr(lib, "_lowp_declared", False):
+        vp, i32 = ctypes.c_void_p, ctypes.c_int
+        lib.tigeropt_sr_bf16.argtypes = [i32, vp, vp, vp, vp, i32]
+        lib.tigeropt_sr_bf16.restype = None
+        lib.tigeropt_encode_e4m3.argtypes = [i32, vp, vp, vp, vp, vp, i32]
+        lib.tigeropt_encode_e4m3.restype = None
+        lib._lowp_declared = True
+    return lib
+
+
+def _plain(t: Tensor, dtype: torch.dtype) -> bool:
+    return t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() and not t.is_sparse
+
+
+def sr_bf16(src: Tensor, dst: Tensor, key: int) -> bool:
+    """``dst.copy_(tigeropt._lowp.round_bf16(src, key))`` in C; False (nothing done) if it cannot."""
+    lib = _lowp_lib()
+    if lib is None or not (_plain(src, torch.float32) and _plain(dst, torch.bfloat16)
+                           and src.numel() == dst.numel()):
+        return False
+    keep = (_ptrs([src]), _ptrs([dst]), array("q", [src.numel()]), array("I", [key]))  # alive during the call
+    lib.tigeropt_sr_bf16(1, *map(_addr, keep), torch.get_num_threads())
+    return True
+
+
+def encode_e4m3(src: Tensor, codes: Tensor, absmax: Tensor, key: int | None) -> bool:
+    """``codes, absmax = tigeropt._lowp.encode_8bit(src, key)`` in place, in C; False if it cannot."""
+    lib = _lowp_lib()
+    if lib is None or not (_plain(src, torch.float32) and _plain(codes, torch.uint8)
+                           and _plain(absmax, torch.float32) and codes.numel() == src.numel()
+                           and absmax.numel() == -(-src.numel() // 256)):
+        return False
+    keep = (_ptrs([src]), _ptrs([codes]), _ptrs([absmax]), array("q", [src.numel()]))  # alive during the call
+    keys = array("I", [key]) if key is not None else None
+    lib.tigeropt_encode_e4m3(1, *map(_addr, keep), _addr(keys) if keys is not None else None,
+                             torch.get_num_threads())
+    return True

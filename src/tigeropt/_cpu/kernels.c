@@ -677,3 +677,119 @@ void tigeropt_steps(int n, void *const *steps, int dtype, double *out) {
         }
     }
 }
+
+/* ------------------------------------------------------------------ low-precision stores
+ * Stochastic rounding to bf16 and block-scaled fp8 e4m3 encoding, bit for bit as
+ * tigeropt/_lowp.py specifies them (the torch code there is the reference):
+ *   h(x)  = lowbias32;  bits(e) = h(h(lo32(e) ^ key) ^ hi32(e))
+ *   bf16  = (u + (bits >> 16)) >> 16, NaN -> 0x7fc0
+ *   e4m3  = per 256-element block: absmax of the finite |x|, y = |x| / (absmax/448) (<= 448),
+ *           ulp = 2^(max(exponent(y), -6) - 3), t = y/ulp, up = frac(t) > (bits>>8)*2^-24
+ *           (or to nearest even without key), code = e4m3fn bits of (floor(t)+up)*ulp with x's sign,
+ *           non-finite x -> 0x7f | sign.
+ */
+static inline uint32_t lowbias32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+static inline uint32_t element_bits(uint32_t key, uint64_t e) {
+    return lowbias32(lowbias32((uint32_t)e ^ key) ^ (uint32_t)(e >> 32));
+}
+
+/* dst[t][i] = SR_bf16(src[t][i]) with key keys[t] (element index i). */
+void tigeropt_sr_bf16(int n, void *const *src, void *const *dst, const int64_t *numel, const uint32_t *keys,
+                      int nthreads) {
+    for (int t = 0; t < n; t++) {
+        const float *s = (const float *)src[t];
+        uint16_t *d = (uint16_t *)dst[t];
+        int64_t m = numel[t];
+        uint32_t key = keys[t];
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && m >= MIN_PER_THREAD)
+#endif
+        for (int64_t i = 0; i < m; i++) {
+            float f = s[i];
+            uint32_t u;
+            memcpy(&u, &f, sizeof u);
+            uint32_t r = element_bits(key, (uint64_t)i) >> 16;
+            d[i] = f != f ? (uint16_t)0x7FC0 : (uint16_t)((u + r) >> 16);
+        }
+    }
+    (void)nthreads;
+}
+
+static inline float f32_from_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* e4m3fn bits of a value on the e4m3 grid (|q| <= 448), sign from neg. */
+static inline uint8_t e4m3_bits(float q, int neg) {
+    uint8_t sign = neg ? 0x80 : 0;
+    if (q == 0.0f) return sign;
+    uint32_t u;
+    memcpy(&u, &q, sizeof u);
+    int e = (int)((u >> 23) & 0xFF) - 127;
+    if (e < -6) /* subnormal: q = k * 2^-9, k in 1..7 */
+        return sign | (uint8_t)(q * 512.0f);
+    uint32_t mant = (u >> 20) & 0x7;
+    return sign | (uint8_t)(((e + 7) << 3) | mant);
+}
+
+/* codes[t] (uint8, numel[t]) and absmax[t] (float, ceil(numel/256)) of src[t]; keys NULL: nearest. */
+void tigeropt_encode_e4m3(int n, void *const *src, void *const *codes, void *const *absmax,
+                          const int64_t *numel, const uint32_t *keys, int nthreads) {
+    for (int t = 0; t < n; t++) {
+        const float *s = (const float *)src[t];
+        uint8_t *c = (uint8_t *)codes[t];
+        float *am = (float *)absmax[t];
+        int64_t m = numel[t];
+        int64_t nb = (m + 255) / 256;
+        uint32_t key = keys ? keys[t] : 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && m >= MIN_PER_THREAD)
+#endif
+        for (int64_t b = 0; b < nb; b++) {
+            int64_t lo = b * 256, hi = lo + 256 < m ? lo + 256 : m;
+            float a = 0.0f;
+            for (int64_t i = lo; i < hi; i++) {
+                float x = fabsf(s[i]);
+                if (isfinite(x) && x > a) a = x;
+            }
+            am[b] = a;
+            float scale = a / 448.0f;
+            float div = scale > 0.0f ? scale : 1.0f;
+            for (int64_t i = lo; i < hi; i++) {
+                float x = s[i];
+                int neg = signbit(x) != 0;
+                if (!isfinite(x)) {
+                    c[i] = neg ? 0xFF : 0x7F;
+                    continue;
+                }
+                float y = fabsf(x) / div;
+                if (y > 448.0f) y = 448.0f;
+                uint32_t u;
+                memcpy(&u, &y, sizeof u);
+                int e = (int)(u >> 23) - 127;
+                if (e < -6) e = -6;
+                float ulp = f32_from_bits((uint32_t)(e - 3 + 127) << 23);
+                float tt = y / ulp;
+                float fl = floorf(tt);
+                float frac = tt - fl;
+                int up;
+                if (keys)
+                    up = frac > (float)(element_bits(key, (uint64_t)i) >> 8) * 0x1p-24f;
+                else
+                    up = frac > 0.5f || (frac == 0.5f && fmodf(fl, 2.0f) == 1.0f);
+                c[i] = e4m3_bits((fl + (float)up) * ulp, neg);
+            }
+        }
+    }
+    (void)nthreads;
+}
