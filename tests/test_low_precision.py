@@ -397,3 +397,16 @@ def test_sparse_gradients_refused_with_low_precision():
     p.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 3), (4, 3), check_invariants=True)
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+
+
+def test_dtensor_parameters_refused_with_low_precision(monkeypatch):
+    """FSDP2 shards would need the global element index in the hash: refused with a clear error."""
+    import tigeropt._base as base
+
+    p = torch.zeros(4, 3, dtype=torch.bfloat16, requires_grad=True)
+    opt = tigeropt.Lion([p], stochastic_rounding=True)
+    monkeypatch.setattr(base, "_is_dtensor", lambda t: t is p)
+    p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="DTensor"):
+        opt.step()
+    assert not opt.state[p]  # nothing was created
