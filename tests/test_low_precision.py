@@ -363,6 +363,7 @@ def test_validation_errors_name_the_argument():
         tigeropt.Tiger([p], stochastic_rounding=True, fused=True)
     with pytest.raises(ValueError, match="lazy"):
         tigeropt.Tiger([p], state_precision="8bit", lazy=True)
+    tigeropt.Tiger([p], state_precision="bf16", stochastic_rounding=True, lazy=True)  # bf16 rows: fine
     with pytest.raises(ValueError, match="stochastic_rounding"):
         tigeropt.Tiger([torch.zeros(3, dtype=torch.float16, requires_grad=True)], stochastic_rounding=True)
     with pytest.warns(UserWarning, match="no effect"):
@@ -391,12 +392,62 @@ def test_rejected_group_and_checkpoint_change_nothing():
     _state_equal(after["state"][0], before["state"][0])
 
 
-def test_sparse_gradients_refused_with_low_precision():
-    p = torch.zeros(4, 3, requires_grad=True)
-    opt = tigeropt.Adagrad([p], state_precision="8bit")
-    p.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 3), (4, 3), check_invariants=True)
-    with pytest.raises(RuntimeError, match="sparse"):
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_lazy_rows_all_touched_equal_the_dense_step(cls):
+    """Lazy rows with bf16 state and SR: the rows' element indices in the whole tensor key the hash,
+    so a step touching every row is bit for bit the dense step."""
+    dense, opt_d = _run(cls, "bf16", True, foreach=False)
+    torch.manual_seed(0)
+    params = [torch.randn(300, 7).bfloat16().requires_grad_(), torch.randn(7).bfloat16().requires_grad_()]
+    opt = cls(params, state_precision="bf16", stochastic_rounding=True, sr_seed=3, lazy=True)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).bfloat16()
         opt.step()
+    for a, b in zip(dense, params):
+        assert torch.equal(a, b)
+        _state_equal(opt_d.state[a], opt.state[b])
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_lazy_rows_leave_untouched_rows(cls):
+    torch.manual_seed(0)
+    p = torch.randn(50, 4).bfloat16().requires_grad_()
+    opt = cls([p], lr=0.1, state_precision="bf16", stochastic_rounding=True, lazy=True)
+    g = torch.randn(50, 4).bfloat16()
+    g[::3] = 0
+    p.grad = g
+    opt.step()
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    p.grad = torch.zeros_like(p)
+    p.grad[1] = 1.0
+    opt.step()
+    changed = (p.detach() != before[0]).any(dim=1)
+    assert changed[1] and not changed[torch.arange(50) != 1].any()
+    for k in cls.state_keys:
+        s, s0 = opt.state[p][k], before[1][k]
+        rows = s.ne(s0).reshape(s.shape[0], -1).any(dim=1)
+        assert not rows[torch.arange(50) != 1].any()
+
+
+def test_sparse_gradient_equals_dense_lazy_with_low_precision():
+    torch.manual_seed(0)
+    out = []
+    for sparse in (False, True):
+        p = torch.ones(20, 3, dtype=torch.bfloat16, requires_grad=True)
+        opt = tigeropt.Adagrad([p], lr=0.1, state_precision="8bit", stochastic_rounding=True, lazy=not sparse)
+        for step in range(3):
+            rows = torch.tensor([1, 4 + step, 9])
+            values = torch.full((3, 3), 0.5 + step, dtype=torch.bfloat16)
+            if sparse:
+                p.grad = torch.sparse_coo_tensor(rows[None], values, (20, 3), check_invariants=True)
+            else:
+                p.grad = torch.zeros(20, 3, dtype=torch.bfloat16).index_copy_(0, rows, values)
+            opt.step()
+        out.append((p.detach().clone(), opt.state[p]["sum"].clone()))
+    assert opt.state[p]["sum"].dtype == torch.bfloat16  # Adagrad's "8bit" sum is bf16: rows work
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
 
 
 def test_dtensor_parameters_refused_with_low_precision(monkeypatch):

@@ -48,8 +48,10 @@ Shared flag documentation (every optimizer accepts these keyword arguments):
     Groups with low-precision state or stochastic rounding run the reference
     (``foreach=False``) or foreach math (the fused kernels do not implement them yet:
     ``fused=True`` is refused); on the default path (``fused=None``, CPU) the rounding
-    and 8-bit encoding run in C (bit for bit the torch code).  Lazy rows, sparse
-    gradients, complex and DTensor parameters are refused with them.
+    and 8-bit encoding run in C (bit for bit the torch code).  Lazy rows and sparse
+    gradients take bf16 state and stochastic rounding (the rows' element indices in the
+    whole tensor key the hash, so touching every row equals the dense step), not 8-bit
+    state (its blocks span rows: ValueError).  Complex and DTensor parameters are refused.
 """
 
 from __future__ import annotations
@@ -233,9 +235,9 @@ class TigerOptimizer(Optimizer):
             raise TypeError(f"Invalid type for sr_seed: expected an int, got {type(seed).__name__} "
                             f"({seed!r})")
         check(0 <= seed < 2 ** 32, "sr_seed", seed, "must be an int in [0, 2**32)")
-        if group["lazy"] and _lp_options(group):
-            raise ValueError(f"Invalid lazy: True (not supported with {_lp_options(group)} yet; use a "
-                             "group with lazy=False for these parameters)")
+        if group["lazy"] and precision == "8bit" and self.state_8bit_keys != ():
+            raise ValueError("Invalid lazy: True (not supported with state_precision='8bit': its 256-element "
+                             "blocks span rows; use state_precision='bf16' or lazy=False)")
         params = [p for p in group.get("params", []) if isinstance(p, Tensor)]
         if sr and params:
             if any(p.dtype == torch.float16 for p in params):
@@ -549,13 +551,18 @@ class TigerOptimizer(Optimizer):
         step, parameter index, element index) only, so both paths give bit-identical results.
         """
         name = type(self).__name__
-        for p, g in zip(params, grads):
-            if g.is_sparse:
-                raise RuntimeError(f"{name}: sparse gradients are not supported with "
-                                   f"{_lp_options(group) or 'state_precision=fp32 for fp64 parameters'} yet")
+        for p in params:
             _check_low_precision_param(name, p, group)
         index = {id(q): i for i, q in enumerate(q for grp in self.param_groups for q in grp["params"])}
         seed, sr = group["sr_seed"], group["stochastic_rounding"]
+        if group["lazy"] or any(g.is_sparse for g in grads):
+            dense = []
+            for j, (p, g) in enumerate(zip(params, grads)):
+                if group["lazy"] or g.is_sparse:
+                    self._rows_low_precision(p, g, hyper, seed if sr else None, index[id(p)])
+                else:
+                    dense.append(j)
+            params, grads = [params[j] for j in dense], [grads[j] for j in dense]
         buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for j, p in enumerate(params):
             md = torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -582,6 +589,36 @@ class TigerOptimizer(Optimizer):
                         p.copy_(w)
                 for i, (k, w_s) in enumerate(zip(self.state_keys, ws)):
                     _write_state(st, k, w_s, _lowp.key32(seed, step, pidx, 1 + i) if sr else None, c_store)
+
+    def _rows_low_precision(self, p: Tensor, g: Tensor, hyper: dict[str, Any], seed: int | None,
+                            pidx: int) -> None:
+        """Lazy rows / sparse gradient step of one parameter with low precision: the touched rows
+        (:func:`touched_rows`) of p and its state are gathered in the math dtype, updated by the
+        reference rule and stored back rounded (stochastically with the element indices of those
+        rows in the whole tensor); other rows do not change.  8-bit state is refused (its blocks
+        span rows)."""
+        state = self.state[p]
+        states = [state[k] for k in self.state_keys]
+        if any(s.dtype == torch.uint8 for s in states):
+            raise RuntimeError(f"{type(self).__name__}: lazy rows and sparse gradients are not supported "
+                               "with 8-bit state (its 256-element blocks span rows); use bf16 state")
+        state["step"] += 1
+        if p.dim() == 0:
+            p, g, states = p.reshape(1), g.reshape(1), [s.reshape(1) for s in states]
+        idx, rows = touched_rows(g)
+        if idx.numel() == 0 or rows is None:
+            return
+        md = torch.float64 if p.dtype == torch.float64 else torch.float32
+        p_rows = p.index_select(0, idx).to(md)
+        s_rows = [s.index_select(0, idx).to(md) for s in states]
+        type(self).reference_impl([p_rows], [rows], *[[s] for s in s_rows], [state["step"]], **hyper)
+        step = int(state["step"])
+        for i, (t, w) in enumerate(zip([p, *states], [p_rows, *s_rows])):
+            if seed is not None and t.dtype == torch.bfloat16:
+                row = t[0].numel() if t.dim() > 1 else 1
+                elements = (idx[:, None] * row + torch.arange(row, device=idx.device)).reshape(w.shape)
+                w = _lowp.round_bf16(w, _lowp.key32(seed, step, pidx, i), index=elements)
+            t.index_copy_(0, idx, w.to(t.dtype))
 
     def _rows_path(self, group: dict[str, Any], device: torch.device) -> str:
         """How lazy rows and sparse gradients are updated: 'cpu' (the fused C row kernel) where the

@@ -98,13 +98,18 @@ def element_bits(key: int, numel: int, device: torch.device | str = "cpu",
     return hash32(hash32((e & M32) ^ key) ^ (e >> 32))
 
 
-def round_bf16(x: Tensor, key: int | None) -> Tensor:
-    """``x`` (fp32) in bf16: to nearest (``key=None``), else stochastically with the element hash."""
+def round_bf16(x: Tensor, key: int | None, index: Tensor | None = None) -> Tensor:
+    """``x`` (fp32) in bf16: to nearest (``key=None``), else stochastically with the element hash.
+
+    ``index`` (int64, ``x``'s shape): the elements' indices in the whole tensor (default: x's own
+    row-major indices), e.g. for rows gathered from a larger tensor.
+    """
     if key is None:
         return x.to(torch.bfloat16)
     x = x.float().contiguous()
     u = x.view(torch.int32).to(torch.int64) & M32
-    r = element_bits(key, x.numel(), x.device).view(x.shape) >> 16
+    idx = None if index is None else index.reshape(-1)
+    r = element_bits(key, x.numel(), x.device, index=idx).view(x.shape) >> 16
     hi = (u + r) >> 16  # <= 0xff80 for every non-NaN input (NaN is replaced below)
     hi = torch.where(torch.isnan(x), 0x7FC0, hi)
     hi = torch.where(hi >= 0x8000, hi - 0x10000, hi)
