@@ -461,3 +461,23 @@ def test_dtensor_parameters_refused_with_low_precision(monkeypatch):
     with pytest.raises(RuntimeError, match="DTensor"):
         opt.step()
     assert not opt.state[p]  # nothing was created
+
+
+def test_distributed_checkpoint_round_trips_8bit_state(tmp_path):
+    """torch.distributed.checkpoint (single process) saves and loads the codes and scales bit-exactly."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    params, opt = _run(tigeropt.AdaX, "8bit", True, foreach=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no process group: DCP warns and runs on this process
+        dcp.save({"optim": opt.state_dict()}, checkpoint_id=str(tmp_path))
+        fresh = [p.detach().clone().requires_grad_() for p in params]
+        other = tigeropt.AdaX(fresh, state_precision="8bit", stochastic_rounding=True)
+        for p in fresh:
+            p.grad = torch.zeros_like(p)
+        other.step()  # state of the right structure for DCP to load into
+        sd = {"optim": other.state_dict()}
+        dcp.load(sd, checkpoint_id=str(tmp_path))
+    other.load_state_dict(sd["optim"])
+    want, got = opt.state_dict()["state"], other.state_dict()["state"]
+    for k in want:
+        _state_equal(want[k], got[k])
