@@ -47,8 +47,8 @@ Shared flag documentation (every optimizer accepts these keyword arguments):
     sr_seed (int): seed of the rounding hash, in [0, 2^32) (saved in the state_dict).
     Groups with low-precision state or stochastic rounding run the reference
     (``foreach=False``) or foreach math (the fused kernels do not implement them yet:
-    ``fused=True`` is refused); on the default path (``fused=None``, CPU) the rounding
-    and 8-bit encoding run in C (bit for bit the torch code).  Lazy rows and sparse
+    ``fused=True`` is refused); on the default path (``fused=None``) the rounding runs in C
+    on CPU and in Triton on CUDA, the 8-bit encoding in C on CPU (bit for bit the torch code).  Lazy rows and sparse
     gradients take bf16 state and stochastic rounding (the rows' element indices in the
     whole tensor key the hash, so touching every row equals the dense step), not 8-bit
     state (its blocks span rows: ValueError).  Complex and DTensor parameters are refused.
@@ -576,14 +576,15 @@ class TigerOptimizer(Optimizer):
             work_s = [[_read_state(st, k, md) for st in states] for k in self.state_keys]
             impl = self._impl(self._path(group, device, md))
             impl(work_p, [grads[j] for j in js], *work_s, steps, **hyper)
-            # the default path on CPU rounds and encodes in C (bit for bit the torch code of _lowp)
-            c_store = group["fused"] is None and group["foreach"] is None and device.type == "cpu"
+            # the default path rounds in C on CPU and in Triton on CUDA, encodes 8-bit state in C on CPU
+            # (bit for bit the torch code of _lowp)
+            c_store = group["fused"] is None and group["foreach"] is None
             for p, st, w, *ws in zip(ps, states, work_p, *work_s):
                 step, pidx = int(st["step"]), index[id(p)]
                 if w is not p:
                     if sr and p.dtype == torch.bfloat16:
                         key = _lowp.key32(seed, step, pidx, 0)
-                        if not (c_store and _c_lowp() is not None and _c_lowp().sr_bf16(w, p, key)):
+                        if not (c_store and _fast_sr_bf16(w, p, key)):
                             p.copy_(_lowp.round_bf16(w, key))
                     else:
                         p.copy_(w)
@@ -995,6 +996,19 @@ def _c_lowp() -> Any:
     return _cpu if _cpu.available() else None
 
 
+def _fast_sr_bf16(src: Tensor, dst: Tensor, key: int) -> bool:
+    """Stochastic rounding into ``dst`` by the C (CPU) or Triton (CUDA) twin of _lowp.round_bf16;
+    False when neither takes the tensors (the caller then runs the torch code)."""
+    if src.device.type == "cpu":
+        c = _c_lowp()
+        return c is not None and c.sr_bf16(src, dst, key)
+    if src.device.type == "cuda" and kernels.triton_usable():
+        from .kernels import lowp
+
+        return lowp.sr_bf16(src, dst, key)
+    return False
+
+
 def _write_state(state: dict[str, Any], key: str, work: Tensor, sr_key: int | None, c_store: bool = False
                  ) -> None:
     """Store a working copy into state ``key``: once rounded (stochastically with ``sr_key``); with
@@ -1002,14 +1016,14 @@ def _write_state(state: dict[str, Any], key: str, work: Tensor, sr_key: int | No
     t = state[key]
     if work is t:
         return
-    c = _c_lowp() if c_store else None
+    c = _c_lowp() if c_store and t.device.type == "cpu" else None
     if t.dtype == torch.uint8:
         if c is None or not c.encode_e4m3(work, t, state[key + "_absmax"], sr_key):
             codes, absmax = _lowp.encode_8bit(work, sr_key)
             t.copy_(codes)
             state[key + "_absmax"].copy_(absmax)
     elif t.dtype == torch.bfloat16 and sr_key is not None:
-        if c is None or not c.sr_bf16(work, t, sr_key):
+        if not (c_store and _fast_sr_bf16(work, t, sr_key)):
             t.copy_(_lowp.round_bf16(work, sr_key))
     else:
         t.copy_(work)

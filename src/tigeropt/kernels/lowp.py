@@ -1,0 +1,50 @@
+"""Triton twins of the low-precision stores of :mod:`tigeropt._lowp`: stochastic rounding of fp32 to
+bf16 with the counter-based ``lowbias32`` hash, bit for bit the torch code (and the C code).
+
+The low-precision step of the optimizer base runs its math with the foreach ops and stores with
+these kernels on CUDA (the fused Triton step kernels do not implement stochastic rounding yet).
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["sr_bf16"]
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _lowbias32(x):
+    x = x ^ (x >> 16)
+    x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit(do_not_specialize=["n", "key"])
+def _sr_bf16_kernel(src_ptr, dst_ptr, n, key, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(src_ptr + offs, mask=mask, other=0.0)
+    u = x.to(tl.uint32, bitcast=True)
+    k = tl.full(offs.shape, key, tl.int64).to(tl.uint32)
+    lo = (offs & 0xFFFFFFFF).to(tl.uint32)
+    hi = (offs >> 32).to(tl.uint32)
+    r = _lowbias32(_lowbias32(lo ^ k) ^ hi) >> 16
+    bits = (u + r) >> 16
+    bits = tl.where(x != x, tl.full(offs.shape, 0x7FC0, tl.uint32), bits)
+    tl.store(dst_ptr + offs, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+
+
+def sr_bf16(src: Tensor, dst: Tensor, key: int) -> bool:
+    """``dst.copy_(tigeropt._lowp.round_bf16(src, key))``; False (nothing done) if it cannot take them."""
+    if not (src.dtype == torch.float32 and dst.dtype == torch.bfloat16 and src.is_contiguous()
+            and dst.is_contiguous() and src.numel() == dst.numel() and src.device == dst.device):
+        return False
+    n = src.numel()
+    if n:
+        _sr_bf16_kernel[(triton.cdiv(n, _BLOCK),)](src, dst.view(torch.int16), n, key, BLOCK=_BLOCK)
+    return True
