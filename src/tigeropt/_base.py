@@ -48,10 +48,11 @@ Shared flag documentation (every optimizer accepts these keyword arguments):
     Groups with low-precision state or stochastic rounding run the reference
     (``foreach=False``) or foreach math (the fused kernels do not implement them yet:
     ``fused=True`` is refused); on the default path (``fused=None``) the rounding runs in C
-    on CPU and in Triton on CUDA, the 8-bit encoding in C on CPU (bit for bit the torch code).  Lazy rows and sparse
-    gradients take bf16 state and stochastic rounding (the rows' element indices in the
-    whole tensor key the hash, so touching every row equals the dense step), not 8-bit
-    state (its blocks span rows: ValueError).  Complex and DTensor parameters are refused.
+    on CPU and in Triton on CUDA, the 8-bit encoding in C on CPU (bit for bit the torch
+    code).  Lazy rows and sparse gradients take bf16 state and stochastic rounding (the
+    rows' element indices in the whole tensor key the hash, so touching every row equals
+    the dense step), not 8-bit state (its blocks span rows: ValueError).  Complex and
+    DTensor parameters are refused.
 """
 
 from __future__ import annotations
