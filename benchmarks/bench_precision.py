@@ -13,13 +13,16 @@ Rows (same initial weights, same batches, warm-up + cosine schedule, gradient cl
 bf16 rows train a bf16 model (forward and backward in bf16, no fp32 master weights).  The
 held-out loss is measured with an fp32 copy of the final weights, so every row is judged by
 the same evaluation.  Bytes/param counts parameters + optimizer state (step counters aside).
-Wall time is the whole run (training steps only) on this machine; compare rows of one run.
+Wall time is the whole run (training steps only) on this machine, sensitive to other load; the
+last table times Tiger's ``optimizer.step()`` alone per setting, interleaved (``--step-only``:
+just that table).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -88,6 +91,25 @@ def run(name: str, setting: str, dtype: torch.dtype, options: dict[str, Any], co
     return Row(name, setting, heldout, nbytes / n, wall)
 
 
+def step_times(numel: int, repeats: int) -> list[str]:
+    """Markdown rows: ms per Tiger ``optimizer.step()`` on one tensor of ``numel`` elements per setting
+    (best of ``repeats``, the settings interleaved so machine load hits them alike)."""
+    opts = []
+    for setting, dtype, options in SETTINGS:
+        p = torch.randn(numel).to(dtype).requires_grad_()
+        p.grad = torch.randn_like(p)
+        opt = tigeropt.Tiger([p], **options)
+        opt.step()
+        opts.append((setting, opt))
+    best = {s: math.inf for s, _ in opts}
+    for _ in range(repeats):
+        for setting, opt in opts:
+            t0 = time.perf_counter()
+            opt.step()
+            best[setting] = min(best[setting], time.perf_counter() - t0)
+    return [f"| {s} | {1e3 * t:.2f} |" for s, t in best.items()]
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=300)
@@ -97,8 +119,20 @@ def main(argv: list[str] | None = None) -> list[Row]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table to this file")
+    ap.add_argument("--step-only", action="store_true", help="only the optimizer.step() timing table")
+    ap.add_argument("--step-numel", type=int, default=1 << 22)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    cmd = "python benchmarks/bench_precision.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    step_table = [f"Tiger `optimizer.step()` on one tensor of {args.step_numel:,} elements, default path, "
+                  f"{args.threads} thread(s), best of 20:", "", "| setting | ms / step |", "|---|---:|",
+                  *step_times(args.step_numel, 20)]
+    if args.step_only:
+        text = f"`{cmd.strip()}`\n\n" + "\n".join(step_table)
+        print(text)
+        if args.out is not None:
+            args.out.write_text(text + "\n")
+        return []
     corpus = demo.load_corpus()
     jobs = [("adamw", "fp32 params, fp32 state", torch.float32, {})]
     jobs += [(name, *s) for name in args.optimizers.split(",") for s in SETTINGS]
@@ -110,7 +144,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
         print(f"{r.optimizer:6s} {r.setting:32s} held-out {r.heldout:.4f}  {r.bytes_per_param:.3f} B/param  "
               f"{r.wall_s:.1f} s", flush=True)
     base = {r.optimizer: r.heldout for r in rows if r.setting == SETTINGS[0][0]}
-    cmd = "python benchmarks/bench_precision.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [f"`{cmd.strip()}` ({args.steps} steps, batch {args.batch_size}, seed {args.seed}, "
              f"{args.threads} thread(s))", "",
              "| optimizer | setting | held-out loss | vs fp32 | bytes / param | wall s |",
@@ -119,7 +152,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         rel = 100 * (r.heldout / base[r.optimizer] - 1)
         lines.append(f"| {r.optimizer} | {r.setting} | {r.heldout:.4f} | {rel:+.2f}% | "
                      f"{r.bytes_per_param:.3f} | {r.wall_s:.1f} |")
-    text = "\n".join(lines)
+    text = "\n".join([*lines, "", *step_table])
     print(text)
     if args.out is not None:
         args.out.write_text(text + "\n")
