@@ -485,3 +485,15 @@ def test_subclass_with_own_constructor_loads_its_own_checkpoint() -> None:
     again = ScaledTiger([q])
     again.load_state_dict(opt.state_dict())
     assert torch.equal(again.state[q]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+def test_the_same_tensor_twice_in_a_group_is_refused() -> None:
+    """torch.optim warns; stepping one tensor twice (and from two C threads) gives wrong numbers."""
+    p, q = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    for cls in (Tiger, Lion, AdaX, Adagrad):
+        with pytest.raises(ValueError, match="twice"):
+            cls([p, p])
+        opt = cls([p])
+        with pytest.raises(ValueError, match="twice"):
+            opt.add_param_group({"params": [q, q]})
+        assert len(opt.param_groups) == 1

@@ -189,6 +189,11 @@ class TigerOptimizer(Optimizer):
         candidate = {**self.defaults, **param_group}
         if isinstance(params, Tensor):
             candidate["params"] = [params]
+        listed = candidate.get("params") or []
+        if len({id(p) for p in listed}) != len(listed):
+            # torch.optim only warns; here one tensor would be stepped twice per step (and the fused
+            # C step would update it from two threads at once)
+            raise ValueError("Invalid params: the same tensor appears twice in one param group")
         self._validate(candidate)
         self._drop_plans()
         super().add_param_group(param_group)
