@@ -214,6 +214,9 @@ class Adagrad(TigerOptimizer):
                     raise ValueError(f"Invalid rowwise: True (row-wise Adagrad needs real 2-D parameters, "
                                      f"params[{i}] has shape {tuple(p.shape)} and dtype {p.dtype}; put other "
                                      "parameters in a group with rowwise=False)")
+                if hasattr(p, "device_mesh") and hasattr(p, "to_local"):  # a DTensor (FSDP2 / TP)
+                    raise ValueError("Invalid rowwise: True (row-wise Adagrad does not support DTensor "
+                                     "parameters yet: its (rows,) state is not sharded with the rows)")
 
     def _state_shape(self, key: str, p: Tensor, group: dict[str, Any]) -> tuple[int, ...]:
         return (p.shape[0],) if group.get("rowwise") else tuple(p.shape)
