@@ -469,15 +469,14 @@ def stages(plan: Plan, records: dict[str, dict[str, Any]]) -> Iterator[tuple[str
     yield from _digits(plan)
     yield from _demo(plan, main)
     yield from itertools.islice(_lr_scaling(plan), 1)
-    yield from _long(plan, records, main, slice(0, 3))
+    yield from _long(plan, records, main, slice(0, 5))
     for caps in plan.refine_caps[1:2]:
         yield from _refine(plan, records, main, caps)
         yield from _suggested(plan, records, main)
         yield from _seeds(plan, records, main)
-    yield from _long(plan, records, main, slice(3, 4))
     yield from _lr_scaling(plan)
     yield from _batch(plan, records, main, slice(0, 1), more=False)
-    yield from _long(plan, records, main, slice(4, None))
+    yield from _long(plan, records, main, slice(5, None))
     yield from _batch(plan, records, main, slice(1, None), more=False)
     yield from _batch(plan, records, main, slice(None), more=True)
     for caps in plan.refine_caps[2:]:
