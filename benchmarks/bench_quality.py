@@ -735,7 +735,7 @@ def report(args: argparse.Namespace) -> Path:
     main_lines, more = tables(records, plan)
     lines += [f"### {regimes[0][0]}", "", *main_lines, *more]
     png = args.out / "quality-study.png"
-    shown = regimes[:2] + [("digits CNN", dict(task="digits", model="cnn"))]
+    shown = regimes[:2] + [("digits CNN (seed-0 runs)", dict(task="digits", model="cnn"))]
     if not getattr(args, "no_plot", False) and plot(records, shown, png):
         lines += [f"![loss curves]({png.name})", ""]
     md = args.out / "quality-study.md"
