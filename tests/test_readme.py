@@ -63,6 +63,10 @@ def test_readme_block(code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         pytest.importorskip("transformers", reason="transformers not installed (pip install -e '.[hf]')")
         pytest.importorskip("accelerate", reason="accelerate not installed (pip install -e '.[hf]')")
     monkeypatch.chdir(tmp_path)  # snippets that write (Trainer's output_dir) write here
+    # a snippet that registers an optimizer by name must not leak it into other tests
+    from tigeropt import factory
+
+    monkeypatch.setattr(factory, "_REGISTRY", dict(factory._REGISTRY))
     torch.manual_seed(0)
     with contextlib.redirect_stdout(io.StringIO()):
         exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
