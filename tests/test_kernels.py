@@ -181,10 +181,11 @@ def _run_both(name: str, kw: dict[str, Any], prob: dict[str, Any], steps0: list[
     return fused, ref
 
 
-def _compare(fused: list[list[torch.Tensor]], ref: list[list[torch.Tensor]], p_rtol: float) -> None:
+def _compare(fused: list[list[torch.Tensor]], ref: list[list[torch.Tensor]], p_rtol: float,
+             state_rtol: float = STATE_RTOL) -> None:
     for role, (fl, rl) in enumerate(zip(fused, ref)):
         for i, (a, e) in enumerate(zip(fl, rl)):
-            _assert_rel(a, e, p_rtol if role == 0 else STATE_RTOL, f"{'param' if role == 0 else 'state'} {i}")
+            _assert_rel(a, e, p_rtol if role == 0 else state_rtol, f"{'param' if role == 0 else 'state'} {i}")
     low = [(a, e) for a, e in zip(fused[0], ref[0]) if a.dtype in (torch.bfloat16, torch.float16)]
     if low:  # rounded once, to nearest like param.copy_(p32): almost every element is bit-identical
         differ = sum(int((a != e).sum()) for a, e in low)
@@ -508,7 +509,11 @@ def test_property_random_shapes_and_hyperparameters(name: str, sizes: list[int],
     with use_launch_config(TINY if device.type == "cpu" else _common.launch_config(device)):
         prob = _problem(name, kw, [(n,) for n in sizes], torch.float32, device, n_steps=1, seed=seed)
         fused, ref = _run_both(name, kw, prob)
-    _compare(fused, ref, 2e-6)
+    # L2 decay (AdaX, Adagrad) adds wd*p to g before squaring it: where they nearly cancel, one
+    # rounding of g + wd*p (fused multiply-add or not: torch's own CPU add uses an FMA in its vector
+    # body and not in its tail) is a larger share of the result, and the squared state doubles it.
+    l2 = wd != 0.0 and (name == "adagrad" or (name == "adax" and not flag))
+    _compare(fused, ref, 2e-6, state_rtol=1e-5 if l2 else STATE_RTOL)
 
 
 # ------------------------------------------------------------------------------------ GPU only
