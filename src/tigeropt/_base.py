@@ -10,11 +10,16 @@ name of a fused kernel).  :class:`TigerOptimizer` owns everything else:
 * complex parameters through :func:`torch.view_as_real`, as torch.optim does;
 * grouping of tensors by device and dtype, and the choice of path
   (``reference`` / ``foreach`` / ``fused`` Triton / ``cpu`` fused C kernel);
-* sparse gradients and ``lazy=True`` groups, by gathering the touched rows,
-  running the reference update on them and scattering them back;
+* sparse gradients and ``lazy=True`` groups: only the touched rows (a non-zero
+  gradient, :func:`touched_rows`) change, through the fused C/Triton row kernels,
+  or on the reference path by gathering the rows, updating and scattering them back;
+* cached step plans (buckets, launchers, pointer tables) reused while the
+  parameter set, state and flags are unchanged;
 * the non-finite gradient policy (``on_nonfinite``);
-* ``load_state_dict`` that keeps state dtypes bit-exact and refuses state that
-  does not fit the parameters.
+* one validation routine (``_validate``) for the constructor, ``add_param_group``
+  and ``load_state_dict``, which checks a checkpoint completely (class, state
+  keys and shapes, hyperparameters) before changing anything and keeps
+  ``foreach``/``fused``/``capturable`` the loading optimizer's.
 
 Shared flag documentation (every optimizer accepts these keyword arguments):
 
