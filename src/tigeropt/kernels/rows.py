@@ -103,6 +103,17 @@ def _adax_rows(p, g, m, v, idx, D, lr, beta1, omb1, bhat, omb2, eps_t, wd, HAS_I
 
 
 @triton.jit
+def _l2_grad(gp, pp, offs, D, wd, MAXIMIZE: tl.constexpr):
+    """(g with L2 decay, p) of one block of a row, in fp32 (0 past the row's end)."""
+    mask = offs < D
+    gv = tl.load(gp + offs, mask=mask, other=0.0).to(tl.float32)
+    if MAXIMIZE:
+        gv = -gv
+    pv = tl.load(pp + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(wd != 0.0, gv + wd * pv, gv), pv
+
+
+@triton.jit
 def _adagrad_rows(p, g, s, idx, D, lr, factor, wd, eps, clip, HAS_IDX: tl.constexpr,
                   ALL_ROWS: tl.constexpr, MAXIMIZE: tl.constexpr, GLOVE: tl.constexpr, CLIP: tl.constexpr,
                   ROWWISE: tl.constexpr, LR_PTR: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -117,24 +128,14 @@ def _adagrad_rows(p, g, s, idx, D, lr, factor, wd, eps, clip, HAS_IDX: tl.conste
             ss = 0.0
             for i in range(0, D, BLOCK):
                 offs = i + tl.arange(0, BLOCK)
-                mask = offs < D
-                gv = tl.load(gp + offs, mask=mask, other=0.0).to(tl.float32)
-                if MAXIMIZE:
-                    gv = -gv
-                pv = tl.load(pp + offs, mask=mask, other=0.0).to(tl.float32)
-                gv = tl.where(wd != 0.0, gv + wd * pv, gv)
+                gv, pv = _l2_grad(gp, pp, offs, D, wd, MAXIMIZE)
                 ss += tl.sum(gv * gv)
             acc = tl.load(s + r) + ss / D
             tl.store(s + r, acc)
             d = tl.sqrt_rn(acc) + eps
             for i in range(0, D, BLOCK):
                 offs = i + tl.arange(0, BLOCK)
-                mask = offs < D
-                gv = tl.load(gp + offs, mask=mask, other=0.0).to(tl.float32)
-                if MAXIMIZE:
-                    gv = -gv
-                pv = tl.load(pp + offs, mask=mask, other=0.0).to(tl.float32)
-                gv = tl.where(wd != 0.0, gv + wd * pv, gv)
+                gv, pv = _l2_grad(gp, pp, offs, D, wd, MAXIMIZE)
                 _st(pp, offs, pv + tl.div_rn(-clr * gv, d), D, True, ROUND_BF16)
         else:
             for i in range(0, D, BLOCK):
