@@ -19,7 +19,8 @@ Runs are taken in priority order, stage by stage:
 4. ``digits``  scikit-learn's 8x8 digits, small CNN: lr x momentum grid, 3 seeds each.
 5. ``demo``    the demo's length (300 steps): its AdamW recipe, Tiger/Lion at the suggestion
    and at their default momentum.
-6. ``long``    3,000 steps at batch 32 (5x the windows): the best 600-step settings, several betas.
+6. ``long``    3,000 steps at batch 32 (5x the windows): the best 600-step settings, several betas;
+   then seeds 1, 2 of each optimizer's best 3,000-step setting.
 7. ``batch``   fixed budget of 19,200 windows: batch 128 x 150 steps and 512 x 38 steps
    (gradient accumulation over micro-batches of 32), lr steps around the batch-32 best.
 8. ``lr_scaling``  Tiger with the original's ``lr_scaling`` (its wd 0.01), a few lr.
@@ -424,6 +425,15 @@ def _long(plan: Plan, records: Records, main: dict[str, Any], part: slice) -> It
             yield "long", replace(as_spec(top), steps=plan.long_steps)
 
 
+def _long_seeds(plan: Plan, records: Records, main: dict[str, Any]) -> Iterator[tuple[str, Spec]]:
+    """More seeds for each optimizer's best ``long_steps`` run."""
+    for name in OPTIMIZERS:
+        top = best(records, **_where(dict(main, steps=plan.long_steps), name, None))
+        if top is not None:
+            for seed in plan.seeds:
+                yield "long", replace(as_spec(top), seed=seed)
+
+
 def _batch(plan: Plan, records: Records, main: dict[str, Any], regimes: slice,
            more: bool) -> Iterator[tuple[str, Spec]]:
     """Same number of windows at larger batches: the batch-32 best at lr x 1, 2 (``more``: then lr steps)."""
@@ -477,6 +487,7 @@ def stages(plan: Plan, records: dict[str, dict[str, Any]]) -> Iterator[tuple[str
     yield from _lr_scaling(plan)
     yield from _batch(plan, records, main, slice(0, 1), more=False)
     yield from _long(plan, records, main, slice(5, None))
+    yield from _long_seeds(plan, records, main)
     yield from _batch(plan, records, main, slice(1, None), more=False)
     yield from _batch(plan, records, main, slice(None), more=True)
     for caps in plan.refine_caps[2:]:

@@ -43,6 +43,8 @@ def test_quick_study_writes_one_record_per_run_for_every_stage(bench, quick_run:
     if bench.load_digits() is not None:
         expected.add("digits")
     assert stages == expected
+    # the long regime's best also runs at the other seeds (seed spread at 3,000 steps)
+    assert {r["seed"] for r in records if r["stage"] == "long"} == {0, *bench.Plan.quick().seeds}
     plan = bench.Plan.quick()
     for r in records:
         assert r["threads"] >= 1 and r["finished"] and r["machine"]
