@@ -633,3 +633,69 @@ def test_lazy_wrapper_of_native_lazy_groups_with_default_params() -> None:
     W.grad = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
     opt.step()
     assert W.detach()[1:].eq(1).all() and W.detach()[0].lt(1).all()
+
+
+# ------------------------------------------------------------------------------ out-of-range sparse rows
+def _bad_sparse(index: int, dtype: torch.dtype = F64) -> torch.Tensor:
+    """A sparse gradient of a ROWS x DIM table listing ``index`` (built without torch's invariant check,
+    as a hand-made gradient can be)."""
+    idx = torch.tensor([[1, index, 3]])
+    vals = torch.ones(3, DIM, dtype=dtype)
+    return torch.sparse_coo_tensor(idx, vals, (ROWS, DIM), check_invariants=False)
+
+
+def _snapshot(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[Any]:
+    return [p.detach().clone() for p in params] + [{k: v.clone() for k, v in opt.state[p].items()}
+                                                   for p in params]
+
+
+def _assert_same(a: list[Any], b: list[Any]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        if isinstance(x, dict):
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        else:
+            assert torch.equal(x, y)
+
+
+LOWP = {"bf16-state": dict(state_precision="bf16"), "bf16-sr": dict(state_precision="bf16",
+                                                                    stochastic_rounding=True)}
+
+
+@pytest.mark.parametrize("index", [ROWS, ROWS + 100, -1])
+@pytest.mark.parametrize("path", list(PATHS) + list(LOWP))
+@pytest.mark.parametrize("name,cls,kwargs", NATIVE, ids=NATIVE_IDS)
+def test_out_of_range_sparse_row_is_refused_before_any_change(name: str, cls: type, kwargs: dict, path: str,
+                                                               index: int) -> None:
+    """A sparse gradient listing a row the table lacks raises IndexError naming the parameter and the
+    index, on every path, before anything changes (the other parameters of the group, the step counts)."""
+    dtype = torch.float32 if path in LOWP else F64
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(ROWS, DIM, generator=gen).to(dtype).requires_grad_() for _ in range(3)]
+    opt = cls([{"params": params[:1]}, {"params": params[1:], "lazy": True}], **kwargs,
+              **PATHS.get(path, LOWP.get(path, {})))
+    for p in params:
+        p.grad = touched_grads(1, dtype=dtype)[0][0].to_sparse(1)
+    params[0].grad = params[0].grad.to_dense()
+    opt.step()  # state exists; the tables have moved
+    before = _snapshot(opt, params)
+    params[1].grad = touched_grads(1, dtype=dtype)[0][0].to_sparse(1)
+    params[2].grad = _bad_sparse(index, dtype)
+    with pytest.raises(IndexError, match=rf"parameter 2 \(param group 1, shape \({ROWS}, {DIM}\)\) lists row "
+                                         rf"index {index}, out of range for {ROWS} rows"):
+        opt.step()
+    _assert_same(_snapshot(opt, params), before)
+    params[2].grad = touched_grads(1, dtype=dtype)[0][0].to_sparse(1)
+    opt.step()  # a good gradient afterwards steps as usual
+    assert not torch.equal(params[2].detach(), before[2])
+
+
+def test_out_of_range_sparse_row_in_lazy_wrapper() -> None:
+    A, B = (torch.randn(ROWS, DIM, dtype=F64, requires_grad=True) for _ in range(2))
+    wrapped = LazyOptimizer(torch.optim.AdamW([A, B], lr=0.1), [A, B])
+    A.grad, B.grad = touched_grads(1)[0][0].to_sparse(1), _bad_sparse(-2)
+    a0, b0, good, bad = A.detach().clone(), B.detach().clone(), A.grad, B.grad
+    with pytest.raises(IndexError, match=r"parameter 1 \(param group 0, shape \(9, 3\)\) lists row index -2"):
+        wrapped.step()
+    assert torch.equal(A.detach(), a0) and torch.equal(B.detach(), b0) and not wrapped.state
+    assert A.grad is good and B.grad is bad  # the sparse gradients are left as they were

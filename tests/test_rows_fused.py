@@ -121,7 +121,7 @@ def test_fused_rows_refuses_what_it_cannot_take() -> None:
     assert not cpu_rows.fused_rows("nope", p, torch.ones(4, 3), [m], step, hyper)
     assert torch.equal(p, torch.zeros(4, 3))
     bad = torch.sparse_coo_tensor(torch.tensor([[5]]), torch.ones(1, 3), (6, 3))  # row 5 of a 4-row table
-    with pytest.raises(IndexError, match="out of range"):
+    with pytest.raises(IndexError, match="row index 5 out of range for 4 rows"):
         cpu_rows.fused_rows("tiger", p, torch.sparse_coo_tensor(bad._indices(), bad._values(), (4, 3),
                                                                 check_invariants=False), [m], step, hyper)
 

@@ -78,3 +78,29 @@ def test_triton_rows_equal_reference(name: str, cls: type, kwargs: dict, dtype: 
             if g._nnz():
                 touched[g.indices()[0][g.values().flatten(1).ne(0).any(1)]] = True
         assert torch.equal(W_t[~touched], start[~touched])
+
+
+@pytest.mark.parametrize("index", [6, -1])
+@pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=IDS)
+def test_triton_rows_refuse_out_of_range_rows(name: str, cls: type, kwargs: dict, index: int) -> None:
+    """A sparse gradient listing a row the table lacks: IndexError naming the parameter and the index, with
+    nothing changed, from the optimizer; the kernel's launcher refuses it too (it would write outside)."""
+    shape = (6, 130)
+    W = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE).requires_grad_()
+    opt = cls([W], lazy=True, fused=True, **kwargs)
+    W.grad = stable_coalesce(sparse_grads(*shape, torch.float32, steps=1, seed=0)[0]).to(DEVICE)
+    opt.step()
+    W0, st0 = W.detach().clone(), {k: v.clone() for k, v in opt.state[W].items()}
+    bad = torch.sparse_coo_tensor(torch.tensor([[0, index]]), torch.ones(2, shape[1]), shape,
+                                  check_invariants=False).to(DEVICE)
+    W.grad = bad
+    with pytest.raises(IndexError, match=rf"parameter 0 \(param group 0, shape \(6, 130\)\) lists row index "
+                                         rf"{index}, out of range for 6 rows"):
+        opt.step()
+    assert torch.equal(W.detach(), W0)
+    assert all(torch.equal(opt.state[W][k], v) for k, v in st0.items())
+    states = [opt.state[W][k] for k in opt.state[W] if k != "step"]
+    with pytest.raises(IndexError, match=f"row index {index} out of range for 6 rows"):
+        triton_rows.fused_rows(opt.kernel, W.detach(), bad, states, opt.state[W]["step"],
+                               opt._hyper(opt.param_groups[0]))
+    assert torch.equal(W.detach(), W0)

@@ -96,7 +96,7 @@ def _dtensor_module() -> Any:
 
 __all__ = ["TigerOptimizer", "Impl", "check", "check_lr", "global_bool", "nan_sign", "to_float",
            "state_dtype",
-           "working", "write_back", "touched_rows"]
+           "working", "write_back", "touched_rows", "sparse_rows_out_of_range"]
 
 Impl = Callable[..., None]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -352,10 +352,16 @@ class TigerOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plans = None if compiling() else self._valid_plans()
+        # sparse gradients are checked before any group changes (a planned group has dense gradients
+        # unless its plan falls back below: that group is checked then)
+        self._check_sparse_grads([g for i, g in enumerate(self.param_groups) if not (plans and i in plans)])
         for i, group in enumerate(self.param_groups):
             plan = plans.get(i) if plans else None
-            if plan is None or not self._step_planned(group, plan):
+            if plan is None:
                 self._step_group(group, i if plans is not None else None)
+            elif not self._step_planned(group, plan):
+                self._check_sparse_grads([group])
+                self._step_group(group, i)
         if plans is not None:
             self._snapshot_state()
         return loss
@@ -496,11 +502,6 @@ class TigerOptimizer(Optimizer):
             return
         grads = [p.grad for p in params]
         lazy = group["lazy"]
-        for g in grads:
-            if g.is_sparse and not (lazy or self.supports_sparse):
-                raise RuntimeError(
-                    f"{type(self).__name__} does not support sparse gradients unless the group sets "
-                    "lazy=True (only the rows present are then updated)")
         if group["on_nonfinite"] != "ignore" and not _all_finite(grads):
             if group["on_nonfinite"] == "raise":
                 raise FloatingPointError(f"{type(self).__name__}: non-finite gradient (inf/NaN)")
@@ -550,6 +551,42 @@ class TigerOptimizer(Optimizer):
             impl(*lists[:-1], steps, **hyper)
         if plannable and plan_index is not None:
             self._build_plan(group, plan_index, params, buckets, paths)
+
+    def _check_sparse_grads(self, groups: list[dict[str, Any]]) -> None:
+        """Refuse, before anything changes, the sparse gradients of ``groups`` that no path can take.
+
+        A sparse gradient needs ``lazy=True`` (or an optimizer that supports sparse gradients:
+        RuntimeError), sparsity along dim 0 only (RuntimeError), and row indices the parameter has:
+        every path (reference, C, Triton) reads the listed rows, and one out of range would index
+        outside the tensors, so ``IndexError`` names the parameter (its index in ``state_dict()``,
+        its group) and the first bad index.  One reduction per sparse gradient and one host sync.
+        """
+        pairs = []
+        for group in groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is None or not g.is_sparse:
+                    continue
+                if not (group["lazy"] or self.supports_sparse):
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients unless the group sets "
+                        "lazy=True (only the rows present are then updated)")
+                if _local(g).sparse_dim() != 1:
+                    raise RuntimeError(f"sparse gradients must be sparse along dim 0 only, got sparse_dim="
+                                       f"{_local(g).sparse_dim()}")
+                pairs.append((p, g))
+        if not pairs:
+            return
+        bad = sparse_rows_out_of_range([(_local(g), _local(p).shape[0] if p.dim() else 1) for p, g in pairs])
+        if bad is None:
+            return
+        k, index, rows = bad
+        p = pairs[k][0]
+        owners = [(gi, q) for gi, grp in enumerate(self.param_groups) for q in grp["params"]]
+        pid, gi = next((pid, gi) for pid, (gi, q) in enumerate(owners) if q is p)
+        raise IndexError(f"{type(self).__name__}: the sparse gradient of parameter {pid} (param group {gi}, "
+                         f"shape {tuple(p.shape)}) lists row index {index}, out of range for {rows} rows; "
+                         "nothing was updated")
 
     def _step_low_precision(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                             hyper: dict[str, Any]) -> None:
@@ -879,6 +916,24 @@ def touched_rows(g: Tensor, gather: bool = True) -> tuple[Tensor, Tensor | None]
     touched = g.flatten(1).any(dim=1) if g.dim() > 1 else g.ne(0)
     idx = touched.nonzero().squeeze(1)
     return idx, g.index_select(0, idx) if gather else None
+
+
+def sparse_rows_out_of_range(pairs: list[tuple[Tensor, int]]) -> tuple[int, int, int] | None:
+    """The first (pair number, row index, rows) whose sparse COO gradient (sparse along dim 0) lists a
+    row index outside ``[0, rows)``, or None: one ``aminmax`` per gradient, one host sync in all."""
+    ks = [k for k, (g, _) in enumerate(pairs) if g._nnz()]
+    if not ks:
+        return None
+    mm = [torch.stack(torch.aminmax(pairs[k][0]._indices()[0])) for k in ks]
+    if len({t.device for t in mm}) == 1:
+        ranges = torch.stack(mm).tolist()
+    else:
+        ranges = [t.tolist() for t in mm]
+    for k, (lo, hi) in zip(ks, ranges):
+        rows = pairs[k][1]
+        if lo < 0 or hi >= rows:
+            return k, (lo if lo < 0 else hi), rows
+    return None
 
 
 _is = operator.is_

@@ -139,8 +139,11 @@ def fused_rows(name: str, p: Tensor, g: Tensor, states: list[Tensor], step: Tens
         indices = indices.contiguous()
         values = values.contiguous()
         nidx = indices.numel()
-        if nidx and not (0 <= int(indices[0]) and int(indices[-1]) < rows):
-            raise IndexError(f"sparse gradient indices out of range for {rows} rows")
+        if nidx:  # sorted: the ends bound every index
+            lo, hi = int(indices[0]), int(indices[-1])
+            if lo < 0 or hi >= rows:
+                raise IndexError(f"sparse gradient row index {lo if lo < 0 else hi} out of range for {rows} "
+                                 "rows")
         idx_ptr = indices.data_ptr()
         order_ptr = order.data_ptr() if order is not None else None
         gdata = values

@@ -175,6 +175,11 @@ def fused_rows(name: str, p: Tensor, g: Tensor, states: list[Tensor], step: Tens
     if g.is_sparse:
         if all_rows or g.sparse_dim() != 1 or tuple(g.shape) != shape or g.dtype is not dtype:
             return False
+        if g._nnz():  # before the coalesce, which an index out of range makes write outside its buffers
+            lo, hi = torch.stack(torch.aminmax(g._indices()[0])).tolist()
+            if lo < 0 or hi >= rows:
+                raise IndexError(f"sparse gradient row index {lo if lo < 0 else hi} out of range for {rows} "
+                                 "rows")
         g = g.coalesce()
         idx = g.indices()[0].contiguous()
         gdata = g.values().contiguous()
