@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import itertools
 import json
 import math
@@ -762,6 +763,448 @@ def report(args: argparse.Namespace) -> Path:
     return md
 
 
+# --------------------------------------------------------------------------- precision table (issue 12)
+PRECISION_FILE = "precision-runs.jsonl"
+#: The study's best AdamW at batch 32 x 600 steps (mean of 3 seeds 1.5853); Tiger and Lion run at
+#: what ``suggest_hparams`` proposes from it.
+STUDY_ADAMW = dict(lr=4.24e-3, weight_decay=0.0708, betas=(0.8, 0.99))
+_SR = {"stochastic_rounding": True}
+#: setting -> (parameters, state, parameter dtype, tigeropt options); sr_seed is the run's seed.
+PRECISION_SETTINGS: dict[str, tuple[str, str, torch.dtype, dict[str, Any]]] = {
+    "fp32": ("fp32", "fp32", torch.float32, {}),
+    "bf16-rtn": ("bf16, round-to-nearest", "fp32", torch.bfloat16, {}),
+    "bf16-sr": ("bf16 + stochastic rounding", "fp32", torch.bfloat16, _SR),
+    "bf16-sr-bf16": ("bf16 + stochastic rounding", "bf16", torch.bfloat16,
+                     {**_SR, "state_precision": "bf16"}),
+    "bf16-sr-8bit": ("bf16 + stochastic rounding", "8-bit", torch.bfloat16,
+                     {**_SR, "state_precision": "8bit"}),
+}
+#: peer rows: optimizer -> (label, module to import, parameter dtype, parameters, state)
+PEERS: dict[str, tuple[str, str, torch.dtype, str, str]] = {
+    "bnb-lion8bit": ("bitsandbytes Lion8bit", "bitsandbytes", torch.float32, "fp32", "8-bit (dynamic map)"),
+    "bnb-adamw8bit": ("bitsandbytes AdamW8bit", "bitsandbytes", torch.float32, "fp32", "8-bit (dynamic map)"),
+    "torchao-adamw8bit": ("torchao AdamW8bit", "torchao", torch.float32, "fp32", "8-bit (dynamic map)"),
+    "torchao-adamw8bit-sr": ("torchao AdamW8bit", "torchao", torch.bfloat16,
+                             "bf16 + stochastic rounding (`bf16_stochastic_round`)", "8-bit (dynamic map)"),
+}
+PRECISION_LABELS = {**LABELS, **{k: v[0] for k, v in PEERS.items()}}
+
+
+@dataclass(frozen=True)
+class PSpec:
+    """One run of the precision table: ``setting`` is a PRECISION_SETTINGS key (peers: "peer")."""
+
+    optimizer: str
+    setting: str
+    lr: float
+    weight_decay: float
+    momentum: tuple[float, ...]
+    batch_size: int
+    steps: int
+    seed: int
+    model: str = "d128-l2-h4-c64"
+
+    def key(self) -> str:
+        return json.dumps([self.optimizer, self.setting, _r(self.lr), _r(self.weight_decay),
+                           [_r(m) for m in self.momentum], self.batch_size, self.steps, self.seed,
+                           self.model])
+
+
+def as_pspec(r: dict[str, Any]) -> PSpec:
+    return PSpec(r["optimizer"], r["setting"], r["lr"], r["weight_decay"], tuple(r["momentum"]),
+                 r["batch_size"], r["steps"], r["seed"], r["model"])
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """The precision runs: seed 0 of every row, then paired seeds where the comparisons need them."""
+
+    model: str = "d128-l2-h4-c64"
+    steps: int = 600
+    batch: int = 32
+    #: (optimizers, settings, seeds) blocks in priority order; a block runs seed by seed.
+    blocks: tuple[tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...]], ...] = (
+        (("tiger", "lion"), tuple(PRECISION_SETTINGS), (0,)),
+        (("tiger",), ("bf16-rtn", "bf16-sr"), tuple(range(1, 8))),
+        (("tiger",), ("fp32", "bf16-sr-8bit"), (1, 2)),
+        (("lion",), ("bf16-rtn", "bf16-sr"), (1, 2, 3)),
+        (("tiger",), ("bf16-rtn", "bf16-sr"), tuple(range(8, 16))),
+        (("lion",), ("fp32", "bf16-sr-8bit"), (1, 2)),
+        (("tiger",), ("bf16-sr-bf16",), (1, 2)),
+        (("lion",), ("bf16-rtn", "bf16-sr"), tuple(range(4, 12))),
+    )
+    peers: bool = True
+
+    @staticmethod
+    def quick() -> PrecisionPlan:
+        return PrecisionPlan(model="d32-l1-h2-c16", steps=12, batch=8, peers=False,
+                             blocks=((("tiger", "lion"), tuple(PRECISION_SETTINGS), (0,)),
+                                     (("tiger",), ("bf16-rtn", "bf16-sr"), (1, 2))))
+
+
+def precision_hparams(name: str, steps: int, batch_size: int) -> tuple[float, float, tuple[float, ...]]:
+    """(lr, weight decay, momentum): AdamW-type rows the study's best AdamW, Tiger/Lion-type rows the
+    suggestion from it."""
+    if "adamw" in name:
+        return STUDY_ADAMW["lr"], STUDY_ADAMW["weight_decay"], STUDY_ADAMW["betas"]
+    base = "lion" if "lion" in name else "tiger"
+    hp = suggest_hparams(base, adamw_lr=STUDY_ADAMW["lr"], adamw_weight_decay=STUDY_ADAMW["weight_decay"],
+                         steps=steps, batch_size=batch_size)
+    return hp["lr"], hp["weight_decay"], (hp["beta"],) if base == "tiger" else tuple(hp["betas"])
+
+
+def precision_specs(plan: PrecisionPlan) -> Iterator[PSpec]:
+    """Every run in priority order: AdamW, then the blocks (peers after the seed-0 block)."""
+    def make(name: str, setting: str, seed: int) -> PSpec:
+        lr, wd, mom = precision_hparams(name, plan.steps, plan.batch)
+        return PSpec(name, setting, _r(lr), _r(wd), tuple(_r(m) for m in mom), plan.batch, plan.steps, seed,
+                     plan.model)
+
+    def block(names: tuple[str, ...], settings: tuple[str, ...], seeds: tuple[int, ...]) -> Iterator[PSpec]:
+        for seed in seeds:
+            for name in names:
+                for setting in settings:
+                    yield make(name, setting, seed)
+
+    yield make("adamw", "fp32", 0)
+    for b in plan.blocks[:1]:
+        yield from block(*b)
+    if plan.peers:
+        for name in PEERS:
+            yield make(name, "peer", 0)
+    for b in plan.blocks[1:]:
+        yield from block(*b)
+
+
+def peer_missing(name: str) -> str | None:
+    """Why peer ``name`` cannot run here (None: it can)."""
+    module = PEERS[name][1]
+    try:
+        lib = importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a broken native library
+        return f"{module} does not import: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    return None if hasattr(lib, "optim") else f"{module} has no optim module"
+
+
+def build_precision_optimizer(s: PSpec, model: nn.Module) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups: list[dict[str, Any]] = [dict(params=decay), dict(params=no_decay, weight_decay=0.0)]
+    kw = dict(lr=s.lr, weight_decay=s.weight_decay)
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(groups, betas=s.momentum, fused=True, **kw)
+    if s.optimizer in ("tiger", "lion"):
+        options = dict(PRECISION_SETTINGS[s.setting][3])
+        if options.get("stochastic_rounding"):
+            options["sr_seed"] = s.seed
+        if s.optimizer == "tiger":
+            return Tiger(groups, beta=s.momentum[0], **kw, **options)
+        return Lion(groups, betas=s.momentum, **kw, **options)
+    if s.optimizer.startswith("bnb-"):
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.Lion8bit if s.optimizer == "bnb-lion8bit" else bnb.optim.AdamW8bit
+        return cls(groups, betas=s.momentum, **kw)  # its defaults: 8-bit state for tensors >= 4096 elements
+    if s.optimizer.startswith("torchao-"):
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit(groups, betas=s.momentum, bf16_stochastic_round=s.optimizer.endswith("-sr"), **kw)
+    raise ValueError(f"Invalid optimizer: {s.optimizer!r}")
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Storage bytes of ``t``; a tensor subclass (torchao's 8-bit state) counts its inner tensors."""
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of the per-parameter state (step counters excluded), 8-bit codes, scales and maps included."""
+    return sum(tensor_bytes(v) for st in opt.state.values() for k, v in st.items()
+               if k != "step" and isinstance(v, torch.Tensor))
+
+
+def run_precision(s: PSpec, corpus: demo.CharCorpus, eval_batches: int) -> dict[str, Any]:
+    """Train one row (same init, batches and schedule per seed); held-out loss on an fp32 copy."""
+    cfg = parse_model(s.model)
+    dtype = PEERS[s.optimizer][2] if s.setting == "peer" else PRECISION_SETTINGS[s.setting][2]
+    torch.manual_seed(s.seed)
+    model = demo.CharTransformer(demo.VOCAB_SIZE, cfg["d_model"], cfg["n_layers"], cfg["n_heads"],
+                                 cfg["context"]).to(dtype)
+    opt = build_precision_optimizer(s, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, demo.cosine_with_warmup(s.steps))
+    gen = torch.Generator().manual_seed(s.seed)
+    tail_from = s.steps - max(1, s.steps // 10)
+    snapshot: list[torch.Tensor] = []
+    curve: list[float] = []
+    opt_s = 0.0
+    start = time.perf_counter()
+    for step in range(s.steps):
+        if step == tail_from:
+            snapshot = [p.detach().clone() for p in model.parameters()]
+        x, y = corpus.batch("train", s.batch_size, cfg["context"], gen)
+        loss = nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        t0 = time.perf_counter()
+        opt.step()
+        opt_s += time.perf_counter() - t0
+        sched.step()
+        curve.append(loss.item())
+    wall = time.perf_counter() - start
+    params = list(model.parameters())
+    numel = sum(p.numel() for p in params)
+    unchanged = sum(int((p.detach() == q).sum()) for p, q in zip(params, snapshot))
+    norms = [m.weight.detach() for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    at_one = sum(int((w == 1).sum()) for w in norms) / sum(w.numel() for w in norms)
+    evaluated = model.float()  # the final weights, exactly (bf16 -> fp32 is exact)
+    ev = {split: demo.evaluate(evaluated, corpus, split, batches=n, batch_size=32, seed=0)
+          for split, n in (("train", max(1, eval_batches // 4)), ("heldout", eval_batches))}
+    pbytes, sbytes = demo.param_bytes(model.to(dtype)), optimizer_state_bytes(opt)
+    return dict(train_loss=ev["train"], heldout_loss=ev["heldout"], wall_s=wall,
+                opt_ms_per_step=1e3 * opt_s / s.steps, param_bytes=pbytes, state_bytes=sbytes, numel=numel,
+                bytes_per_param=(pbytes + sbytes) / numel, ln_at_one=at_one, tail_unchanged=unchanged / numel,
+                curve=_smooth(curve))
+
+
+def load_precision(path: Path) -> Records:
+    """Records by key; a later line replaces an earlier one (a peer's skip note by its run)."""
+    records: Records = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                records[as_pspec(r).key()] = r
+    return records
+
+
+def _versions() -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    for module in ("bitsandbytes", "torchao"):
+        lib = sys.modules.get(module)
+        if lib is not None:
+            out[module] = getattr(lib, "__version__", "?")
+    return out
+
+
+def precision_study(args: argparse.Namespace) -> int:
+    """Run the missing precision runs in priority order (peers that do not import: a skip note,
+    retried on the next start); returns the number of new records."""
+    plan = PrecisionPlan.quick() if args.quick else PrecisionPlan()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / PRECISION_FILE
+    records = load_precision(path)
+    deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
+    corpus = None
+    new = 0
+    only = set(args.optimizers.split(",")) if getattr(args, "optimizers", "") else None
+    for s in precision_specs(plan):
+        if deadline is not None and time.time() > deadline:
+            break
+        if only is not None and s.optimizer not in only:
+            continue
+        done = records.get(s.key())
+        if done is not None and "skipped" not in done:
+            continue
+        why = peer_missing(s.optimizer) if s.setting == "peer" else None
+        if why is not None:
+            if done is not None:
+                continue
+            result: dict[str, Any] = dict(skipped=why)
+        else:
+            if corpus is None:
+                corpus = demo.load_corpus(300_000 if args.quick else None)
+            result = run_precision(s, corpus, eval_batches=4 if args.quick else 64)
+        rec = dict(asdict(s), **result, threads=torch.get_num_threads(), versions=_versions(),
+                   machine=machine(), finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        line = json.dumps(rec)
+        records[s.key()] = json.loads(line)
+        with path.open("a") as f:
+            f.write(line + "\n")
+        new += 1
+        print(f"[precision] {s.optimizer:>20} {s.setting:>13} seed {s.seed:<2} "
+              + (f"skipped: {why}" if why else f"held-out {result['heldout_loss']:.4f} "
+                 f"{result['bytes_per_param']:.3f} B/param  {result['wall_s']:.0f}s"), flush=True)
+    return new
+
+
+#: two-sided 95% quantiles of Student's t by degrees of freedom (1..30; beyond: 1.96 is close enough)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Paired comparison of held-out losses, ``b - a`` per seed (negative: ``b`` is better)."""
+
+    n: int
+    mean: float  # nats
+    se: float  # standard error of the mean (nan for n < 2)
+    half_ci: float  # half-width of the 95% confidence interval (t distribution)
+    rel_mean: float  # mean of (b / a - 1), percent
+    rel_worst: float  # largest (b / a - 1) over the seeds, percent
+    wins: int  # seeds where b < a
+
+
+def paired(a: list[float], b: list[float]) -> Paired:
+    d = [y - x for x, y in zip(a, b)]
+    rel = [100 * (y / x - 1) for x, y in zip(a, b)]
+    n = len(d)
+    se = statistics.stdev(d) / math.sqrt(n) if n > 1 else math.nan
+    t = _T975[n - 2] if 2 <= n <= len(_T975) + 1 else 1.96
+    return Paired(n, statistics.fmean(d), se, t * se, statistics.fmean(rel), max(rel),
+                  sum(y < x for x, y in zip(a, b)))
+
+
+def _prows(records: Records, optimizer: str, setting: str) -> dict[int, dict[str, Any]]:
+    """Finished runs of one row by seed (the plan's settings: the runs share steps and model)."""
+    return {r["seed"]: r for r in records.values() if r["optimizer"] == optimizer and r["setting"] == setting
+            and "skipped" not in r and math.isfinite(r["heldout_loss"])}
+
+
+def compare(records: Records, opt_a: str, set_a: str, opt_b: str, set_b: str) -> Paired | None:
+    a, b = _prows(records, opt_a, set_a), _prows(records, opt_b, set_b)
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    return paired([a[s]["heldout_loss"] for s in seeds], [b[s]["heldout_loss"] for s in seeds])
+
+
+def _fmt_pair(p: Paired) -> str:
+    se = "" if math.isnan(p.se) else f" ± {p.se:.4f}"
+    ci = "" if math.isnan(p.se) else f" | [{p.mean - p.half_ci:+.4f}, {p.mean + p.half_ci:+.4f}]"
+    return (f"| {p.n} | {p.mean:+.4f}{se}{ci if ci else ' | '} | {p.rel_mean:+.2f}% | {p.rel_worst:+.2f}% "
+            f"| {p.wins}/{p.n} |")
+
+
+def precision_tables(records: Records) -> list[str]:
+    """The precision table, the paired comparisons and the target verdicts (markdown lines)."""
+    out = ["| optimizer | parameters | state | held-out loss (mean) | seeds | vs fp32, paired seeds "
+           "| bytes / param | wall s / run | optimizer ms / step | LayerNorm weights still 1.0 "
+           "| weights unchanged in the last 10% of steps |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [("adamw", "fp32")] + [(n, s) for n in ("tiger", "lion") for s in PRECISION_SETTINGS]
+    rows += [(n, "peer") for n in PEERS]
+    skipped: list[str] = []
+    for name, setting in rows:
+        runs = _prows(records, name, setting)
+        if setting == "peer":
+            label, _, _, params, state = PEERS[name]
+            note = next((r["skipped"] for r in records.values()
+                         if r["optimizer"] == name and "skipped" in r), None)
+            if not runs and note:
+                skipped.append(f"{label} ({params} parameters): not run, {note}.")
+                continue
+        else:
+            label = LABELS[name]
+            params, state = PRECISION_SETTINGS[setting][:2]
+        if not runs:
+            continue
+        rs = list(runs.values())
+        mean = statistics.fmean(r["heldout_loss"] for r in rs)
+        base = name if name in ("tiger", "lion") else "adamw"
+        vs = ""
+        if (name, setting) != (base, "fp32"):
+            p = compare(records, base, "fp32", name, setting)
+            vs = "" if p is None else f"{p.rel_mean:+.2f}%" + (" (vs AdamW)" if base == "adamw" else "")
+        out.append(f"| {label} | {params} | {state} | {mean:.4f} | {len(rs)} | {vs} "
+                   f"| {statistics.fmean(r['bytes_per_param'] for r in rs):.3f} "
+                   f"| {statistics.fmean(r['wall_s'] for r in rs):.0f} "
+                   f"| {statistics.fmean(r['opt_ms_per_step'] for r in rs):.1f} "
+                   f"| {100 * statistics.fmean(r['ln_at_one'] for r in rs):.0f}% "
+                   f"| {100 * statistics.fmean(r['tail_unchanged'] for r in rs):.1f}% |")
+    out += [""] + skipped + ([""] if skipped else [])
+    out += ["Paired comparisons (same seeds: same initial weights and batches; difference of held-out loss, "
+            "B minus A, in nats: negative = B better; ± one standard error; 95% t interval):", "",
+            "| A | B | seeds | mean difference ± SE | 95% interval | mean relative | worst seed "
+            "| B better on |",
+            "|---|---|---:|---:|---|---:|---:|---:|"]
+    names = {k: ", ".join(v[:2]) for k, v in PRECISION_SETTINGS.items()}
+    pairs = [(n, a, b) for n in ("tiger", "lion") for a, b in
+             (("bf16-rtn", "bf16-sr"), ("fp32", "bf16-rtn"), ("fp32", "bf16-sr"), ("fp32", "bf16-sr-bf16"),
+              ("fp32", "bf16-sr-8bit"))]
+    results: dict[tuple[str, str, str], Paired] = {}
+    for n, a, b in pairs:
+        p = compare(records, n, a, n, b)
+        if p is not None:
+            results[(n, a, b)] = p
+            out.append(f"| {LABELS[n]} {names[a]} | {LABELS[n]} {names[b]} {_fmt_pair(p)}")
+    out += ["", *precision_verdicts(records, results)]
+    return out + [""]
+
+
+def precision_verdicts(records: Records, results: dict[tuple[str, str, str], Paired]) -> list[str]:
+    """The issue's targets, each met / missed / not shown, with the numbers."""
+    out = []
+    r8 = _prows(records, "tiger", "bf16-sr-8bit")
+    p8 = results.get(("tiger", "fp32", "bf16-sr-8bit"))
+    if r8 and p8 is not None:
+        bpp = statistics.fmean(r["bytes_per_param"] for r in r8.values())
+        ok = bpp <= 3.1 and p8.rel_mean <= 1.0
+        out.append(f"* Tiger, bf16 + SR + 8-bit state: {bpp:.3f} bytes/param (target <= 3.1) and "
+                   f"{p8.rel_mean:+.2f}% held-out loss vs fp32 Tiger, mean of {p8.n} paired seed(s), worst "
+                   f"{p8.rel_worst:+.2f}% (target within 1%): **{'met' if ok else 'missed'}**.")
+    for n in ("tiger", "lion"):
+        p = results.get((n, "fp32", "bf16-sr"))
+        if p is not None:
+            out.append(f"* {LABELS[n]}, bf16 + SR vs fp32: {p.rel_mean:+.2f}% (mean of {p.n} paired seed(s), "
+                       f"worst {p.rel_worst:+.2f}%; target within 1%): "
+                       f"**{'met' if p.rel_mean <= 1.0 else 'missed'}**.")
+        q = results.get((n, "bf16-rtn", "bf16-sr"))
+        if q is not None and q.n >= 2:
+            better = q.mean + q.half_ci < 0
+            worse = q.mean - q.half_ci > 0
+            verdict = ("**met**: SR is better, the 95% interval excludes 0" if better else
+                       "**not met**: SR is worse, the 95% interval excludes 0" if worse else
+                       "**not shown**: the 95% interval includes 0")
+            out.append(f"* {LABELS[n]}, bf16 + SR vs bf16 round-to-nearest: {q.mean:+.4f} ± {q.se:.4f} nats "
+                       f"({q.rel_mean:+.2f}%) over {q.n} paired seeds, 95% interval "
+                       f"[{q.mean - q.half_ci:+.4f}, {q.mean + q.half_ci:+.4f}], SR better on "
+                       f"{q.wins}/{q.n}: measurably better? {verdict}.")
+    return out
+
+
+def precision_report(args: argparse.Namespace) -> Path:
+    records = load_precision(args.out / PRECISION_FILE)
+    runs = [r for r in records.values() if "skipped" not in r]
+    if not runs:
+        raise SystemExit(f"no runs in {args.out / PRECISION_FILE}")
+    r0 = runs[0]
+    versions = sorted({f"{k} {v}" for r in runs for k, v in r["versions"].items()})
+    first, last = min(r["finished"] for r in runs), max(r["finished"] for r in runs)
+    tiger = precision_hparams("tiger", r0["steps"], r0["batch_size"])
+    lion = precision_hparams("lion", r0["steps"], r0["batch_size"])
+    body = precision_tables(records)
+    lines = ["# Low precision on the char-LM (CPU)", "",
+             f"`python benchmarks/bench_quality.py --precision --threads {r0['threads']} --out <dir>` (then "
+             f"`--precision --report`); {len(runs)} runs finished between {first} and {last} UTC on "
+             f"{r0['machine']} (shared with other jobs: wall times are a rough guide), {r0['threads']} torch "
+             f"thread(s), {', '.join(versions)}. Raw runs: `{PRECISION_FILE}` (one JSON line per run).", "",
+             f"Model {r0['model']}, batch {r0['batch_size']} x {r0['steps']} steps, warm-up + cosine to 10% "
+             f"lr, clipping at 1.0. AdamW (and the peers' AdamW8bit): the quality study's best, lr "
+             f"{STUDY_ADAMW['lr']:g}, wd {STUDY_ADAMW['weight_decay']:g}, betas {STUDY_ADAMW['betas']}; "
+             f"Tiger (lr {tiger[0]:g}, wd {tiger[1]:g}, beta {tiger[2][0]:g}) and Lion and Lion8bit (lr "
+             f"{lion[0]:g}, wd {lion[1]:g}, betas {lion[2]}): `tigeropt.suggest_hparams` from it. bf16 rows "
+             "train a bf16 "
+             "model (forward and backward in bf16, no fp32 master weights); the held-out loss (64 fixed "
+             "batches) is measured on the final weights converted to fp32. Bytes/param: parameters + "
+             "optimizer state (8-bit codes, scales and maps; step counters excluded). Seed s fixes the "
+             "initial weights, the batches and the rounding seed (`sr_seed`).", "", *body]
+    md = args.out / "precision-study.md"
+    md.write_text("\n".join(lines) + "\n")
+    readme = getattr(args, "readme", None)
+    if readme is not None:
+        text = readme.read_text()
+        begin, end = "<!-- precision-study -->", "<!-- /precision-study -->"
+        i, j = text.index(begin) + len(begin), text.index(end)
+        readme.write_text(text[:i] + "\n" + "\n".join(body).strip() + "\n" + text[j:])
+    return md
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help=f"folder of {RUNS_FILE} and the report")
@@ -772,13 +1215,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", action="store_true", help="only write the report from the runs so far")
     parser.add_argument("--no-plot", action="store_true", help="no loss-curve PNG")
     parser.add_argument("--readme", type=Path, default=None,
-                        help="also rewrite the quality-study blocks of this README")
+                        help="also rewrite the study's blocks of this README (--precision: its own)")
+    parser.add_argument("--precision", action="store_true",
+                        help=f"the low-precision table instead of the study ({PRECISION_FILE})")
+    parser.add_argument("--optimizers", default="",
+                        help="--precision: only these rows' optimizers (comma-separated, e.g. bnb-lion8bit)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.report:
-        n = study(args)
-        print(f"{n} new runs in {args.out / RUNS_FILE}", flush=True)
-    md = report(args)
+        n = (precision_study if args.precision else study)(args)
+        print(f"{n} new runs in {args.out / (PRECISION_FILE if args.precision else RUNS_FILE)}", flush=True)
+    md = (precision_report if args.precision else report)(args)
     print(f"wrote {md}", flush=True)
 
 
