@@ -15,6 +15,12 @@ Scenarios, each on a small MLP whose 7-row weight is split unevenly (4/3) by FSD
 * A NaN in one rank's gradient shard: ``on_nonfinite="skip"`` and Tiger's ``nan_guard``
   decide the same on every rank (whole-tensor semantics).
 * ``lazy=True`` (touched rows only) on an FSDP2-sharded embedding.
+* Low precision (bf16 parameters with stochastic rounding, bf16 and 8-bit state) under FSDP2:
+  bit for bit the parameters and state of one process, DCP resume with 2 ranks and with 1 rank.
+  The model computes in fp64 from bf16 parameters (FSDP2's ``param_dtype=float64``, gradients
+  reduced in fp64 and rounded to bf16 once, as one process rounds its fp64 gradient), so the
+  gradients are the same bits; the rounding hash takes global element indices and the 8-bit
+  blocks are the whole tensor's, including blocks split between the two ranks' shards.
 
 The workers are this file run as a script (``python test_distributed.py RANK WORLD DIR PHASE``)
 with a ``FileStore`` rendezvous, so no port has to be chosen.
@@ -65,6 +71,16 @@ LAZY = {
     "tiger_lazy": (Tiger, dict(lr=1e-2, lazy=True)),
     "adax_lazy": (AdaX, dict(lr=1e-2, lazy=True)),
 }
+#: bf16 parameters; every config rounds stochastically (sr_seed 5)
+LOWP: dict[str, tuple[type, dict[str, Any]]] = {
+    "tiger_sr": (Tiger, dict(lr=1e-2, weight_decay=0.1)),
+    "lion_bf16": (Lion, dict(lr=1e-2, weight_decay=0.1, state_precision="bf16")),
+    "tiger_8bit": (Tiger, dict(lr=1e-2, state_precision="8bit")),
+    "adax_8bit": (AdaX, dict(lr=1e-2, state_precision="8bit")),
+    "adagrad_bf16": (Adagrad, dict(lr=1e-1, state_precision="bf16")),
+}
+LOWP_PATHS = {"tiger_8bit": ["default", "reference"]}  # others: the default path
+LOWP_CHECKPOINTED = ["lion_bf16", "tiger_8bit", "adax_8bit"]
 
 
 def _paths() -> dict[str, dict[str, Any]]:
@@ -102,9 +118,30 @@ def _model(kind: str = "mlp", seed: int = 0, dtype: torch.dtype = torch.float64)
     return nn.Sequential(nn.Embedding(9, 6), nn.Linear(6, 3)).to(dtype)
 
 
+class F64Linear(nn.Linear):
+    """A linear layer computing in fp64 whatever its parameters' dtype (bf16 here): one process
+    rounds the fp64 gradient to bf16 once, as FSDP2 with ``param_dtype=reduce_dtype=float64`` does."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x.double(), self.weight.double(), self.bias.double())
+
+
+def _lowp_model(seed: int = 0) -> nn.Sequential:
+    """bf16 parameters whose FSDP2 shards split 8-bit blocks: the first weight (120 x 5, 600 elements,
+    3 blocks) is cut at element 300 inside block 1; the second (3 x 120) at 240 inside block 0."""
+    torch.manual_seed(seed)
+    return nn.Sequential(F64Linear(5, 120), nn.Tanh(), F64Linear(120, 3)).to(torch.bfloat16)
+
+
+def _lowp_kw(name: str, pname: str = "default") -> tuple[type, dict[str, Any]]:
+    cls, kw = LOWP[name]
+    return cls, {**kw, "stochastic_rounding": True, "sr_seed": 5, **PATHS[pname]}
+
+
 def _batches(kind: str, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
     gen = torch.Generator().manual_seed(1234)
     out = []
+    dtype = torch.float64 if dtype == torch.bfloat16 else dtype  # bf16 parameters compute in fp64
     for _ in range(STEPS):
         if kind == "mlp":
             x = torch.randn(8, 5, generator=gen, dtype=torch.float64).to(dtype)
@@ -112,6 +149,12 @@ def _batches(kind: str, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
             x = torch.randint(0, 5, (8,), generator=gen)
         out.append((x, torch.randn(8, 3, generator=gen, dtype=torch.float64).to(dtype)))
     return out
+
+
+def _full_state(model: nn.Module, opt: torch.optim.Optimizer) -> list[dict[str, Tensor]]:
+    """Each parameter's optimizer state as whole tensors (8-bit codes and absmax included)."""
+    return [{k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+             for k, v in opt.state[p].items()} for p in model.parameters()]
 
 
 def _inject_nan(model: nn.Module, rank: int, world: int) -> None:
@@ -144,6 +187,15 @@ def _full(model: nn.Module) -> list[Tensor]:
             for p in model.parameters()]
 
 
+def _single_lowp(name: str, pname: str = "reference") -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """One process, bf16 parameters: (parameters, optimizer state) after STEPS steps."""
+    model = _lowp_model()
+    cls, kw = _lowp_kw(name, pname)
+    opt = cls(model.parameters(), **kw)
+    _train(model, opt, range(STEPS))
+    return _full(model), _full_state(model, opt)
+
+
 def _single(cls: type, kw: dict[str, Any], *, kind: str = "mlp", nan_step: int | None = None,
             dtype: torch.dtype = torch.float64) -> list[Tensor]:
     model = _model(kind, dtype=dtype)
@@ -154,13 +206,38 @@ def _single(cls: type, kw: dict[str, Any], *, kind: str = "mlp", nan_step: int |
 
 # --------------------------------------------------------------------------- worker side
 def _fsdp(model: nn.Module) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    bf16 = next(iter(model.parameters())).dtype == torch.bfloat16
+    # bf16 parameters: computed and reduced in fp64 (see the module docstring)
+    mp = MixedPrecisionPolicy(param_dtype=torch.float64, reduce_dtype=torch.float64) if bf16 else None
+    kw = {"mp_policy": mp} if mp is not None else {}
     for layer in model:
         if any(True for _ in layer.parameters()):
-            fully_shard(layer)
-    fully_shard(model)
+            fully_shard(layer, **kw)
+    fully_shard(model, **kw)
     return model
+
+
+def _lowp_dcp_resume(name: str, ckpt: str, rank: int, world: int
+                     ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = _fsdp(_lowp_model(seed=1))
+    cls, kw = _lowp_kw(name)
+    opt = cls(model.parameters(), **kw)
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+    _train(model, opt, range(RESUME_AT, STEPS), rank=rank, world=world)
+    return _full(model), _full_state(model, opt)
 
 
 def _dcp_resume(cls: type, kw: dict[str, Any], ckpt: str, rank: int, world: int) -> list[Tensor]:
@@ -243,6 +320,44 @@ def _scenarios(rank: int, world: int, outdir: str) -> dict[str, Callable[[], Any
                  checkpoint_id=ckpt)
         return _dcp_resume(cls, kw, ckpt, rank, world)
 
+    def fsdp_lowp(name: str, pname: str) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+        model = _fsdp(_lowp_model())
+        cls, kw = _lowp_kw(name, pname)
+        opt = cls(model.parameters(), **kw)
+        _train(model, opt, range(STEPS), rank=rank, world=world)
+        return _full(model), _full_state(model, opt)
+
+    def fsdp_lowp_checkpoint(name: str) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+        model = _fsdp(_lowp_model())
+        cls, kw = _lowp_kw(name)
+        opt = cls(model.parameters(), **kw)
+        _train(model, opt, range(RESUME_AT), rank=rank, world=world)
+        ckpt = os.path.join(outdir, f"ckpt_lowp_{name}")
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=ckpt)
+        return _lowp_dcp_resume(name, ckpt, rank, world)
+
+    def lowp_placements() -> tuple[str, str]:
+        """Tensor-parallel-like Shard(1): refused with an error naming the placements."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        p = nn.Parameter(distribute_tensor(torch.zeros(3, 4, dtype=torch.bfloat16), mesh, [Shard(1)]))
+        opt = Tiger([p], stochastic_rounding=True)
+        p.grad = distribute_tensor(torch.ones(3, 4, dtype=torch.bfloat16), mesh, [Shard(1)])
+        try:
+            opt.step()
+        except RuntimeError as exc:
+            return ("raised", str(exc))
+        return ("stepped", "")
+
+    for name in LOWP:
+        for pname in LOWP_PATHS.get(name, ["default"]):
+            jobs[f"lowp/{name}/{pname}"] = lambda name=name, pname=pname: fsdp_lowp(name, pname)
+    for name in LOWP_CHECKPOINTED:
+        jobs[f"lowp_dcp/{name}"] = lambda name=name: fsdp_lowp_checkpoint(name)
+    jobs["lowp_placements"] = lowp_placements
     for pname in PATHS:
         jobs[f"ddp/{pname}"] = lambda pname=pname: ddp(pname)
     jobs["ddp_resume"] = ddp_resume
@@ -270,6 +385,9 @@ def _worker(rank: int, world: int, outdir: str, phase: str) -> None:
     else:  # resume the 2-rank checkpoints on `world` ranks
         jobs = {f"reshard/{name}": lambda name=name: _dcp_resume(
             *CONFIGS[name], os.path.join(outdir, f"ckpt_{name}"), rank, world) for name in CHECKPOINTED}
+        for name in LOWP_CHECKPOINTED:
+            jobs[f"lowp_reshard/{name}"] = lambda name=name: _lowp_dcp_resume(
+                name, os.path.join(outdir, f"ckpt_lowp_{name}"), rank, world)
     results: dict[str, Any] = {}
     for key, job in jobs.items():
         try:
@@ -413,6 +531,46 @@ def test_fsdp2_lazy_rows(results: dict[str, Any], name: str) -> None:
     untouched = _model("emb")[0].weight.detach()[5:]
     torch.testing.assert_close(got[0][5:], untouched, atol=0, rtol=0)
     assert not torch.equal(got[0][:5], _model("emb")[0].weight.detach()[:5])
+
+
+def _assert_bitwise(got: tuple[list[Tensor], list[dict[str, Tensor]]],
+                    want: tuple[list[Tensor], list[dict[str, Tensor]]]) -> None:
+    for g, w in zip(got[0], want[0]):
+        assert g.dtype == w.dtype == torch.bfloat16
+        assert torch.equal(g, w), (g.float() - w.float()).abs().max()
+    assert len(got[1]) == len(want[1])
+    for g, w in zip(got[1], want[1]):
+        assert g.keys() == w.keys()
+        for k in w:
+            assert g[k].dtype == w[k].dtype and torch.equal(g[k], w[k]), k
+
+
+@pytest.mark.parametrize(("name", "path"), [(n, p) for n in LOWP for p in LOWP_PATHS.get(n, ["default"])])
+def test_fsdp2_low_precision_equals_one_process_bitwise(results: dict[str, Any], name: str,
+                                                        path: str) -> None:
+    want = _single_lowp(name)
+    initial = list(_lowp_model().parameters())
+    assert all(not torch.equal(w, p0) for w, p0 in zip(want[0], initial))  # it trained
+    state = want[1][0]
+    key = LOWP[name][0].state_keys[0]
+    precision = LOWP[name][1].get("state_precision")
+    assert state[key].dtype == {None: torch.float32, "bf16": torch.bfloat16, "8bit": torch.uint8}[precision]
+    if precision == "8bit":  # blocks split between the ranks' shards hold non-zero codes on both sides
+        assert state[key].reshape(-1)[299].item() != 0 and state[key].reshape(-1)[300].item() != 0
+    _assert_bitwise(_get(results, f"lowp/{name}/{path}"), want)
+
+
+@pytest.mark.parametrize("name", LOWP_CHECKPOINTED)
+def test_fsdp2_low_precision_dcp_resume_and_reshard(results: dict[str, Any], name: str) -> None:
+    want = _single_lowp(name)
+    _assert_bitwise(_get(results, f"lowp_dcp/{name}"), want)
+    _assert_bitwise(_get(results, f"lowp_reshard/{name}"), want)
+
+
+def test_low_precision_refuses_shards_that_are_not_ranges(results: dict[str, Any]) -> None:
+    outcome, message = _get(results, "lowp_placements")
+    assert outcome == "raised"
+    assert "dim 0" in message and "Shard(dim=1)" in message
 
 
 if __name__ == "__main__":

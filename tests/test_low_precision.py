@@ -58,7 +58,7 @@ def test_element_bits_follow_the_documented_formula():
     (0x0000, 3.3961e38, 3.3895313892515355e38),       # ... down is the largest bf16
 ])
 def test_stochastic_rounding_golden(monkeypatch, r16, value, want):
-    monkeypatch.setattr(_lowp, "element_bits", lambda key, n, device="cpu", index=None:
+    monkeypatch.setattr(_lowp, "element_bits", lambda key, n, device="cpu", index=None, offset=0:
                         torch.full((n,), r16 << 16, dtype=torch.int64))
     got = round_bf16(torch.tensor([value], dtype=torch.float32), key=1)
     assert got.dtype == torch.bfloat16
@@ -159,6 +159,39 @@ def test_8bit_stochastic_encoding_is_unbiased():
     assert abs(y.mean().item() - 0.3) < 5 * sigma
     rtn = decode_8bit(*encode_8bit(x))[:, 1:]
     assert torch.equal(rtn, torch.full_like(rtn, 128.0) * scale)
+
+
+@pytest.mark.parametrize("n", [5, 256, 257, 1000, 2100])
+@pytest.mark.parametrize("key", [None, 12345])
+def test_ranges_of_a_tensor_encode_and_round_as_the_whole(n, key):
+    """A tensor cut in contiguous ranges (DTensor shards), each encoded with ``offset`` and the maximum
+    of the ranges' block_absmax (what the all-reduce gives), is the whole tensor's codes and absmax;
+    stochastic rounding of the ranges with ``offset`` is the whole tensor's rounding."""
+    torch.manual_seed(n)
+    x = torch.randn(n) * torch.logspace(-5, 1, n)[torch.randperm(n)]
+    x[n // 2] = float("nan")
+    codes, absmax = encode_8bit(x, key)
+    for cuts in ([0, n // 3, 2 * n // 3, n], [0, min(100, n), n], [0, 0, n], [0, min(256, n), n]):
+        parts = [(x[a:b], a) for a, b in zip(cuts, cuts[1:])]
+        whole = torch.zeros(absmax.numel())
+        for part, offset in parts:
+            first, count = _lowp.covered_blocks(part.numel(), offset)
+            partial = _lowp.block_absmax(part, offset)
+            assert partial.numel() == count
+            whole[first:first + count] = torch.maximum(whole[first:first + count], partial)
+        assert torch.equal(whole, absmax)
+        got = []
+        for part, offset in parts:
+            first, count = _lowp.covered_blocks(part.numel(), offset)
+            c, _ = encode_8bit(part, key, offset=offset, absmax=whole[first:first + count])
+            decoded = decode_8bit(c, whole[first:first + count], offset)
+            torch.testing.assert_close(decoded, decode_8bit(codes, absmax)[offset:offset + part.numel()],
+                                       atol=0, rtol=0, equal_nan=True)
+            got.append(c)
+        assert torch.equal(torch.cat(got), codes)
+        if key is not None:
+            rounded = torch.cat([round_bf16(part, key, offset=offset) for part, offset in parts])
+            assert torch.equal(rounded.view(torch.int16), round_bf16(x, key).view(torch.int16))
 
 
 def test_c_stores_equal_the_torch_code():
@@ -448,19 +481,6 @@ def test_sparse_gradient_equals_dense_lazy_with_low_precision():
         out.append((p.detach().clone(), opt.state[p]["sum"].clone()))
     assert opt.state[p]["sum"].dtype == torch.bfloat16  # Adagrad's "8bit" sum is bf16: rows work
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
-
-
-def test_dtensor_parameters_refused_with_low_precision(monkeypatch):
-    """FSDP2 shards would need the global element index in the hash: refused with a clear error."""
-    import tigeropt._base as base
-
-    p = torch.zeros(4, 3, dtype=torch.bfloat16, requires_grad=True)
-    opt = tigeropt.Lion([p], stochastic_rounding=True)
-    monkeypatch.setattr(base, "_is_dtensor", lambda t: t is p)
-    p.grad = torch.ones_like(p)
-    with pytest.raises(RuntimeError, match="DTensor"):
-        opt.step()
-    assert not opt.state[p]  # nothing was created
 
 
 def test_distributed_checkpoint_round_trips_8bit_state(tmp_path):

@@ -56,8 +56,10 @@ Shared flag documentation (every optimizer accepts these keyword arguments):
     on CPU and in Triton on CUDA, the 8-bit encoding in C on CPU (bit for bit the torch
     code).  Lazy rows and sparse gradients take bf16 state and stochastic rounding (the
     rows' element indices in the whole tensor key the hash, so touching every row equals
-    the dense step), not 8-bit state (its blocks span rows: ValueError).  Complex and
-    DTensor parameters are refused.
+    the dense step), not 8-bit state (its blocks span rows: ValueError).  Complex parameters
+    are refused.  DTensor parameters sharded along dim 0 (FSDP2) or replicated take them all:
+    global element indices key the hash, the 8-bit blocks are the whole tensor's (absmax
+    replicated, blocks split between shards all-reduced), so sharding changes no bit.
 """
 
 from __future__ import annotations
@@ -287,6 +289,9 @@ class TigerOptimizer(Optimizer):
             shape = self._state_shape(key, p, group)
             value = self._initial_value(key, group)
             key_precision = self._key_precision(key, precision)
+            if key_precision == "8bit" and _is_dtensor(p) and shape == tuple(p.shape):
+                state[key], state[key + "_absmax"] = _init_8bit_sharded(p, value)
+                continue
             if key_precision == "8bit":
                 full = torch.full(shape, value, dtype=torch.float32, device=p.device)
                 state[key], state[key + "_absmax"] = _lowp.encode_8bit(full)
@@ -627,17 +632,22 @@ class TigerOptimizer(Optimizer):
             # the default path rounds in C on CPU and in Triton on CUDA, encodes 8-bit state in C on CPU
             # (bit for bit the torch code of _lowp)
             c_store = group["fused"] is None and group["foreach"] is None
+            sharded: list[tuple[Tensor, Tensor, Tensor, int | None]] = []  # 8-bit DTensor state
             for p, st, w, *ws in zip(ps, states, work_p, *work_s):
                 step, pidx = int(st["step"]), index[id(p)]
                 if w is not p:
                     if sr and p.dtype == torch.bfloat16:
                         key = _lowp.key32(seed, step, pidx, 0)
-                        if not (c_store and _fast_sr_bf16(w, p, key)):
-                            p.copy_(_lowp.round_bf16(w, key))
+                        p_local, w_local, offset = _local(p), _local(w), _shard_offset(p)
+                        if not (c_store and _fast_sr_bf16(w_local, p_local, key, offset)):
+                            p_local.copy_(_lowp.round_bf16(w_local, key, offset=offset))
                     else:
                         p.copy_(w)
                 for i, (k, w_s) in enumerate(zip(self.state_keys, ws)):
-                    _write_state(st, k, w_s, _lowp.key32(seed, step, pidx, 1 + i) if sr else None, c_store)
+                    _write_state(st, k, w_s, _lowp.key32(seed, step, pidx, 1 + i) if sr else None, c_store,
+                                 sharded)
+            if sharded:
+                _encode_sharded(sharded)
 
     def _rows_low_precision(self, p: Tensor, g: Tensor, hyper: dict[str, Any], seed: int | None,
                             pidx: int) -> None:
@@ -1039,10 +1049,8 @@ def _check_low_precision_param(name: str, p: Tensor, group: dict[str, Any]) -> N
     if p.is_complex() and (options or p.dtype == torch.complex128 and group.get("state_precision") == "fp32"):
         raise RuntimeError(f"{name}: complex parameters are not supported with "
                            f"{options or 'state_precision=fp32 for complex128 parameters'}")
-    if _is_dtensor(p) and (options or p.dtype == torch.float64 and group.get("state_precision") == "fp32"):
-        raise RuntimeError(f"{name}: DTensor (FSDP2) parameters are not supported with "
-                           f"{options or 'state_precision=fp32 for fp64 parameters'} yet (the rounding "
-                           "hash needs global element indices)")
+    if _is_dtensor(p):
+        _shard_offset(p, name)  # placements whose shards are ranges of the flattened tensor
     if group.get("stochastic_rounding") and p.dtype == torch.float16:
         raise RuntimeError(f"{name}: stochastic_rounding=True rounds to bf16, not fp16 parameters")
 
@@ -1051,8 +1059,118 @@ def _read_state(state: dict[str, Any], key: str, dtype: torch.dtype) -> Tensor:
     """State tensor ``key`` in the math ``dtype`` (8-bit decoded; the tensor itself if already so)."""
     t = state[key]
     if t.dtype == torch.uint8:
+        if _is_dtensor(t):
+            return _decode_sharded(t, state[key + "_absmax"]).to(dtype)
         return _lowp.decode_8bit(t, state[key + "_absmax"]).to(dtype)
     return t if t.dtype == dtype else t.to(dtype)
+
+
+# ----------------------------------------------------------------- low precision on DTensor shards
+# A DTensor's local shard (FSDP2: Shard(0), rows r0..r1 of the parameter) holds the elements
+# o..o+n-1 of the row-major flattened tensor.  Stochastic rounding keys its hash on o+i (the global
+# index), and 8-bit state keeps the whole tensor's 256-element blocks: the codes are sharded like
+# the parameter, the absmax of every block is replicated on every rank (a Replicate DTensor of
+# (nblocks,)), and a block split between two shards is encoded with the maximum of their partial
+# absmax (one all-reduce per step and device mesh).  So sharded training equals one process bit for
+# bit, and a checkpoint's state is the one-process state (DCP reshards it to any world size).
+
+def _shard_offset(t: Tensor, name: str = "tigeropt") -> int:
+    """Global row-major index of the first element of a DTensor's local shard (0 for other tensors).
+
+    The shard must be a range of the flattened tensor: placements Shard(0) (FSDP2, uneven shards
+    included) and Replicate; others (tensor parallel Shard(1), strided shards) raise RuntimeError.
+    """
+    if not _is_dtensor(t):
+        return 0
+    dt = _dtensor_module()
+    placements = t.placements  # type: ignore[attr-defined]
+    if not all(type(pl) is dt.Replicate or (type(pl) is dt.Shard and pl.dim == 0) for pl in placements):
+        raise RuntimeError(f"{name}: stochastic rounding and bf16/8-bit state need DTensor parameters "
+                           f"sharded along dim 0 (FSDP2's default) or replicated, got placements "
+                           f"{placements}: the rounding hash and the 8-bit blocks use the element's index "
+                           "in the whole tensor")
+    if t.dim() == 0:
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh,  # type: ignore[attr-defined]
+                                                      placements)
+    return int(offset[0]) * (t.numel() // t.shape[0] if t.shape[0] else 0)
+
+
+def _replicated(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` (the whole tensor on every rank) as a Replicate DTensor on ``like``'s device mesh."""
+    dt = _dtensor_module()
+    mesh = like.device_mesh  # type: ignore[attr-defined]
+    return dt.DTensor.from_local(t, mesh, [dt.Replicate()] * mesh.ndim, run_check=False)
+
+
+def _decode_sharded(codes: Tensor, absmax: Tensor) -> Tensor:
+    """The fp32 values of sharded 8-bit codes, a DTensor sharded like them."""
+    local, offset = codes.to_local(), _shard_offset(codes)  # type: ignore[attr-defined]
+    first, count = _lowp.covered_blocks(local.numel(), offset)
+    values = _lowp.decode_8bit(local, _local(absmax)[first:first + count], offset)
+    return type(codes).from_local(values, codes.device_mesh, codes.placements,  # type: ignore[attr-defined]
+                                  run_check=False, shape=codes.shape, stride=codes.stride())
+
+
+def _encode_sharded(items: list[tuple[Tensor, Tensor, Tensor, int | None]]) -> None:
+    """Store (codes, absmax, fp32 values, hash key) of sharded 8-bit state: each shard's partial block
+    absmax, one all-reduce (max) per device mesh for the whole tensors' absmax, then every shard
+    encoded with its blocks' absmax (a block split between shards gets the same on both)."""
+    dt = _dtensor_module()
+    by_mesh: dict[Any, list[tuple[Tensor, Tensor, Tensor, int | None]]] = {}
+    for item in items:
+        by_mesh.setdefault(item[1].device_mesh, []).append(item)  # type: ignore[attr-defined]
+    for mesh, group in by_mesh.items():
+        partial = []
+        for codes, absmax, values, _ in group:
+            full = torch.zeros(absmax.shape[0], dtype=torch.float32, device=_local(absmax).device)
+            offset = _shard_offset(codes)
+            first, count = _lowp.covered_blocks(values.numel(), offset)
+            full[first:first + count] = _lowp.block_absmax(values, offset)
+            partial.append(full)
+        reduced = dt.DTensor.from_local(torch.cat(partial), mesh, [dt.Partial("max")] * mesh.ndim,
+                                        run_check=False)
+        whole = reduced.redistribute(mesh, [dt.Replicate()] * mesh.ndim).to_local()
+        start = 0
+        for codes, absmax, values, key in group:
+            nb = absmax.shape[0]
+            blocks = whole[start:start + nb]
+            start += nb
+            offset = _shard_offset(codes)
+            first, count = _lowp.covered_blocks(values.numel(), offset)
+            local = codes.to_local()  # type: ignore[attr-defined]
+            local.copy_(_lowp.encode_8bit(values.reshape(local.shape), key, offset=offset,
+                                          absmax=blocks[first:first + count])[0])
+            _local(absmax).copy_(blocks)
+
+
+def _init_8bit_sharded(p: Tensor, value: float) -> tuple[Tensor, Tensor]:
+    """8-bit state of DTensor ``p`` all equal to ``value``: codes sharded like p, absmax replicated
+    (every block's absmax is |value|: no communication)."""
+    codes = torch.zeros_like(p, dtype=torch.uint8)
+    local, offset = codes.to_local(), _shard_offset(codes)  # type: ignore[attr-defined]
+    whole = torch.full((_lowp.nblocks(p.numel()),), abs(value) if abs(value) < float("inf") else 0.0,
+                       dtype=torch.float32, device=local.device)
+    first, count = _lowp.covered_blocks(local.numel(), offset)
+    full = torch.full(local.shape, value, dtype=torch.float32, device=local.device)
+    local.copy_(_lowp.encode_8bit(full, offset=offset, absmax=whole[first:first + count])[0])
+    return codes, _replicated(whole, p)
+
+
+def _as_shard_like(src: Tensor, like: Tensor) -> Tensor:
+    """A checkpoint tensor for a DTensor ``like``: a DTensor as it is; a whole (unsharded) tensor cut to
+    this rank's shard of ``like``'s layout (same shape; a 1-D absmax of other length: replicated)."""
+    if _is_dtensor(src) or not _is_dtensor(like):
+        return src
+    if tuple(src.shape) != tuple(like.shape):
+        return _replicated(src.to(_local(like).device), like)
+    local = like.to_local()  # type: ignore[attr-defined]
+    offset = _shard_offset(like)
+    part = src.reshape(-1)[offset:offset + local.numel()].reshape(local.shape).to(local.device)
+    return type(like).from_local(part, like.device_mesh, like.placements,  # type: ignore[attr-defined]
+                                 run_check=False, shape=like.shape, stride=like.stride())
 
 
 def _c_lowp() -> Any:
@@ -1062,9 +1180,12 @@ def _c_lowp() -> Any:
     return _cpu if _cpu.available() else None
 
 
-def _fast_sr_bf16(src: Tensor, dst: Tensor, key: int) -> bool:
+def _fast_sr_bf16(src: Tensor, dst: Tensor, key: int, offset: int = 0) -> bool:
     """Stochastic rounding into ``dst`` by the C (CPU) or Triton (CUDA) twin of _lowp.round_bf16;
-    False when neither takes the tensors (the caller then runs the torch code)."""
+    False when neither takes the tensors (the caller then runs the torch code).  ``offset``: the
+    global index of the first element (a DTensor shard's; the twins take 0 only so far)."""
+    if offset:
+        return False
     if src.device.type == "cpu":
         c = _c_lowp()
         return c is not None and c.sr_bf16(src, dst, key)
@@ -1075,12 +1196,23 @@ def _fast_sr_bf16(src: Tensor, dst: Tensor, key: int) -> bool:
     return False
 
 
-def _write_state(state: dict[str, Any], key: str, work: Tensor, sr_key: int | None, c_store: bool = False
-                 ) -> None:
+def _write_state(state: dict[str, Any], key: str, work: Tensor, sr_key: int | None, c_store: bool = False,
+                 sharded: list[tuple[Tensor, Tensor, Tensor, int | None]] | None = None) -> None:
     """Store a working copy into state ``key``: once rounded (stochastically with ``sr_key``); with
-    ``c_store`` by the C twins of the torch code where they take the tensors."""
+    ``c_store`` by the C twins of the torch code where they take the tensors.  DTensor state is
+    stored shard by shard with global element indices; its 8-bit stores are appended to ``sharded``
+    (for one :func:`_encode_sharded` of the whole step) or, without it, done at once."""
     t = state[key]
     if work is t:
+        return
+    if _is_dtensor(t):
+        if t.dtype == torch.uint8:
+            item = (t, state[key + "_absmax"], _local(work), sr_key)
+            _encode_sharded([item]) if sharded is None else sharded.append(item)
+        elif t.dtype == torch.bfloat16 and sr_key is not None:
+            _local(t).copy_(_lowp.round_bf16(_local(work), sr_key, offset=_shard_offset(t)))
+        else:
+            t.copy_(work)
         return
     c = _c_lowp() if c_store and t.device.type == "cpu" else None
     if t.dtype == torch.uint8:
@@ -1104,6 +1236,8 @@ def _convert_state(st: dict[str, Any], key: str, p: Tensor, precision: str | Non
     """
     src = st[key]
     absmax = st.get(key + "_absmax")
+    if _is_dtensor(p) and shape == tuple(p.shape):
+        return _convert_sharded(key, src, absmax, p, precision)
     if precision == "8bit":
         if src.dtype == torch.uint8 and absmax is not None:
             return {key: src.to(device=p.device, copy=True).reshape(shape),
@@ -1112,6 +1246,25 @@ def _convert_state(st: dict[str, Any], key: str, p: Tensor, precision: str | Non
         return {key: codes, key + "_absmax": am}
     if src.dtype == torch.uint8 and absmax is not None:
         src = _lowp.decode_8bit(src.to(p.device), absmax.to(device=p.device, dtype=torch.float32))
+    return {key: src.to(device=p.device, dtype=_storage_dtype(p, precision), copy=True)}
+
+
+def _convert_sharded(key: str, src: Tensor, absmax: Tensor | None, p: Tensor, precision: str | None
+                     ) -> dict[str, Tensor]:
+    """:func:`_convert_state` for a DTensor parameter (state sharded like it, 8-bit absmax replicated);
+    the checkpoint's tensors may be DTensors or whole tensors.  Quantizing all-reduces (collective)."""
+    src = _as_shard_like(src, p)
+    if src.dtype == torch.uint8 and absmax is not None:
+        absmax = _as_shard_like(absmax.to(torch.float32), p)
+        if precision == "8bit":
+            return {key: src.to(device=p.device, copy=True),
+                    key + "_absmax": absmax.to(device=p.device, copy=True)}
+        src = _decode_sharded(src, absmax)
+    if precision == "8bit":
+        codes = torch.zeros_like(p, dtype=torch.uint8)
+        whole = _replicated(torch.zeros(_lowp.nblocks(p.numel()), device=_local(p).device), p)
+        _encode_sharded([(codes, whole, _local(src).to(torch.float32), None)])
+        return {key: codes, key + "_absmax": whole}
     return {key: src.to(device=p.device, dtype=_storage_dtype(p, precision), copy=True)}
 
 

@@ -41,6 +41,13 @@ a linear absmax int8 map flushes everything below absmax/254.  Encoding rounds t
 fraction (exactly unbiased: the fraction is a multiple of 2^-20, compared with 24 random bits).
 Non-finite elements are stored as NaN codes (0x7f, sign kept) and decode to NaN.
 Decoding: ``code_value * (absmax / 448)``.
+
+Sharded tensors (DTensor, FSDP2)
+--------------------------------
+A shard holding elements ``o .. o+n-1`` of the whole (row-major flattened) tensor uses the global
+indices ``o + i`` in the hash, and the whole tensor's 8-bit blocks: a block split between two
+shards is encoded with the maximum of the shards' absmax (an all-reduce), so sharded rounding and
+encoding equal the unsharded ones bit for bit.  The functions take the shard and ``offset=o``.
 """
 
 from __future__ import annotations
@@ -48,8 +55,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["hash32", "key32", "element_bits", "round_bf16", "encode_8bit", "decode_8bit", "BLOCK",
-           "FP8_MAX", "nblocks", "hash32_int"]
+__all__ = ["hash32", "key32", "element_bits", "round_bf16", "encode_8bit", "decode_8bit", "block_absmax",
+           "covered_blocks", "BLOCK", "FP8_MAX", "nblocks", "hash32_int"]
 
 M32 = 0xFFFFFFFF
 BLOCK = 256
@@ -92,24 +99,27 @@ def hash32(x: Tensor) -> Tensor:
 
 
 def element_bits(key: int, numel: int, device: torch.device | str = "cpu",
-                 index: Tensor | None = None) -> Tensor:
-    """32 random bits (int64 in [0, 2^32)) for elements ``0..numel-1`` (or the int64 ``index``)."""
-    e = torch.arange(numel, dtype=torch.int64, device=device) if index is None else index
+                 index: Tensor | None = None, offset: int = 0) -> Tensor:
+    """32 random bits (int64 in [0, 2^32)) for elements ``offset..offset+numel-1`` (or the int64
+    ``index``)."""
+    e = torch.arange(offset, offset + numel, dtype=torch.int64, device=device) if index is None else index
     return hash32(hash32((e & M32) ^ key) ^ (e >> 32))
 
 
-def round_bf16(x: Tensor, key: int | None, index: Tensor | None = None) -> Tensor:
+def round_bf16(x: Tensor, key: int | None, index: Tensor | None = None, offset: int = 0) -> Tensor:
     """``x`` (fp32) in bf16: to nearest (``key=None``), else stochastically with the element hash.
 
     ``index`` (int64, ``x``'s shape): the elements' indices in the whole tensor (default: x's own
-    row-major indices), e.g. for rows gathered from a larger tensor.
+    row-major indices plus ``offset``), e.g. for rows gathered from a larger tensor; ``offset``: the
+    index of x's first element in the whole tensor when x is a contiguous range of it (a DTensor
+    shard: the global element index keys the hash, so sharded rounding equals unsharded rounding).
     """
     if key is None:
         return x.to(torch.bfloat16)
     x = x.float().contiguous()
     u = x.view(torch.int32).to(torch.int64) & M32
     idx = None if index is None else index.reshape(-1)
-    r = element_bits(key, x.numel(), x.device, index=idx).view(x.shape) >> 16
+    r = element_bits(key, x.numel(), x.device, index=idx, offset=offset).view(x.shape) >> 16
     hi = (u + r) >> 16  # <= 0xff80 for every non-NaN input (NaN is replaced below)
     hi = torch.where(torch.isnan(x), 0x7FC0, hi)
     hi = torch.where(hi >= 0x8000, hi - 0x10000, hi)
@@ -120,20 +130,52 @@ def nblocks(numel: int) -> int:
     return -(-numel // BLOCK)
 
 
-def encode_8bit(x: Tensor, key: int | None = None) -> tuple[Tensor, Tensor]:
+def covered_blocks(numel: int, offset: int = 0) -> tuple[int, int]:
+    """(first block, number of blocks) that elements ``offset..offset+numel-1`` of a tensor touch."""
+    first = offset // BLOCK
+    return first, nblocks(offset % BLOCK + numel) if numel else 0
+
+
+def _blocks(x: Tensor, offset: int) -> tuple[Tensor, int]:
+    """``x`` flattened (fp32), zero-padded into the whole tensor's blocks it covers: ([nb, BLOCK], lead)."""
+    n, lead = x.numel(), offset % BLOCK
+    nb = covered_blocks(n, offset)[1]
+    flat = x.detach().float().reshape(-1)
+    if nb == 0:
+        return flat.new_zeros(0, BLOCK), lead
+    if lead or nb * BLOCK != lead + n:
+        flat = torch.cat([flat.new_zeros(lead), flat, flat.new_zeros(nb * BLOCK - lead - n)])
+    return flat.view(nb, BLOCK), lead
+
+
+def block_absmax(x: Tensor, offset: int = 0) -> Tensor:
+    """Largest finite magnitude of ``x``'s elements in each block they cover (``covered_blocks``), with
+    ``x`` the elements ``offset..offset+numel-1`` of a tensor (0 for blocks of none).  The absmax of a
+    block split between two ranges (DTensor shards) is the maximum of the ranges' values."""
+    blocks, _ = _blocks(x, offset)
+    a = torch.where(torch.isfinite(blocks), blocks.abs(), 0.0)
+    return a.amax(dim=1) if blocks.shape[0] else a.new_zeros(0)
+
+
+def encode_8bit(x: Tensor, key: int | None = None, *, offset: int = 0, absmax: Tensor | None = None,
+                index: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(codes uint8 of ``x``'s shape, absmax fp32 [nblocks]) of ``x`` (fp32; module docstring).
 
     ``key=None`` rounds to nearest (ties to even); otherwise stochastically with the element hash.
+    ``x`` may be a contiguous range ``offset..offset+numel-1`` of a larger tensor (a DTensor shard):
+    the blocks are then the whole tensor's, the returned absmax is of the blocks the range covers
+    (``covered_blocks``) and the hash takes the elements' indices in the whole tensor.  ``absmax``:
+    the covered blocks' absmax to encode with (a block split between ranges: the maximum of their
+    :func:`block_absmax`), instead of the range's own.  ``index``: the elements' indices in the whole
+    tensor for the hash when ``x`` is gathered from it (rows that are whole blocks).
     """
     shape, n = x.shape, x.numel()
-    nb = nblocks(n)
-    flat = x.detach().float().reshape(-1)
-    if nb * BLOCK != n:
-        flat = torch.cat([flat, flat.new_zeros(nb * BLOCK - n)])
-    blocks = flat.view(nb, BLOCK)
+    blocks, lead = _blocks(x, offset)
+    nb = blocks.shape[0]
     finite = torch.isfinite(blocks)
     a = torch.where(finite, blocks.abs(), 0.0)
-    absmax = a.amax(dim=1) if nb else a.new_zeros(0)
+    if absmax is None:
+        absmax = a.amax(dim=1) if nb else a.new_zeros(0)
     scale = absmax / FP8_MAX
     y = a / torch.where(scale > 0, scale, 1.0)[:, None]
     y = y.clamp_max(FP8_MAX)
@@ -145,22 +187,29 @@ def encode_8bit(x: Tensor, key: int | None = None) -> tuple[Tensor, Tensor]:
     if key is None:
         up = (frac > 0.5) | ((frac == 0.5) & (torch.remainder(fl, 2.0) == 1.0))
     else:
-        bits = element_bits(key, nb * BLOCK, x.device).view(nb, BLOCK)
-        up = frac > (bits >> 8).float() * 2.0 ** -24
+        if index is None:
+            bits = element_bits(key, nb * BLOCK, x.device, offset=offset - lead)
+        else:  # the padding's bits do not matter: a zero never rounds up
+            bits = element_bits(key, 0, index=index.reshape(-1))
+            bits = torch.cat([bits.new_zeros(lead), bits, bits.new_zeros(nb * BLOCK - lead - n)])
+        up = frac > (bits.view(nb, BLOCK) >> 8).float() * 2.0 ** -24
     q = (fl + up.float()) * ulp
     q = torch.where(torch.signbit(blocks), -q, q)
     codes = q.to(torch.float8_e4m3fn).view(torch.uint8)
     nan_code = torch.where(torch.signbit(blocks), 0xFF, 0x7F).to(torch.uint8)
     codes = torch.where(finite, codes, nan_code)
-    return codes.reshape(-1)[:n].reshape(shape).contiguous(), absmax
+    return codes.reshape(-1)[lead:lead + n].reshape(shape).contiguous(), absmax
 
 
-def decode_8bit(codes: Tensor, absmax: Tensor) -> Tensor:
-    """fp32 values of ``codes`` (uint8, any shape) with their blocks' ``absmax``."""
+def decode_8bit(codes: Tensor, absmax: Tensor, offset: int = 0) -> Tensor:
+    """fp32 values of ``codes`` (uint8, any shape) with their blocks' ``absmax`` (of the blocks that
+    elements ``offset..offset+numel-1`` cover, when ``codes`` is a range of a larger tensor)."""
     shape, n = codes.shape, codes.numel()
-    nb = absmax.numel()
+    nb, lead = absmax.numel(), offset % BLOCK
     flat = codes.reshape(-1)
-    if nb * BLOCK != n:
-        flat = torch.cat([flat, flat.new_zeros(nb * BLOCK - n)])
+    if n == 0:
+        return codes.float()
+    if lead or nb * BLOCK != lead + n:
+        flat = torch.cat([flat.new_zeros(lead), flat, flat.new_zeros(nb * BLOCK - lead - n)])
     values = flat.view(torch.float8_e4m3fn).float().view(nb, BLOCK) * (absmax / FP8_MAX)[:, None]
-    return values.reshape(-1)[:n].reshape(shape)
+    return values.reshape(-1)[lead:lead + n].reshape(shape)
