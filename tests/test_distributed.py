@@ -81,6 +81,12 @@ LOWP: dict[str, tuple[type, dict[str, Any]]] = {
 }
 LOWP_PATHS = {"tiger_8bit": ["default", "reference"]}  # others: the default path
 LOWP_CHECKPOINTED = ["lion_bf16", "tiger_8bit", "adax_8bit"]
+#: bf16, SR; a lazy group for the embedding (256-element rows: whole 8-bit blocks), a dense one for the rest
+LOWP_LAZY: dict[str, tuple[type, dict[str, Any]]] = {
+    "tiger_lazy_bf16": (Tiger, dict(lr=1e-2, state_precision="bf16")),
+    "lion_lazy_8bit": (Lion, dict(lr=1e-2, state_precision="8bit")),
+    "adax_lazy_8bit": (AdaX, dict(lr=1e-2, state_precision="8bit")),
+}
 
 
 def _paths() -> dict[str, dict[str, Any]]:
@@ -126,16 +132,37 @@ class F64Linear(nn.Linear):
         return nn.functional.linear(x.double(), self.weight.double(), self.bias.double())
 
 
-def _lowp_model(seed: int = 0) -> nn.Sequential:
+class F64Embedding(nn.Embedding):
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.embedding(x, self.weight.double())
+
+
+def _lowp_model(seed: int = 0, kind: str = "mlp") -> nn.Sequential:
     """bf16 parameters whose FSDP2 shards split 8-bit blocks: the first weight (120 x 5, 600 elements,
-    3 blocks) is cut at element 300 inside block 1; the second (3 x 120) at 240 inside block 0."""
+    3 blocks) is cut at element 300 inside block 1; the second (3 x 120) at 240 inside block 0.
+    ``kind="emb_lowp"``: a 9 x 256 embedding (rows 0-4 on rank 0, 5-8 on rank 1; rows 7, 8 never
+    looked up) and a 256 -> 3 linear layer."""
     torch.manual_seed(seed)
+    if kind == "emb_lowp":
+        return nn.Sequential(F64Embedding(9, 256), F64Linear(256, 3)).to(torch.bfloat16)
     return nn.Sequential(F64Linear(5, 120), nn.Tanh(), F64Linear(120, 3)).to(torch.bfloat16)
 
 
 def _lowp_kw(name: str, pname: str = "default") -> tuple[type, dict[str, Any]]:
-    cls, kw = LOWP[name]
+    cls, kw = {**LOWP, **LOWP_LAZY}[name]
     return cls, {**kw, "stochastic_rounding": True, "sr_seed": 5, **PATHS[pname]}
+
+
+def _lowp_optimizer(model: nn.Module, name: str, pname: str = "default") -> torch.optim.Optimizer:
+    cls, kw = _lowp_kw(name, pname)
+    if name in LOWP_LAZY:  # the embedding in a lazy group
+        return cls([{"params": list(model[0].parameters()), "lazy": True},
+                    {"params": list(model[1].parameters())}], **kw)
+    return cls(model.parameters(), **kw)
+
+
+def _lowp_kind(name: str) -> str:
+    return "emb_lowp" if name in LOWP_LAZY else "mlp"
 
 
 def _batches(kind: str, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
@@ -146,7 +173,7 @@ def _batches(kind: str, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
         if kind == "mlp":
             x = torch.randn(8, 5, generator=gen, dtype=torch.float64).to(dtype)
         else:  # rows 5..8 of the embedding are never looked up
-            x = torch.randint(0, 5, (8,), generator=gen)
+            x = torch.randint(0, 7 if kind == "emb_lowp" else 5, (8,), generator=gen)
         out.append((x, torch.randn(8, 3, generator=gen, dtype=torch.float64).to(dtype)))
     return out
 
@@ -189,10 +216,9 @@ def _full(model: nn.Module) -> list[Tensor]:
 
 def _single_lowp(name: str, pname: str = "reference") -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     """One process, bf16 parameters: (parameters, optimizer state) after STEPS steps."""
-    model = _lowp_model()
-    cls, kw = _lowp_kw(name, pname)
-    opt = cls(model.parameters(), **kw)
-    _train(model, opt, range(STEPS))
+    model = _lowp_model(kind=_lowp_kind(name))
+    opt = _lowp_optimizer(model, name, pname)
+    _train(model, opt, range(STEPS), kind=_lowp_kind(name))
     return _full(model), _full_state(model, opt)
 
 
@@ -230,8 +256,7 @@ def _lowp_dcp_resume(name: str, ckpt: str, rank: int, world: int
     )
 
     model = _fsdp(_lowp_model(seed=1))
-    cls, kw = _lowp_kw(name)
-    opt = cls(model.parameters(), **kw)
+    opt = _lowp_optimizer(model, name)
     sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     dcp.load(sd, checkpoint_id=ckpt)
     set_model_state_dict(model, sd["model"])
@@ -321,16 +346,15 @@ def _scenarios(rank: int, world: int, outdir: str) -> dict[str, Callable[[], Any
         return _dcp_resume(cls, kw, ckpt, rank, world)
 
     def fsdp_lowp(name: str, pname: str) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-        model = _fsdp(_lowp_model())
-        cls, kw = _lowp_kw(name, pname)
-        opt = cls(model.parameters(), **kw)
-        _train(model, opt, range(STEPS), rank=rank, world=world)
+        kind = _lowp_kind(name)
+        model = _fsdp(_lowp_model(kind=kind))
+        opt = _lowp_optimizer(model, name, pname)
+        _train(model, opt, range(STEPS), kind=kind, rank=rank, world=world)
         return _full(model), _full_state(model, opt)
 
     def fsdp_lowp_checkpoint(name: str) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
         model = _fsdp(_lowp_model())
-        cls, kw = _lowp_kw(name)
-        opt = cls(model.parameters(), **kw)
+        opt = _lowp_optimizer(model, name)
         _train(model, opt, range(RESUME_AT), rank=rank, world=world)
         ckpt = os.path.join(outdir, f"ckpt_lowp_{name}")
         dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
@@ -352,7 +376,7 @@ def _scenarios(rank: int, world: int, outdir: str) -> dict[str, Callable[[], Any
             return ("raised", str(exc))
         return ("stepped", "")
 
-    for name in LOWP:
+    for name in [*LOWP, *LOWP_LAZY]:
         for pname in LOWP_PATHS.get(name, ["default"]):
             jobs[f"lowp/{name}/{pname}"] = lambda name=name, pname=pname: fsdp_lowp(name, pname)
     for name in LOWP_CHECKPOINTED:
@@ -558,6 +582,20 @@ def test_fsdp2_low_precision_equals_one_process_bitwise(results: dict[str, Any],
     if precision == "8bit":  # blocks split between the ranks' shards hold non-zero codes on both sides
         assert state[key].reshape(-1)[299].item() != 0 and state[key].reshape(-1)[300].item() != 0
     _assert_bitwise(_get(results, f"lowp/{name}/{path}"), want)
+
+
+@pytest.mark.parametrize("name", list(LOWP_LAZY))
+def test_fsdp2_low_precision_lazy_rows_equal_one_process_bitwise(results: dict[str, Any], name: str) -> None:
+    """Lazy rows of an FSDP2-sharded embedding (touched rows on both ranks, rows 7 and 8 never)."""
+    want = _single_lowp(name)
+    got = _get(results, f"lowp/{name}/default")
+    _assert_bitwise(got, want)
+    initial = _lowp_model(kind="emb_lowp")[0].weight.detach()
+    assert torch.equal(got[0][0][7:], initial[7:]) and not torch.equal(got[0][0][5:7], initial[5:7])
+    if LOWP_LAZY[name][1]["state_precision"] == "8bit":
+        state = got[1][0]
+        assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg_absmax"].shape == (9,)
+        assert (state["exp_avg_absmax"][:7] > 0).all() and (state["exp_avg_absmax"][7:] == 0).all()
 
 
 @pytest.mark.parametrize("name", LOWP_CHECKPOINTED)

@@ -394,8 +394,13 @@ def test_validation_errors_name_the_argument():
         tigeropt.Adagrad([p], sr_seed=1.5)
     with pytest.raises(ValueError, match="stochastic_rounding"):
         tigeropt.Tiger([p], stochastic_rounding=True, fused=True)
-    with pytest.raises(ValueError, match="lazy"):
-        tigeropt.Tiger([p], state_precision="8bit", lazy=True)
+    with pytest.raises(ValueError, match="lazy.*parameter 0 of shape \\(3,\\)"):
+        tigeropt.Tiger([p], state_precision="8bit", lazy=True)  # rows of 1 element: blocks span rows
+    with pytest.raises(ValueError, match="lazy.*rows of 100 elements"):
+        tigeropt.Lion([torch.zeros(4, 100, requires_grad=True)], state_precision="8bit", lazy=True)
+    tigeropt.Tiger([torch.zeros(4, 256, requires_grad=True), torch.zeros(1, 7, requires_grad=True)],
+                   state_precision="8bit", lazy=True)  # whole blocks per row, or one row: fine
+    tigeropt.Adagrad([p], state_precision="8bit", lazy=True)  # Adagrad's "8bit" sum is bf16
     tigeropt.Tiger([p], state_precision="bf16", stochastic_rounding=True, lazy=True)  # bf16 rows: fine
     with pytest.raises(ValueError, match="stochastic_rounding"):
         tigeropt.Tiger([torch.zeros(3, dtype=torch.float16, requires_grad=True)], stochastic_rounding=True)
@@ -462,6 +467,103 @@ def test_lazy_rows_leave_untouched_rows(cls):
         s, s0 = opt.state[p][k], before[1][k]
         rows = s.ne(s0).reshape(s.shape[0], -1).any(dim=1)
         assert not rows[torch.arange(50) != 1].any()
+
+
+LAZY_8BIT_SHAPES = [(6, 256), (3, 2, 128), (1, 300), (), (5, 512)]
+
+
+def _lazy_8bit_params(dtype=torch.bfloat16):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in LAZY_8BIT_SHAPES]
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("sr", [False, True])
+def test_lazy_8bit_rows_all_touched_equal_the_dense_step(cls, sr):
+    """Rows of whole 256-element blocks (or one row): a lazy step touching every row re-encodes every
+    block as the dense step does, with the same hash bits (global element indices): bit for bit."""
+    out = []
+    for lazy in (False, True):
+        params = _lazy_8bit_params()
+        opt = cls(params, state_precision="8bit", stochastic_rounding=sr, sr_seed=3, lazy=lazy, foreach=False)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=gen) + 0.01).to(p.dtype)  # no zero row
+            opt.step()
+        out.append((params, opt))
+    (dense, opt_d), (lazy, opt_l) = out
+    for a, b in zip(dense, lazy):
+        assert torch.equal(a, b)
+        _state_equal(opt_d.state[a], opt_l.state[b])
+    if cls is not tigeropt.Adagrad:
+        assert opt_l.state[lazy[0]][cls.state_keys[0]].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("cls", [tigeropt.Tiger, tigeropt.Lion, tigeropt.AdaX], ids=lambda c: c.__name__)
+def test_lazy_8bit_rows_equal_the_dense_step_on_touched_rows_and_keep_the_others(cls):
+    """Against the dense step (itself equal to the reference): each step, a copy of the optimizer takes
+    the dense step with the same gradients; the lazy step's touched rows equal the copy's rows (rows are
+    whole blocks, so a row's codes and absmax depend on that row only) and every other row keeps its
+    parameter, codes and absmax bit for bit."""
+    params = [torch.randn(8, 256).bfloat16().requires_grad_(),
+              torch.randn(6, 2, 128).bfloat16().requires_grad_()]
+    opt = cls(params, lr=0.05, state_precision="8bit", stochastic_rounding=True, lazy=True)
+    gen = torch.Generator().manual_seed(2)
+    for p in params:  # a first step touching every row: non-zero state everywhere
+        p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+    opt.step()
+    for step in range(4):
+        grads = []
+        for p in params:
+            g = torch.randn(p.shape, generator=gen).bfloat16()
+            rows = torch.randperm(p.shape[0], generator=gen)[: p.shape[0] // 2]
+            keep = torch.zeros(p.shape[0], dtype=torch.bool)
+            keep[rows] = True
+            g[~keep] = 0
+            grads.append((g, keep))
+        dense_opt = copy.deepcopy(opt)
+        dense_opt.param_groups[0]["lazy"] = False
+        dense_params = dense_opt.param_groups[0]["params"]
+        before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in params]
+        for p, q, (g, _) in zip(params, dense_params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        dense_opt.step()
+        for p, q, (_, keep), (p0, st0) in zip(params, dense_params, grads, before):
+            assert keep.any() and not keep.all()
+            assert not torch.equal(q.detach(), p0)  # the dense step moved the untouched rows too
+            want_p = torch.where(keep.view(-1, *[1] * (p.dim() - 1)), q.detach(), p0)
+            assert torch.equal(p.detach(), want_p)
+            st, st_d = opt.state[p], dense_opt.state[q]
+            for k in cls.state_8bit_keys or cls.state_keys:
+                codes_want = torch.where(keep.view(-1, *[1] * (p.dim() - 1)), st_d[k], st0[k])
+                assert torch.equal(st[k], codes_want), (step, k)
+                block_keep = keep.repeat_interleave(p[0].numel() // 256)
+                assert torch.equal(st[k + "_absmax"], torch.where(block_keep, st_d[k + "_absmax"],
+                                                                  st0[k + "_absmax"]))
+            assert st[cls.state_keys[0]].dtype == torch.uint8
+
+
+def test_sparse_gradient_equals_dense_lazy_with_8bit_rows():
+    out = []
+    for sparse in (False, True):
+        p = torch.ones(20, 256, dtype=torch.bfloat16, requires_grad=True)
+        opt = tigeropt.Tiger([p], lr=0.1, state_precision="8bit", stochastic_rounding=True, lazy=True)
+        gen = torch.Generator().manual_seed(0)
+        for step in range(3):
+            rows = torch.tensor([1, 4 + step, 9])
+            values = torch.randn(3, 256, generator=gen).bfloat16()
+            if sparse:
+                p.grad = torch.sparse_coo_tensor(rows[None], values, (20, 256), check_invariants=True)
+            else:
+                p.grad = torch.zeros(20, 256, dtype=torch.bfloat16).index_copy_(0, rows, values)
+            opt.step()
+        out.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
+    assert out[1][1]["exp_avg"].dtype == torch.uint8
+    assert torch.equal(out[0][0], out[1][0])
+    _state_equal(out[0][1], out[1][1])
+    assert torch.equal(out[1][0][0], torch.ones(256, dtype=torch.bfloat16))  # row 0: never touched
 
 
 def test_sparse_gradient_equals_dense_lazy_with_low_precision():

@@ -56,7 +56,9 @@ Shared flag documentation (every optimizer accepts these keyword arguments):
     on CPU and in Triton on CUDA, the 8-bit encoding in C on CPU (bit for bit the torch
     code).  Lazy rows and sparse gradients take bf16 state and stochastic rounding (the
     rows' element indices in the whole tensor key the hash, so touching every row equals
-    the dense step), not 8-bit state (its blocks span rows: ValueError).  Complex parameters
+    the dense step), and 8-bit state whose 256-element blocks each lie inside one row (rows of
+    a multiple of 256 elements, or one row; other shapes in a lazy 8-bit group: ValueError):
+    untouched rows keep codes and absmax bit for bit.  Complex parameters
     are refused.  DTensor parameters sharded along dim 0 (FSDP2) or replicated take them all:
     global element indices key the hash, the 8-bit blocks are the whole tensor's (absmax
     replicated, blocks split between shards all-reduced), so sharding changes no bit.
@@ -248,10 +250,16 @@ class TigerOptimizer(Optimizer):
             raise TypeError(f"Invalid type for sr_seed: expected an int, got {type(seed).__name__} "
                             f"({seed!r})")
         check(0 <= seed < 2 ** 32, "sr_seed", seed, "must be an int in [0, 2**32)")
-        if group["lazy"] and precision == "8bit" and self.state_8bit_keys != ():
-            raise ValueError("Invalid lazy: True (not supported with state_precision='8bit': its 256-element "
-                             "blocks span rows; use state_precision='bf16' or lazy=False)")
         params = [p for p in group.get("params", []) if isinstance(p, Tensor)]
+        if group["lazy"] and precision == "8bit" and self.state_8bit_keys != ():
+            for i, p in enumerate(params):
+                if not _rows_are_blocks(p):
+                    raise ValueError(
+                        f"Invalid lazy: True (with state_precision='8bit' each 256-element block of the "
+                        f"8-bit state must lie inside one row, so that untouched rows keep their state bit "
+                        f"for bit; parameter {i} of shape {tuple(p.shape)} has rows of {p[0].numel()} "
+                        "elements: use rows of a multiple of 256 elements, or put it in a group with "
+                        "state_precision='bf16' or lazy=False)")
         if sr and params:
             if any(p.dtype == torch.float16 for p in params):
                 raise ValueError("Invalid stochastic_rounding: True (rounds to bf16; this group holds fp16 "
@@ -652,32 +660,65 @@ class TigerOptimizer(Optimizer):
     def _rows_low_precision(self, p: Tensor, g: Tensor, hyper: dict[str, Any], seed: int | None,
                             pidx: int) -> None:
         """Lazy rows / sparse gradient step of one parameter with low precision: the touched rows
-        (:func:`touched_rows`) of p and its state are gathered in the math dtype, updated by the
-        reference rule and stored back rounded (stochastically with the element indices of those
-        rows in the whole tensor); other rows do not change.  8-bit state is refused (its blocks
-        span rows)."""
+        (:func:`touched_rows`) of p and its state are gathered in the math dtype (8-bit rows
+        decoded), updated by the reference rule and stored back rounded (stochastically with the
+        element indices of those rows in the whole tensor; 8-bit rows re-encoded block by block);
+        other rows do not change, bit for bit.  8-bit state needs each 256-element block inside one
+        row (:func:`_rows_are_blocks`, checked by ``_validate``), so a step touching every row is
+        the dense step.  DTensor parameters (FSDP2, dim-0 shards of whole rows) update their local
+        rows with global element indices; their replicated 8-bit absmax is then all-reduced."""
+        name = type(self).__name__
         state = self.state[p]
-        states = [state[k] for k in self.state_keys]
-        if any(s.dtype == torch.uint8 for s in states):
-            raise RuntimeError(f"{type(self).__name__}: lazy rows and sparse gradients are not supported "
-                               "with 8-bit state (its 256-element blocks span rows); use bf16 state")
+        absmax = [state.get(k + "_absmax") if state[k].dtype == torch.uint8 else None
+                  for k in self.state_keys]
+        if any(a is not None for a in absmax) and not _rows_are_blocks(p):
+            raise RuntimeError(f"{name}: lazy rows and sparse gradients with 8-bit state need rows of a "
+                               f"multiple of 256 elements (each block inside one row); got shape "
+                               f"{tuple(p.shape)}: use bf16 state for this parameter")
+        sharded = _is_dtensor(p)
+        if sharded:
+            _check_whole_rows(p)
+        tensors = [p, *(state[k] for k in self.state_keys)]
+        offsets = [_shard_offset(t, name) for t in tensors]  # global index of each local shard's start
         state["step"] += 1
+        p, g, *states = [_local(t) for t in [p, g, *tensors[1:]]]
+        local_absmax = [None if a is None else _local(a) for a in absmax]
         if p.dim() == 0:
             p, g, states = p.reshape(1), g.reshape(1), [s.reshape(1) for s in states]
         idx, rows = touched_rows(g)
-        if idx.numel() == 0 or rows is None:
-            return
-        md = torch.float64 if p.dtype == torch.float64 else torch.float32
-        p_rows = p.index_select(0, idx).to(md)
-        s_rows = [s.index_select(0, idx).to(md) for s in states]
-        type(self).reference_impl([p_rows], [rows], *[[s] for s in s_rows], [state["step"]], **hyper)
-        step = int(state["step"])
-        for i, (t, w) in enumerate(zip([p, *states], [p_rows, *s_rows])):
-            if seed is not None and t.dtype == torch.bfloat16:
+        if idx.numel() and rows is not None:
+            md = torch.float64 if p.dtype == torch.float64 else torch.float32
+
+            def elements(t: Tensor, offset: int) -> Tensor:  # global indices of t's touched rows
                 row = t[0].numel() if t.dim() > 1 else 1
-                elements = (idx[:, None] * row + torch.arange(row, device=idx.device)).reshape(w.shape)
-                w = _lowp.round_bf16(w, _lowp.key32(seed, step, pidx, i), index=elements)
-            t.index_copy_(0, idx, w.to(t.dtype))
+                return offset + idx[:, None] * row + torch.arange(row, device=idx.device)
+
+            def blocks(t: Tensor, offset: int) -> Tensor:  # 8-bit rows are whole blocks (or one row)
+                row = t[0].numel() if t.dim() > 1 else 1
+                return ((offset + idx * row) // _lowp.BLOCK)[:, None] + torch.arange(
+                    _lowp.nblocks(row), device=idx.device)
+
+            p_rows = p.index_select(0, idx).to(md)
+            s_rows = [s.index_select(0, idx).to(md) if a is None else
+                      _lowp.decode_8bit(s.index_select(0, idx), a[blocks(s, o)].reshape(-1)).to(md)
+                      for s, a, o in zip(states, local_absmax, offsets[1:])]
+            type(self).reference_impl([p_rows], [rows], *[[s] for s in s_rows], [state["step"]], **hyper)
+            step = int(state["step"])
+            for i, (t, w, a, o) in enumerate(zip([p, *states], [p_rows, *s_rows], [None, *local_absmax],
+                                                 offsets)):
+                key = None if seed is None else _lowp.key32(seed, step, pidx, i)
+                if a is not None:
+                    codes, block_absmax = _lowp.encode_8bit(w, key, index=elements(t, o))
+                    t.index_copy_(0, idx, codes)
+                    a[blocks(t, o).reshape(-1)] = block_absmax
+                    continue
+                if key is not None and t.dtype == torch.bfloat16:
+                    w = _lowp.round_bf16(w, key, index=elements(t, o).reshape(w.shape))
+                t.index_copy_(0, idx, w.to(t.dtype))
+        if sharded:  # every rank, touched rows or not: the replicated absmax of the blocks it owns
+            for key, a in zip(self.state_keys, absmax):
+                if a is not None:
+                    _sync_owned_absmax(state[key], a)
 
     def _rows_path(self, group: dict[str, Any], device: torch.device) -> str:
         """How lazy rows and sparse gradients are updated: 'cpu' (the fused C row kernel) where the
@@ -1157,6 +1198,26 @@ def _init_8bit_sharded(p: Tensor, value: float) -> tuple[Tensor, Tensor]:
     full = torch.full(local.shape, value, dtype=torch.float32, device=local.device)
     local.copy_(_lowp.encode_8bit(full, offset=offset, absmax=whole[first:first + count])[0])
     return codes, _replicated(whole, p)
+
+
+def _rows_are_blocks(p: Tensor) -> bool:
+    """Whether each 256-element block of ``p``'s flattened tensor lies inside one row (slice along
+    dim 0): rows of a multiple of 256 elements, or at most one row."""
+    return p.dim() == 0 or p.shape[0] <= 1 or p[0].numel() % _lowp.BLOCK == 0
+
+
+def _sync_owned_absmax(codes: Tensor, absmax: Tensor) -> None:
+    """After a rows step on DTensor shards whose boundaries are block boundaries: every rank's
+    replicated absmax takes each block's value from the rank holding the block (an all-reduce max
+    of each rank's own blocks, zero elsewhere)."""
+    dt = _dtensor_module()
+    local = _local(absmax)
+    first, count = _lowp.covered_blocks(codes.to_local().numel(), _shard_offset(codes))  # type: ignore
+    own = torch.zeros_like(local)
+    own[first:first + count] = local[first:first + count]
+    mesh = absmax.device_mesh  # type: ignore[attr-defined]
+    reduced = dt.DTensor.from_local(own, mesh, [dt.Partial("max")] * mesh.ndim, run_check=False)
+    local.copy_(reduced.redistribute(mesh, [dt.Replicate()] * mesh.ndim).to_local())
 
 
 def _as_shard_like(src: Tensor, like: Tensor) -> Tensor:
