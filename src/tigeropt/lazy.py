@@ -163,9 +163,12 @@ class LazyOptimizer(_WrapperOptimizer):
       much as a dense one.
     * Restored state: every per-parameter state tensor of the parameter's shape
       (AdamW's ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``; SGD's
-      ``momentum_buffer``; Adagrad's ``sum``; ...).  Other state is left as the
-      wrapped optimizer leaves it: scalars such as the per-tensor ``step``
-      counter, and factored statistics whose shape differs from the parameter's.
+      ``momentum_buffer``; Adagrad's ``sum``; ...) and every per-row statistic:
+      a tensor whose dim 0 has the parameter's rows and whose other dims are 1 or
+      the parameter's (``tigeropt.Adagrad(rowwise=True)``'s ``sum`` of shape
+      ``(rows,)``; Adafactor's ``row_var``, ``(rows, 1)``).  Other state is left as
+      the wrapped optimizer leaves it: scalars such as the per-tensor ``step``
+      counter, and statistics across rows (Adafactor's ``col_var``).
     * Step count: torch's optimizers keep one ``step`` per tensor and it keeps
       counting every step, as in ``torch.optim.SparseAdam`` and TF's
       ``LazyAdam``.  A row's bias correction therefore uses the tensor's step,
@@ -353,7 +356,7 @@ class LazyOptimizer(_WrapperOptimizer):
         rows = {"": rows_of(p).index_select(0, untouched)}
         for key, value in self.optimizer.state.get(p, {}).items():
             if _per_row_state(key, value, p):
-                rows[key] = rows_of(value).index_select(0, untouched)
+                rows[key] = rows_of(value).index_select(0, untouched.to(value.device))
         return p, sparse_grad, untouched, rows
 
     def _restore(self, p: Tensor, sparse_grad: Tensor | None, untouched: Tensor | None,
@@ -364,7 +367,7 @@ class LazyOptimizer(_WrapperOptimizer):
             for key, saved in rows.items():
                 target = p if key == "" else state.get(key)
                 if target is p or _per_row_state(key, target, p):
-                    rows_of(target).index_copy_(0, untouched, saved.to(target.dtype))
+                    rows_of(target).index_copy_(0, untouched.to(target.device), saved.to(target.dtype))
         if sparse_grad is not None:
             p.grad = sparse_grad
 
@@ -375,5 +378,14 @@ def _rows_view(p: Tensor) -> Callable[[Tensor], Tensor]:
 
 
 def _per_row_state(key: str, value: Any, p: Tensor) -> bool:
-    """State restored with its rows: tensors of the parameter's shape, except the step counter."""
-    return isinstance(value, Tensor) and value.shape == p.shape and key != "step"
+    """State restored with its rows, except the step counter: tensors of the parameter's shape, and
+    per-row statistics, whose dim 0 is the parameter's rows and whose other dims are 1 or the
+    parameter's (row-wise Adagrad's ``sum`` of shape ``(rows,)``, Adafactor's ``row_var``
+    ``(rows, 1)``).  Statistics across rows (Adafactor's ``col_var`` ``(1, cols)``) are not per row."""
+    if not isinstance(value, Tensor) or key == "step":
+        return False
+    if value.shape == p.shape:
+        return True
+    if p.dim() == 0 or value.dim() == 0 or value.dim() > p.dim() or value.shape[0] != p.shape[0]:
+        return False
+    return all(n in (1, m) for n, m in zip(value.shape[1:], p.shape[1:]))
