@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _CODES, _PLAIN, _STATE, _load
+from . import _CODES, _PLAIN, _STATE, _kernel_args, _load
 
 __all__ = ["fused_rows", "OPTS", "kernel_args"]
 
@@ -55,37 +55,14 @@ def _scalar(x: float | Tensor) -> float:
 
 def kernel_args(name: str, step: float, hyper: dict[str, Any]) -> tuple[int, list[float], list[float]] | None:
     """(opt code, hp, per) of the C kernel for optimizer ``name`` at ``step``; None if it has no kernel
-    for these options.  The layouts are those of the dense launchers in ``tigeropt._cpu``."""
-    gs = -1.0 if hyper.get("maximize") else 1.0
-    lr = _scalar(hyper["lr"])
-    wd = hyper.get("weight_decay", 0.0)
-    if name == "tiger":
-        if hyper.get("lr_scaling") or hyper.get("accumulation_steps", 1) > 1 or hyper.get("nan_guard"):
-            return None
-        b = hyper["beta"]
-        return OPTS[name], [b, 1 - b, wd, -lr, gs], []
-    if name == "lion":
-        b1, b2 = hyper["beta1"], hyper["beta2"]
-        return OPTS[name], [b1, 1 - b1, b2, 1 - b2, 1 - lr * wd, -lr, gs], []
-    if name == "adax":
-        from .._math import adax_scalars
-
-        b1 = hyper["beta1"]
-        dec = hyper["decoupled_weight_decay"]
-        l2, decoupled = wd != 0.0 and not dec, wd != 0.0 and dec
-        hp = [b1, 1 - b1, wd, float(l2), 1 - lr * wd, float(decoupled), -lr, gs]
-        return OPTS[name], hp, list(adax_scalars(step, hyper["beta2"], hyper["eps"]))
-    if name == "adagrad":
-        glove = hyper["glove"]
-        if glove and hyper["skip_nonfinite_rows"]:
-            return None
-        clip = hyper["grad_clip_value"]
-        hp = [wd, float(wd != 0.0), hyper["eps"], gs, float(glove), float(clip) if clip is not None else 0.0,
-              float(clip is not None)]
-        lr_decay = hyper["lr_decay"]
-        clr = lr if lr_decay == 0.0 else lr / (1 + (step - 1) * lr_decay)
-        return (_ROWWISE if hyper.get("rowwise") else OPTS[name]), hp, [clr]
-    return None
+    for these options.  hp and per are the dense step's (``tigeropt._cpu._kernel_args``, the one
+    definition of each optimizer's layout): row-wise Adagrad takes Adagrad's."""
+    rowwise = name == "adagrad" and bool(hyper.get("rowwise"))
+    args = _kernel_args(name, dict(hyper, rowwise=False) if rowwise else hyper)
+    if args is None:
+        return None
+    hp, per, _ = args
+    return (_ROWWISE if rowwise else OPTS[name]), hp, list(per(array("d", [step]))) if per is not None else []
 
 
 def _ok(t: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
