@@ -5,7 +5,8 @@
 #
 # 1. pytest -m gpu: CUDA parity of every kernel with the reference, CUDA-graph capture (kernels and a
 #    compiled capturable step), no recompilation when lr changes, compiled steps, 2,000 small tensors
-# 2. the AOT codegen check of the Triton kernels with this machine's Triton (tigeropt.kernels._aot)
+# 2. the AOT codegen check of the Triton kernels with this machine's Triton (tigeropt.kernels._aot,
+#    and tigeropt.kernels._aot_rows for the row kernels of lazy rows and sparse gradients)
 # 3. benchmarks/bench_step.py on the GPT-2-small, ~1B-parameter, 2,000-tiny-tensor (host) and
 #    2,000-small-tensor layouts: every tigeropt path against torch's fused/foreach AdamW and Adagrad
 #    and the installed peers (lion-pytorch, bitsandbytes, pytorch_optimizer)
@@ -93,6 +94,9 @@ stage "pytest -m gpu" 190 "$TMP/pytest.log" \
 stage "AOT codegen check (tigeropt.kernels._aot)" 45 "$TMP/codegen.log" \
     "$PY" -m tigeropt.kernels._aot
 
+stage "AOT codegen check of the row kernels (tigeropt.kernels._aot_rows)" 30 "$TMP/codegen_rows.log" \
+    "$PY" -m tigeropt.kernels._aot_rows
+
 # ------------------------------------------------------------------------------------ 3. benchmark
 stage "bench_step.py (gpt2, 1b, host, small, small-flat)" 150 "$TMP/bench.log" \
     "$PY" benchmarks/bench_step.py --device cuda --layouts gpt2,1b,host,small,small-flat --steps 20 \
@@ -143,6 +147,7 @@ fi
     echo
     echo '```'
     tail -n 25 "$TMP/codegen.log"
+    tail -n 10 "$TMP/codegen_rows.log"
     echo '```'
     echo
     echo "## compute-sanitizer"

@@ -29,10 +29,16 @@ from .adax import _adax_block
 from .lion import _lion_block
 from .tiger import _tiger_block
 
-__all__ = ["fused_rows", "NAMES"]
+__all__ = ["fused_rows", "NAMES", "ROW_BLOCK", "ROW_WARPS"]
 
 NAMES = ("tiger", "lion", "adax", "adagrad")
-_BLOCK = 128
+#: Tile of the row kernels, every dtype: one warp per row, 256 elements a step (8 per thread: 128-bit
+#: accesses of the 16-bit streams, two of each fp32 stream).  One warp keeps the row reductions (the
+#: touched scan, row-wise Adagrad's mean square) in shuffles: no shared memory, no barrier.  With 4
+#: warps and 128 elements (one per thread) every access was 32-bit and each scan block went through
+#: shared memory (``tigeropt.kernels._aot_rows`` checks this for sm_80/sm_90).
+ROW_BLOCK = 256
+ROW_WARPS = 1
 
 
 @triton.jit
@@ -194,7 +200,8 @@ def fused_rows(name: str, p: Tensor, g: Tensor, states: list[Tensor], step: Tens
     D = p.numel() // rows
     lr_arg, lr_ptr = lr_argument(hyper["lr"], device)
     common = dict(HAS_IDX=has_idx, ALL_ROWS=bool(all_rows), MAXIMIZE=bool(hyper.get("maximize")),
-                  LR_PTR=lr_ptr, ROUND_BF16=dtype == torch.bfloat16, BLOCK=_BLOCK)
+                  LR_PTR=lr_ptr, ROUND_BF16=dtype == torch.bfloat16, BLOCK=ROW_BLOCK,
+                  num_warps=ROW_WARPS)
     grid = (n,)
     wd = float(hyper.get("weight_decay", 0.0))
     if name == "tiger":
