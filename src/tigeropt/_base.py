@@ -50,18 +50,22 @@ Shared flag documentation (every optimizer accepts these keyword arguments):
         neither bf16 parameters nor low-precision state it has no effect: a warning says so.
         fp16 parameters are refused (ValueError).
     sr_seed (int): seed of the rounding hash, in [0, 2^32) (saved in the state_dict).
-    Groups with low-precision state or stochastic rounding run the reference
-    (``foreach=False``) or foreach math (the fused kernels do not implement them yet:
-    ``fused=True`` is refused); on the default path (``fused=None``) the rounding runs in C
-    on CPU and in Triton on CUDA, the 8-bit encoding in C on CPU (bit for bit the torch
-    code).  Lazy rows and sparse gradients take bf16 state and stochastic rounding (the
-    rows' element indices in the whole tensor key the hash, so touching every row equals
-    the dense step), and 8-bit state whose 256-element blocks each lie inside one row (rows of
-    a multiple of 256 elements, or one row; other shapes in a lazy 8-bit group: ValueError):
-    untouched rows keep codes and absmax bit for bit.  Complex parameters
-    are refused.  DTensor parameters sharded along dim 0 (FSDP2) or replicated take them all:
-    global element indices key the hash, the 8-bit blocks are the whole tensor's (absmax
-    replicated, blocks split between shards all-reduced), so sharding changes no bit.
+    Groups with low-precision state or stochastic rounding: on CPU the default path
+    (``fused=None``) runs the whole step in the fused C kernel, one pass (load, fp32 math,
+    rounded stores: :func:`tigeropt._cpu.lowp_step`); ``foreach=False``/``True`` run the
+    reference/foreach math on working copies with the stores of :mod:`tigeropt._lowp`, and so
+    do tensors and options the C kernel does not take (on CUDA the rounding then runs in
+    Triton); all bit for bit the same (AdaX and Adagrad up to torch's CPU sqrt, which MKL
+    does not always round correctly; the C kernel's does).  ``fused=True`` (the Triton step
+    kernels) is refused: they do not implement these options yet.  Lazy rows and sparse
+    gradients take bf16 state and stochastic rounding (the rows' element indices in the whole
+    tensor key the hash, so touching every row equals the dense step), and 8-bit state whose
+    256-element blocks each lie inside one row (rows of a multiple of 256 elements, or one row;
+    other shapes in a lazy 8-bit group: ValueError): untouched rows keep codes and absmax bit
+    for bit.  Complex parameters are refused.  DTensor parameters sharded along dim 0 (FSDP2)
+    or replicated take them all: global element indices key the hash, the 8-bit blocks are the
+    whole tensor's (absmax replicated, blocks split between shards all-reduced), so sharding
+    changes no bit.
 """
 
 from __future__ import annotations
@@ -233,7 +237,9 @@ class TigerOptimizer(Optimizer):
             raise ValueError(f"{type(self).__name__}(fused=True or capturable=True) does not support the "
                              f"options this group uses "
                              f"({self._unfused_options(group) or _lp_options(group)}); leave fused unset "
-                             "(the foreach path runs them)")
+                             "(the default path runs them: "
+                             + ("the foreach path)" if self._unfused_options(group)
+                                else "the fused C step on CPU, foreach elsewhere)"))
         if fused and (self.kernel is None or not kernels.triton_usable()):
             why = kernels.triton_status() if self.kernel else "this optimizer has no fused kernel"
             raise RuntimeError(f"{type(self).__name__}(fused=True) is not available: {why}")
@@ -624,11 +630,19 @@ class TigerOptimizer(Optimizer):
                 else:
                     dense.append(j)
             params, grads = [params[j] for j in dense], [grads[j] for j in dense]
+        # the default path rounds in C on CPU and in Triton on CUDA, encodes 8-bit state in C on CPU
+        # (bit for bit the torch code of _lowp)
+        c_store = group["fused"] is None and group["foreach"] is None
         buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for j, p in enumerate(params):
             md = torch.float64 if p.dtype == torch.float64 else torch.float32
             buckets.setdefault((p.device, md), []).append(j)
         for (device, md), js in buckets.items():
+            if c_store and device.type == "cpu" and md == torch.float32 and self.kernel is not None:
+                js = self._step_low_precision_c(group, [params[j] for j in js], [grads[j] for j in js], hyper,
+                                                index, js)
+                if not js:
+                    continue
             ps = [params[j] for j in js]
             states = [self.state[p] for p in ps]
             steps = [st["step"] for st in states]
@@ -637,9 +651,6 @@ class TigerOptimizer(Optimizer):
             work_s = [[_read_state(st, k, md) for st in states] for k in self.state_keys]
             impl = self._impl(self._path(group, device, md))
             impl(work_p, [grads[j] for j in js], *work_s, steps, **hyper)
-            # the default path rounds in C on CPU and in Triton on CUDA, encodes 8-bit state in C on CPU
-            # (bit for bit the torch code of _lowp)
-            c_store = group["fused"] is None and group["foreach"] is None
             sharded: list[tuple[Tensor, Tensor, Tensor, int | None]] = []  # 8-bit DTensor state
             for p, st, w, *ws in zip(ps, states, work_p, *work_s):
                 step, pidx = int(st["step"]), index[id(p)]
@@ -656,6 +667,21 @@ class TigerOptimizer(Optimizer):
                                  sharded)
             if sharded:
                 _encode_sharded(sharded)
+
+    def _step_low_precision_c(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                              hyper: dict[str, Any], index: dict[int, int], js: list[int]) -> list[int]:
+        """The low-precision step of CPU tensors in the fused C kernel (one pass: load, fp32 math,
+        rounded stores; bit for bit the code below it); returns the entries of ``js`` it did not take."""
+        c = _c_lowp()
+        if c is None or compiling():
+            return js
+        states = [self.state[p] for p in params]
+        keys = self.state_keys
+        rest = c.lowp_step(self.kernel, params, grads, [[st[k] for st in states] for k in keys],
+                           [[st.get(k + "_absmax") for st in states] for k in keys],
+                           [st["step"] for st in states], hyper, param_index=[index[id(p)] for p in params],
+                           seed=group["sr_seed"], stochastic_rounding=group["stochastic_rounding"])
+        return [js[i] for i in rest]
 
     def _rows_low_precision(self, p: Tensor, g: Tensor, hyper: dict[str, Any], seed: int | None,
                             pidx: int) -> None:

@@ -25,6 +25,10 @@ Numerics are those of the reference (``_single_tensor_<name>``) functions,
 operation by operation (see ``kernels.c``): math in the state dtype (fp32 for
 bf16/fp16 parameters), parameters rounded once, to nearest even, at the store.
 
+Low-precision groups (bf16 parameters with stochastic rounding, bf16 or 8-bit state) take
+:func:`lowp_step`: the same one pass, with the loads (8-bit state decoded per 256-element
+block) and the rounded stores of :mod:`tigeropt._lowp` inside the kernel.
+
 The launchers :func:`fused_tiger`, :func:`fused_lion`, :func:`fused_adax` and
 :func:`fused_adagrad` take the arguments of the foreach functions
 ``_multi_tensor_<name>`` plus ``fallback``: the function (chosen by the caller,
@@ -62,7 +66,7 @@ from .._math import adax_scalars
 from .._ops import compiling, join_lr, split_lr
 
 __all__ = ["supports", "available", "status", "build", "cache_dir", "fused_tiger", "fused_lion",
-           "fused_adax", "fused_adagrad", "StepPlan", "SOURCE", "NAMES"]
+           "fused_adax", "fused_adagrad", "StepPlan", "SOURCE", "NAMES", "lowp_step", "lowp_absmax_len"]
 
 SOURCE = Path(__file__).with_name("kernels.c")
 NAMES = ("tiger", "lion", "adax", "adagrad")
@@ -717,3 +721,141 @@ def encode_e4m3(src: Tensor, codes: Tensor, absmax: Tensor, key: int | None) -> 
     lib.tigeropt_encode_e4m3(1, *map(_addr, keep), _addr(keys) if keys is not None else None,
                              torch.get_num_threads())
     return True
+
+
+# ------------------------------------------------------------------------------------- low-precision step
+# tigeropt_lowp_step (kernels.c): the whole low-precision step (bf16 parameters rounded stochastically,
+# bf16 or 8-bit state) in one pass, bit for bit the reference low-precision step of the optimizer base.
+_OPT_CODES = {"tiger": 0, "lion": 1, "adax": 2, "adagrad": 3}
+_LOWP_PARAM_CODES = {torch.float32: 0, torch.bfloat16: 2, torch.float16: 3}
+_STATE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2}
+_STEP_DTYPES = (torch.float32, torch.float64)
+
+
+def _lowp_step_lib() -> Any:
+    lib = _load()
+    if lib is None:
+        return None
+    if not getattr(lib, "_lowp_step_declared", False):
+        vp, i32 = ctypes.c_void_p, ctypes.c_int
+        lib.tigeropt_lowp_step.argtypes = [i32, i32, i32, vp, vp, vp, vp, vp, vp, i32, i32, i32,
+                                           ctypes.c_uint32, vp, vp, vp, vp, vp, vp, i32, i32]
+        lib.tigeropt_lowp_step.restype = i32
+        lib._lowp_step_declared = True
+    return lib
+
+
+@functools.cache
+def _torch_bf16_nan() -> int:
+    """The bf16 bits torch's fp32 -> bf16 conversion gives a NaN (0xffff from the vectorized x86 code,
+    0x7fc0 from c10's scalar rounding): the kernel's round-to-nearest stores give the same."""
+    return int(torch.full((64,), float("nan")).to(torch.bfloat16).view(torch.int16)[0]) & 0xFFFF
+
+
+def lowp_absmax_len(numel: int, offset: int = 0) -> int:
+    """Blocks of the 256-element grid of global element indices that ``numel`` elements starting at
+    ``offset`` touch: the length of their 8-bit state's absmax (``nblocks(numel)`` for offset 0)."""
+    return (offset + numel + 255) // 256 - offset // 256 if numel else 0
+
+
+def _lowp_kind(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[Sequence[Tensor]],
+               absmax: Sequence[Sequence[Tensor | None]], offsets: Sequence[int], i: int, f16: bool
+               ) -> tuple[int, ...] | None:
+    """(parameter dtype code, state kinds...) of tensor ``i`` when the kernel takes it, else None."""
+    p, g = params[i], grads[i]
+    code = _LOWP_PARAM_CODES.get(p.dtype)
+    if (code is None or (code == 3 and not f16) or type(p) not in _PLAIN or type(g) not in _PLAIN
+            or p.layout is not _STRIDED or g.layout is not _STRIDED or g.dtype is not p.dtype
+            or not (p.is_cpu and g.is_cpu and p.is_contiguous() and g.is_contiguous())
+            or g.numel() != p.numel() or offsets[i] < 0):
+        return None
+    kinds = [code]
+    for s, am in zip(states, absmax):
+        t, a = s[i], am[i]
+        kind = _STATE_KINDS.get(t.dtype)
+        if (kind is None or type(t) not in _PLAIN or t.layout is not _STRIDED or not t.is_cpu
+                or not t.is_contiguous() or t.numel() != p.numel()):
+            return None
+        if kind == 2 and (a is None or type(a) not in _PLAIN or a.dtype is not torch.float32 or not a.is_cpu
+                          or not a.is_contiguous() or a.numel() != lowp_absmax_len(p.numel(), offsets[i])):
+            return None
+        kinds.append(kind)
+    return tuple(kinds)
+
+
+def lowp_step(name: str, params: Sequence[Tensor], grads: Sequence[Tensor],
+              states: Sequence[Sequence[Tensor]], absmax: Sequence[Sequence[Tensor | None]],
+              state_steps: Sequence[Tensor], hyper: dict[str, Any], *,
+              param_index: Sequence[int], seed: int, stochastic_rounding: bool,
+              offsets: Sequence[int] | None = None) -> list[int]:
+    """One low-precision step of optimizer ``name`` in C on the tensors the kernel takes; returns the
+    indices of the others (untouched: their step counts not incremented either).
+
+    ``states[k][i]``: state ``k`` (the optimizer's ``state_keys`` order) of parameter ``i``, stored in
+    fp32, bf16 or 8-bit codes (uint8, with ``absmax[k][i]`` its fp32 block maxima; None for the
+    others); ``hyper``: the optimizer's keyword arguments (as for its foreach function); the step
+    counts are incremented here.  The parameters (fp32, bf16 or fp16) and bf16/8-bit state are
+    stored as :mod:`tigeropt._lowp` says, with the rounding bits of (``seed``, step after the
+    increment, ``param_index[i]``, stream, element index) when ``stochastic_rounding``.
+    ``offsets[i]`` (default 0): the global index of tensor ``i``'s first element, e.g. a DTensor
+    shard's offset in the whole tensor: it is added to the element index of the hash, and the 8-bit
+    blocks are the 256-element grid of global indices (a shard whose offset is not a multiple of 256
+    has partial blocks at its ends; its ``absmax`` holds :func:`lowp_absmax_len` values).
+    Bit for bit :meth:`tigeropt._base.TigerOptimizer._step_low_precision` (a shard: that step on the
+    whole tensor, restricted to the shard, when its blocks do not straddle its ends).
+    """
+    n = len(params)
+    everything = list(range(n))
+    lib = _lowp_step_lib()
+    if lib is None or n == 0 or name not in _OPT_CODES or compiling():
+        return everything
+    args = _kernel_args(name, hyper)
+    if args is None:
+        return everything
+    hp, per, _ = args
+    offs = [0] * n if offsets is None else [int(o) for o in offsets]
+    f16 = bool(lib.tigeropt_has_f16())
+    groups: dict[tuple[int, ...], list[int]] = {}
+    other: list[int] = []
+    steps_ok = (all(type(s) in _PLAIN and s.is_cpu and s.numel() == 1 and s.is_contiguous()
+                    for s in state_steps)
+                and len({s.dtype for s in state_steps}) == 1 and state_steps[0].dtype in _STEP_DTYPES)
+    for i in everything:
+        kinds = _lowp_kind(params, grads, states, absmax, offs, i, f16) if steps_ok else None
+        if kinds is None or (stochastic_rounding and kinds[0] == 3):
+            other.append(i)
+        else:
+            groups.setdefault(kinds, []).append(i)
+    hp_arr = array("d", hp)
+    nstates = len(states)
+    for kinds, idx in groups.items():
+        code, k1, k2 = kinds[0], kinds[1], kinds[2] if nstates > 1 else 0
+        steps = _pick(state_steps, idx)
+        step_ptrs = _ptrs(steps)
+        values = array("d", bytes(8 * len(idx)))
+        lib.tigeropt_steps(len(idx), _addr(step_ptrs), _STEP_CODES[steps[0].dtype], _addr(values))
+        per_arr = per(values) if per is not None else None
+        p_ptrs, g_ptrs = _ptrs(_pick(params, idx)), _ptrs(_pick(grads, idx))
+        s_ptrs = [_ptrs(_pick(s, idx)) for s in states]
+        a_ptrs = [array("Q", [0 if a[i] is None else a[i].data_ptr() for i in idx]) for a in absmax]
+        none = None
+        keep = (array("q", [params[i].numel() for i in idx]), array("q", [offs[i] for i in idx]),
+                array("q", [param_index[i] for i in idx]))
+        rc = lib.tigeropt_lowp_step(
+            _OPT_CODES[name], len(idx), code, _addr(p_ptrs), _addr(g_ptrs), _addr(s_ptrs[0]),
+            _addr(a_ptrs[0]) if k1 == 2 else none, _addr(s_ptrs[1]) if nstates > 1 else none,
+            _addr(a_ptrs[1]) if nstates > 1 and k2 == 2 else none, k1, k2, int(stochastic_rounding),
+            seed & 0xFFFFFFFF, _addr(keep[0]), _addr(keep[1]), _addr(keep[2]), _addr(values),
+            _addr(hp_arr), _addr(per_arr) if per_arr is not None else none, _torch_bf16_nan(),
+            torch.get_num_threads())
+        if rc != 0:  # not expected (checked above): undo the step counts, hand the tensors back
+            torch._foreach_sub_(steps, 1)
+            other.extend(idx)
+            continue
+        bump = [*_pick(params, idx), *(s[i] for s in states for i in idx),
+                *(a[i] for a in absmax for i in idx if a[i] is not None)]
+        try:
+            torch.autograd.graph.increment_version(bump)
+        except RuntimeError:  # inference tensors have no version counter
+            pass
+    return sorted(other)

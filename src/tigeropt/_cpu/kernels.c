@@ -215,6 +215,7 @@ typedef struct {
     const double *hp;  /* global hyperparameters (meaning per optimizer) */
     const double *per; /* per-tensor scalars, `nper` per tensor, or NULL */
     int nper;
+    const void *ext; /* the low-precision step's arguments (LpArgs), or NULL */
 } Args;
 
 typedef void (*RangeFn)(const Args *a, int t, int64_t start, int64_t len);
@@ -235,7 +236,10 @@ static void run_items(const Item *items, int64_t nitems, int nt, RangeFn fn, con
     for (int64_t k = 0; k < nitems; k++) fn(a, items[k].t, items[k].start, items[k].len);
 }
 
-static void run(int n, const int64_t *numel, int nthreads, RangeFn fn, const Args *a) {
+/* shift (or NULL): per tensor, work items start at local positions k*chunk - shift[t] (k >= 1) besides 0,
+   so that a grid the caller needs (the low-precision step's 256-element blocks) is never cut. */
+static void run_shifted(int n, const int64_t *numel, const int64_t *shift, int nthreads, RangeFn fn,
+                        const Args *a) {
     int64_t total = 0, nitems = 0;
     for (int i = 0; i < n; i++) total += numel[i];
     if (total <= 0) return;
@@ -245,7 +249,7 @@ static void run(int n, const int64_t *numel, int nthreads, RangeFn fn, const Arg
     int64_t chunk = total / (4 * (int64_t)nt);
     chunk = (chunk + 4095) / 4096 * 4096;
     chunk = chunk < MIN_CHUNK ? MIN_CHUNK : (chunk > MAX_CHUNK ? MAX_CHUNK : chunk);
-    for (int i = 0; i < n; i++) nitems += (numel[i] + chunk - 1) / chunk;
+    for (int i = 0; i < n; i++) nitems += (numel[i] + (shift ? shift[i] : 0) + chunk - 1) / chunk;
     if (nt == 1) {
         for (int i = 0; i < n; i++)
             if (numel[i] > 0) fn(a, i, 0, numel[i]);
@@ -259,15 +263,24 @@ static void run(int n, const int64_t *numel, int nthreads, RangeFn fn, const Arg
         return;
     }
     int64_t k = 0;
-    for (int i = 0; i < n; i++)
-        for (int64_t s = 0; s < numel[i]; s += chunk) {
+    for (int i = 0; i < n; i++) {
+        int64_t sh = shift ? shift[i] : 0;
+        for (int64_t s = 0; s < numel[i];) {
+            int64_t e = (s + sh) / chunk * chunk + chunk - sh; /* the next boundary after s */
+            if (e > numel[i]) e = numel[i];
             items[k].t = i;
             items[k].start = s;
-            items[k].len = numel[i] - s < chunk ? numel[i] - s : chunk;
+            items[k].len = e - s;
             k++;
+            s = e;
         }
-    run_items(items, nitems, nt, fn, a);
+    }
+    run_items(items, k, nt, fn, a);
     if (items != stack_items) free(items);
+}
+
+static void run(int n, const int64_t *numel, int nthreads, RangeFn fn, const Args *a) {
+    run_shifted(n, numel, NULL, nthreads, fn, a);
 }
 
 /* Low-precision parameters: convert blocks of p and g to fp32, run the fp32
@@ -316,7 +329,7 @@ static void tiger_range(const Args *a, int t, int64_t s, int64_t n) {
 
 void tigeropt_tiger(int n, int dtype, void *const *p, void *const *g, void *const *m, const int64_t *numel,
                     const double *hp, int nthreads) {
-    Args a = {dtype, p, g, m, NULL, hp, NULL, 0};
+    Args a = {dtype, p, g, m, NULL, hp, NULL, 0, NULL};
     run(n, numel, nthreads, tiger_range, &a);
 }
 
@@ -341,7 +354,7 @@ static void lion_range(const Args *a, int t, int64_t s, int64_t n) {
 
 void tigeropt_lion(int n, int dtype, void *const *p, void *const *g, void *const *m, const int64_t *numel,
                    const double *hp, int nthreads) {
-    Args a = {dtype, p, g, m, NULL, hp, NULL, 0};
+    Args a = {dtype, p, g, m, NULL, hp, NULL, 0, NULL};
     run(n, numel, nthreads, lion_range, &a);
 }
 
@@ -369,7 +382,7 @@ static void adax_range(const Args *a, int t, int64_t s, int64_t n) {
 
 void tigeropt_adax(int n, int dtype, void *const *p, void *const *g, void *const *m, void *const *v,
                    const int64_t *numel, const double *hp, const double *per, int nthreads) {
-    Args a = {dtype, p, g, m, v, hp, per, 3};
+    Args a = {dtype, p, g, m, v, hp, per, 3, NULL};
     run(n, numel, nthreads, adax_range, &a);
 }
 
@@ -408,7 +421,7 @@ static void adagrad_range(const Args *a, int t, int64_t s, int64_t n) {
 
 void tigeropt_adagrad(int n, int dtype, void *const *p, void *const *g, void *const *acc,
                       const int64_t *numel, const double *hp, const double *per, int nthreads) {
-    Args a = {dtype, p, g, acc, NULL, hp, per, 1};
+    Args a = {dtype, p, g, acc, NULL, hp, per, 1, NULL};
     run(n, numel, nthreads, adagrad_range, &a);
 }
 
@@ -792,4 +805,297 @@ void tigeropt_encode_e4m3(int n, void *const *src, void *const *codes, void *con
         }
     }
     (void)nthreads;
+}
+
+/* ================================================================== low-precision step
+ * One pass over memory for a group with bf16 parameters rounded stochastically, bf16 state or
+ * 8-bit state: per 256-element block of a work item, the parameters, gradients and state are
+ * loaded into fp32 (8-bit state decoded: e4m3 value * absmax/448), the fp32 core above runs on
+ * them (the numerics of the fp32 step, operation by operation), and each is stored once:
+ * parameters bf16 (to nearest even, or stochastically), fp16 (to nearest even) or fp32; state
+ * fp32, bf16 (to nearest even or stochastically) or 8-bit (the block's new absmax of the finite
+ * magnitudes, then the codes to nearest even or stochastically).  Bit for bit the reference
+ * low-precision step (tigeropt._base._step_low_precision with tigeropt._lowp's stores).
+ *
+ * The rounding bits: key = h(h(h(h(seed) ^ step) ^ param_index) ^ stream) per tensor and stream
+ * (0 the parameter, 1 + i state i), element index e = offset[t] + local index (offset: where the
+ * tensor's elements start in the whole tensor, e.g. a shard's global offset; 0 otherwise).  The
+ * 8-bit blocks are the 256-element grid of e: a tensor whose offset is not a multiple of 256 has
+ * partial blocks at its start; its absmax array holds one value per block it touches,
+ * ((offset + numel + 255) >> 8) - (offset >> 8).  Blocks are independent, so any number of threads
+ * gives the same bits.
+ */
+
+enum { SK_F32 = 0, SK_BF16 = 1, SK_8BIT = 2 };
+#define LP_BLOCK 256
+
+typedef struct {
+    int opt;
+    int kind[2];  /* storage of state 0 and 1 (SK_*) */
+    int sr;       /* stochastic rounding of bf16 parameters and of bf16/8-bit state */
+    uint32_t seed;
+    void *const *am[2];     /* absmax arrays of 8-bit state */
+    const int64_t *offset;  /* per tensor, or NULL (all 0) */
+    const int64_t *pidx;    /* per tensor: the parameter's index in the optimizer */
+    const double *steps;    /* per tensor: the step count after the increment */
+    uint16_t bf16_nan;      /* bf16 bits of a NaN rounded to nearest (what torch's conversion gives) */
+    int negate;             /* maximize: the gradient is negated at the load (a sign flip, as torch's -g) */
+} LpArgs;
+
+static uint32_t lp_key(uint32_t seed, double step, int64_t pidx, uint32_t stream) {
+    uint32_t k = lowbias32(seed);
+    k = lowbias32(k ^ (uint32_t)(uint64_t)(int64_t)step);
+    k = lowbias32(k ^ (uint32_t)(uint64_t)pidx);
+    return lowbias32(k ^ stream);
+}
+
+/* The 32 random bits of elements lo0 + i (i < k) whose high word is hi (a block never crosses a
+   multiple of 2^32: it lies in one 256-element cell of the grid). */
+static inline void block_bits(uint32_t *restrict r, int64_t k, uint32_t key, uint32_t lo0, uint32_t hi) {
+    for (int64_t i = 0; i < k; i++) r[i] = lowbias32(lowbias32((lo0 + (uint32_t)i) ^ key) ^ hi);
+}
+
+static void store_bf16_sr(uint16_t *restrict d, const float *restrict s, const uint32_t *restrict r,
+                          int64_t k) {
+    for (int64_t i = 0; i < k; i++) {
+        uint32_t u;
+        memcpy(&u, s + i, sizeof u);
+        uint16_t h = (uint16_t)((u + (r[i] >> 16)) >> 16);
+        d[i] = (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : h;
+    }
+}
+
+/* d = value of e4m3fn code c * absmax/448, as torch's conversion and multiplication give it.  The
+   value's fp32 bits, in integer arithmetic (branch-free, so the loop vectorizes): normal codes
+   (c & 0x7f) << 20 with the exponent rebiased by 120; subnormal ones m * 2^-9 (m = 1..7:
+   exponent 118 + floor(log2 m), mantissa m's lower bits); the NaN codes 0x7f/0xff the NaN
+   0x7ff00000; the code's sign bit on top. */
+/* round to nearest even (c10::BFloat16's rounding), NaN -> `nan` */
+static void store_bf16_rtn(uint16_t *restrict d, const float *restrict s, int64_t k, uint16_t nan) {
+    for (int64_t i = 0; i < k; i++) {
+        uint32_t u;
+        memcpy(&u, s + i, sizeof u);
+        uint16_t h = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+        d[i] = (u & 0x7FFFFFFFu) > 0x7F800000u ? nan : h;
+    }
+}
+
+static void decode_e4m3_block(float *restrict d, const uint8_t *restrict c, int64_t k, float absmax) {
+    float scale = absmax / 448.0f;
+    for (int64_t i = 0; i < k; i++) {
+        uint32_t c7 = c[i] & 0x7Fu;
+        uint32_t sign = (uint32_t)(c[i] & 0x80u) << 24;
+        uint32_t m = c7 & 7u;
+        uint32_t lg = 31u - (uint32_t)__builtin_clz(m | 1u);
+        uint32_t sub = m ? ((118u + lg) << 23) | ((m << (23u - lg)) & 0x7FFFFFu) : 0u;
+        uint32_t v = c7 >= 8u ? (c7 << 20) + 0x3C000000u : sub;
+        v = c7 == 0x7Fu ? 0x7FF00000u : v;
+        d[i] = f32_from_bits(v | sign) * scale;
+    }
+}
+
+/* absmax of one block: the largest finite magnitude (compared as bit patterns) */
+static float block_absmax(const float *restrict x, int64_t k) {
+    int32_t amb = 0;
+    for (int64_t i = 0; i < k; i++) {
+        int32_t u;
+        memcpy(&u, x + i, sizeof u);
+        u &= 0x7FFFFFFF;
+        u = u < 0x7F800000 ? u : 0;
+        amb = u > amb ? u : amb;
+    }
+    return f32_from_bits((uint32_t)amb);
+}
+
+/* codes of the block x[0..k) with its absmax a; r: the random bits (stochastic, sr != 0) or unused
+   (to nearest even).  sr is a constant at each call site: each gets its own branch-free loop. */
+static inline __attribute__((always_inline)) void encode_e4m3_codes(uint8_t *restrict c,
+                                                                    const float *restrict x, int64_t k,
+                                                                    float a, const uint32_t *restrict r,
+                                                                    const int sr) {
+    float scale = a / 448.0f;
+    float div = scale > 0.0f ? scale : 1.0f;
+    for (int64_t i = 0; i < k; i++) {
+        uint32_t u;
+        memcpy(&u, x + i, sizeof u);
+        uint32_t sign = (u >> 24) & 0x80u;
+        uint32_t mag = u & 0x7FFFFFFFu;
+        /* non-finite: y = 0 (code 0), and the code's 7 low bits set below (0x7f, the NaN code); masks,
+           not branches, so the compiler keeps one straight path (it vectorizes) */
+        uint32_t nonfinite = (uint32_t)-(int32_t)(mag >= 0x7F800000u);
+        float y = f32_from_bits(mag & ~nonfinite) / div;
+        int32_t yb; /* y = min(y, 448) on the bit patterns (y >= 0) */
+        memcpy(&yb, &y, sizeof yb);
+        yb = yb < 0x43E00000 ? yb : 0x43E00000;
+        y = f32_from_bits((uint32_t)yb);
+        int32_t e = (int32_t)(yb >> 23) - 127;
+        e = e < -6 ? -6 : e;
+        float t = y * f32_from_bits((uint32_t)(127 + 3 - e) << 23); /* y / 2^(e-3): exact, in [0, 16] */
+        int32_t n = (int32_t)t; /* floor (t >= 0) */
+        float frac = t - (float)n;
+        int32_t up;
+        if (sr)
+            up = frac > (float)(int32_t)(r[i] >> 8) * 0x1p-24f;
+        else
+            up = (frac > 0.5f ? 1 : 0) | ((frac == 0.5f ? 1 : 0) & n); /* ties to even */
+        uint32_t code = (uint32_t)(((e + 7) << 3) + n + (up & 1) - 8);
+        c[i] = (uint8_t)(code | (nonfinite & 0x7Fu) | sign);
+    }
+}
+
+/* codes and absmax (returned) of the block x[0..k); r: random bits (stochastic) or NULL (nearest even) */
+static float encode_e4m3_block(uint8_t *restrict c, const float *restrict x, int64_t k,
+                               const uint32_t *restrict r) {
+    float a = block_absmax(x, k);
+    if (r)
+        encode_e4m3_codes(c, x, k, a, r, 1);
+    else
+        encode_e4m3_codes(c, x, k, a, NULL, 0);
+    return a;
+}
+
+/* the fp32 core of optimizer a->opt on one block (hp, per as the optimizer's entry point) */
+static void lp_core(const Args *a, int t, float *restrict p, const float *restrict g, float *restrict s0,
+                    float *restrict s1, int64_t k) {
+    const double *h = a->hp;
+    const LpArgs *x = (const LpArgs *)a->ext;
+    switch (x->opt) {
+    case OPT_TIGER:
+        tiger_core_f32(p, g, s0, k, (float)h[0], (float)h[1], (float)h[2], (float)h[3], (float)h[4]);
+        break;
+    case OPT_LION:
+        lion_core_f32(p, g, s0, k, (float)h[0], (float)h[1], (float)h[2], (float)h[3], (float)h[4],
+                      (float)h[5], (float)h[6]);
+        break;
+    case OPT_ADAX: {
+        const double *q = a->per + 3 * (int64_t)t;
+        adax_core_f32(p, g, s0, s1, k, (float)h[0], (float)h[1], (float)h[2], h[3] != 0.0, (float)h[4],
+                      h[5] != 0.0, (float)h[6], (float)h[7], (float)q[0], (float)q[1], (float)q[2]);
+        break;
+    }
+    default: { /* OPT_ADAGRAD */
+        double clr = a->per[t];
+        if (h[4] != 0.0)
+            glove_core_f32(p, g, s0, k, (float)h[0], h[1] != 0.0, (float)h[5], h[6] != 0.0, (float)h[3],
+                           (float)clr);
+        else
+            adagrad_core_f32(p, g, s0, k, (float)h[0], h[1] != 0.0, (float)h[2], (float)h[3], (float)-clr);
+    }
+    }
+}
+
+static void lp_range(const Args *a, int t, int64_t s, int64_t n) {
+    const LpArgs *x = (const LpArgs *)a->ext;
+    int nst = x->opt == OPT_ADAX ? 2 : 1;
+    int64_t off = x->offset ? x->offset[t] : 0;
+    uint32_t key[3];
+    for (uint32_t j = 0; j < 3; j++) key[j] = lp_key(x->seed, x->steps[t], x->pidx[t], j);
+    int pdt = a->dtype;
+    char *pbase = (char *)a->p[t];
+    const char *gbase = (const char *)a->g[t];
+    void *sbase[2] = {a->s1[t], nst > 1 ? a->s2[t] : NULL};
+    float *ambase[2] = {x->kind[0] == SK_8BIT ? (float *)x->am[0][t] : NULL,
+                        nst > 1 && x->kind[1] == SK_8BIT ? (float *)x->am[1][t] : NULL};
+    float pb[LP_BLOCK], gb[LP_BLOCK], sb[2][LP_BLOCK];
+    uint32_t rb[LP_BLOCK];
+    for (int64_t i0 = s; i0 < s + n;) {
+        uint64_t e0 = (uint64_t)(off + i0);
+        int64_t k = LP_BLOCK - (int64_t)(e0 & (LP_BLOCK - 1));
+        if (k > s + n - i0) k = s + n - i0;
+        uint32_t lo0 = (uint32_t)e0, hi = (uint32_t)(e0 >> 32);
+        int64_t blk = (off + i0) / LP_BLOCK - off / LP_BLOCK; /* absmax index (off >= 0) */
+        float *pw, *sw[2] = {NULL, NULL};
+        const float *gw;
+        if (pdt == DT_F32) {
+            pw = (float *)pbase + i0;
+            gw = (const float *)gbase + i0;
+        } else {
+            LOWP_LOAD(pb, (const uint16_t *)pbase + i0, k, pdt);
+            LOWP_LOAD(gb, (const uint16_t *)gbase + i0, k, pdt);
+            pw = pb;
+            gw = gb;
+        }
+        if (x->negate) { /* -g flips the sign bit, also of a NaN (g * -1 would keep a NaN's sign) */
+            for (int64_t i = 0; i < k; i++) gb[i] = -gw[i];
+            gw = gb;
+        }
+        for (int j = 0; j < nst; j++) {
+            if (x->kind[j] == SK_F32) {
+                sw[j] = (float *)sbase[j] + i0;
+            } else if (x->kind[j] == SK_BF16) {
+                load_bf16(sb[j], (const uint16_t *)sbase[j] + i0, k);
+                sw[j] = sb[j];
+            } else {
+                decode_e4m3_block(sb[j], (const uint8_t *)sbase[j] + i0, k, ambase[j][blk]);
+                sw[j] = sb[j];
+            }
+        }
+        lp_core(a, t, pw, gw, sw[0], sw[1], k);
+        if (pdt == DT_BF16 && x->sr) {
+            block_bits(rb, k, key[0], lo0, hi);
+            store_bf16_sr((uint16_t *)pbase + i0, pb, rb, k);
+        } else if (pdt == DT_BF16) {
+            store_bf16_rtn((uint16_t *)pbase + i0, pb, k, x->bf16_nan);
+        } else if (pdt != DT_F32) {
+            LOWP_STORE((uint16_t *)pbase + i0, pb, k, pdt);
+        }
+        for (int j = 0; j < nst; j++) {
+            if (x->kind[j] == SK_F32) continue;
+            if (x->sr) block_bits(rb, k, key[1 + j], lo0, hi);
+            if (x->kind[j] == SK_BF16) {
+                if (x->sr)
+                    store_bf16_sr((uint16_t *)sbase[j] + i0, sb[j], rb, k);
+                else
+                    store_bf16_rtn((uint16_t *)sbase[j] + i0, sb[j], k, x->bf16_nan);
+            } else {
+                ambase[j][blk] = encode_e4m3_block((uint8_t *)sbase[j] + i0, sb[j], k, x->sr ? rb : NULL);
+            }
+        }
+        i0 += k;
+    }
+}
+
+/* The low-precision step of n tensors of one optimizer (opt: OPT_TIGER, OPT_LION, OPT_ADAX or
+   OPT_ADAGRAD; hp and per as its entry point above, per from the step counts after the
+   increment); dtype: the parameters' and gradients' (0 fp32, 2 bf16, 3 fp16); s1/s2 and
+   kind1/kind2: the state tensors and how they are stored (SK_*; s2 only for AdaX), am1/am2 their
+   absmax arrays when 8-bit; offset (or NULL), pidx, steps: per tensor, as LpArgs says; bf16_nan:
+   the bf16 bits that rounding a NaN to nearest gives (torch's conversion: 0xffff on x86 builds,
+   0x7fc0 in c10's scalar code), so that the stores equal torch's copy_ there.  The step
+   counts are not touched (the caller increments them).  Returns 0, or -1 for arguments it does not
+   take (nothing changed). */
+int tigeropt_lowp_step(int opt, int n, int dtype, void *const *p, void *const *g, void *const *s1,
+                       void *const *am1, void *const *s2, void *const *am2, int kind1, int kind2, int sr,
+                       uint32_t seed, const int64_t *numel, const int64_t *offset, const int64_t *pidx,
+                       const double *steps, const double *hp, const double *per, int bf16_nan,
+                       int nthreads) {
+    if (opt < OPT_TIGER || opt > OPT_ADAGRAD || (dtype != DT_F32 && dtype != DT_BF16 && dtype != DT_F16))
+        return -1;
+    if (dtype == DT_F16 && !TIGEROPT_F16) return -1;
+    if (kind1 < SK_F32 || kind1 > SK_8BIT || (opt == OPT_ADAX && (kind2 < SK_F32 || kind2 > SK_8BIT)))
+        return -1;
+    if (offset)
+        for (int i = 0; i < n; i++)
+            if (offset[i] < 0) return -1;
+    /* maximize: the cores' gradient sign gs (hp[3] Adagrad, hp[4] Tiger, hp[6] Lion, hp[7] AdaX) becomes
+       +1 and the gradient is negated at the load instead */
+    static const int gs_at[4] = {4, 6, 7, 3};
+    double h[8];
+    int nhp = opt == OPT_ADAGRAD ? 7 : gs_at[opt] + 1;
+    memcpy(h, hp, (size_t)nhp * sizeof(double));
+    int negate = h[gs_at[opt]] < 0.0;
+    h[gs_at[opt]] = 1.0;
+    LpArgs x = {opt, {kind1, kind2}, sr, seed, {am1, am2}, offset, pidx, steps, (uint16_t)bf16_nan, negate};
+    Args a = {dtype, p, g, s1, s2, h, per, 0, &x};
+    int64_t stack_shift[64];
+    int64_t *shift = NULL;
+    int eight = kind1 == SK_8BIT || (opt == OPT_ADAX && kind2 == SK_8BIT);
+    if (eight && offset) { /* work items must not cut a block of the grid */
+        shift = n <= 64 ? stack_shift : (int64_t *)malloc((size_t)n * sizeof(int64_t));
+        if (shift == NULL) return -1;
+        for (int i = 0; i < n; i++) shift[i] = offset[i] % LP_BLOCK;
+    }
+    run_shifted(n, numel, shift, nthreads, lp_range, &a);
+    if (shift != stack_shift) free(shift);
+    return 0;
 }

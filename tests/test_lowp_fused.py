@@ -1,0 +1,336 @@
+"""The low-precision step in the fused C kernel (``tigeropt._cpu.lowp_step``, kernels.c
+``tigeropt_lowp_step``) against the reference low-precision step (``foreach=False``: working copies,
+the reference rule, the stores of :mod:`tigeropt._lowp`), bit for bit.
+
+Stored bits are compared exactly: bf16 parameters and state (NaN included), 8-bit codes and absmax.
+fp32 tensors compare NaN with NaN whatever the payload (neither path specifies NaN payloads).
+AdaX and Adagrad take a square root: the C kernel's is correctly rounded, torch's CPU sqrt (MKL) is
+not always (see tests/test_cpu_fused.py), so their reference runs with a correctly rounded sqrt
+(:func:`exact_sqrt`); everything else is the reference as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tigeropt
+from tigeropt import _cpu, _lowp
+
+if _cpu._find_compiler() is None or not _cpu.available():
+    pytest.skip("the fused CPU library cannot be built here", allow_module_level=True)
+
+OPTIMIZERS = [tigeropt.Tiger, tigeropt.Lion, tigeropt.AdaX, tigeropt.Adagrad]
+# odd sizes around the 256-element block, a 2-D tensor, a 0-d tensor
+SHAPES: list[tuple[int, ...]] = [(1,), (255,), (256,), (257,), (1000,), (33, 17), ()]
+SETTINGS = [  # (parameter dtype, state_precision, stochastic_rounding): every low-precision group kind
+    (torch.bfloat16, "fp32", True), (torch.bfloat16, "bf16", False), (torch.bfloat16, "bf16", True),
+    (torch.bfloat16, "8bit", False), (torch.bfloat16, "8bit", True), (torch.float32, "bf16", False),
+    (torch.float32, "bf16", True), (torch.float32, "8bit", False), (torch.float32, "8bit", True),
+    (torch.float16, "8bit", False),
+]
+
+
+@contextlib.contextmanager
+def exact_sqrt() -> Iterator[None]:
+    """torch's fp32 sqrt correctly rounded (through fp64: innocuous double rounding for sqrt)."""
+    tensor_sqrt, foreach_sqrt = torch.Tensor.sqrt, torch._foreach_sqrt
+
+    def sqrt(self: torch.Tensor) -> torch.Tensor:
+        return tensor_sqrt(self.double()).float() if self.dtype == torch.float32 else tensor_sqrt(self)
+
+    torch.Tensor.sqrt = sqrt  # type: ignore[method-assign]
+    torch._foreach_sqrt = lambda ts: [sqrt(t) for t in ts]
+    try:
+        yield
+    finally:
+        torch.Tensor.sqrt = tensor_sqrt  # type: ignore[method-assign]
+        torch._foreach_sqrt = foreach_sqrt
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    if a.dtype == torch.float32:
+        both_nan = torch.isnan(a) & torch.isnan(b)
+        diff = (a.view(torch.int32) != b.view(torch.int32)) & ~both_nan
+    elif a.dtype in (torch.bfloat16, torch.float16):
+        diff = a.view(torch.int16) != b.view(torch.int16)
+    else:
+        diff = a != b
+    assert not diff.any(), f"{what}: {int(diff.sum())} elements differ, first at {diff.nonzero()[0].tolist()}"
+
+
+def _compare(pa: list[torch.Tensor], opt_a: Any, pb: list[torch.Tensor], opt_b: Any) -> None:
+    for i, (a, b) in enumerate(zip(pa, pb)):
+        _same(a.detach(), b.detach(), f"param {i}")
+        sa, sb = opt_a.state[a], opt_b.state[b]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            _same(sa[k], sb[k], f"param {i} state {k}")
+
+
+@pytest.fixture
+def c_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, list[int]]]:
+    """Records (number of tensors given, indices handed back) of every call of the C step."""
+    calls: list[tuple[int, list[int]]] = []
+    real = _cpu.lowp_step
+
+    def spy(name: str, params: list[torch.Tensor], *args: Any, **kwargs: Any) -> list[int]:
+        rest = real(name, params, *args, **kwargs)
+        calls.append((len(params), rest))
+        return rest
+
+    monkeypatch.setattr(_cpu, "lowp_step", spy)
+    return calls
+
+
+def _params(shapes: list[tuple[int, ...]], dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+
+
+def _grads(params: list[torch.Tensor], gen: torch.Generator, nonfinite: bool) -> None:
+    for p in params:
+        g = torch.randn(p.shape, generator=gen) * 3
+        if nonfinite and p.numel() > 8:
+            flat = g.view(-1)
+            flat[3], flat[5], flat[6] = float("nan"), float("inf"), -float("inf")
+        p.grad = g.to(p.dtype)
+
+
+def _train(cls: type, params: list[torch.Tensor], steps: int, nonfinite: bool = True, gen_seed: int = 1,
+           opt: Any = None, **kw: Any) -> Any:
+    if opt is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. stochastic_rounding with nothing to round
+            opt = cls(params, **kw)
+    gen = torch.Generator().manual_seed(gen_seed)
+    for _ in range(steps):
+        _grads(params, gen, nonfinite)
+        opt.step()
+    return opt
+
+
+def _reference(cls: type, params: list[torch.Tensor], steps: int, **kw: Any) -> Any:
+    with exact_sqrt():
+        return _train(cls, params, steps, foreach=False, **kw)
+
+
+# ----------------------------------------------------------------------------- the optimizers
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype, prec, sr", SETTINGS, ids=lambda x: str(x).replace("torch.", ""))
+def test_c_step_equals_the_reference(cls: type, dtype: torch.dtype, prec: str, sr: bool,
+                                     c_calls: list[tuple[int, list[int]]]) -> None:
+    """Default path (the C step) == reference, bit for bit, over odd sizes, a 0-d tensor and non-finite
+    gradients; the C step took every tensor."""
+    if sr and dtype == torch.float16:
+        pytest.skip("stochastic rounding rounds to bf16 (fp16 parameters are refused)")
+    kw = dict(state_precision=prec, stochastic_rounding=sr, sr_seed=12345, weight_decay=0.1)
+    ref_params = _params(SHAPES, dtype)
+    ref = _reference(cls, ref_params, 3, **kw)
+    c_params = _params(SHAPES, dtype)
+    c = _train(cls, c_params, 3, **kw)
+    _compare(ref_params, ref, c_params, c)
+    assert c_calls and all(rest == [] for _, rest in c_calls)
+    assert sum(n for n, _ in c_calls) == 3 * len(SHAPES)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_options_and_maximize(cls: type, c_calls: list[tuple[int, list[int]]]) -> None:
+    """The optimizers' kernel options (AdaX decoupled decay, Adagrad GloVe-style with clipping and
+    lr_decay, maximize) on the C step == reference."""
+    extra = {tigeropt.Tiger: dict(beta=0.9), tigeropt.Lion: dict(betas=(0.8, 0.95)),
+             tigeropt.AdaX: dict(decoupled_weight_decay=True, weight_decay=0.05),
+             tigeropt.Adagrad: dict(glove=True, grad_clip_value=2.0, lr_decay=0.01)}[cls]
+    kw = dict(state_precision="8bit", stochastic_rounding=True, maximize=True, lr=0.02, **extra)
+    ref_params = _params(SHAPES, torch.bfloat16, seed=4)
+    ref = _reference(cls, ref_params, 4, **kw)
+    c_params = _params(SHAPES, torch.bfloat16, seed=4)
+    c = _train(cls, c_params, 4, **kw)
+    _compare(ref_params, ref, c_params, c)
+    assert c_calls and all(rest == [] for _, rest in c_calls)
+
+
+def test_tensors_the_kernel_cannot_take_run_the_reference_code(c_calls: list[tuple[int, list[int]]]) -> None:
+    """A non-contiguous parameter is handed back (the torch code steps it), the others run in C."""
+    shapes = [(40, 9), (300,)]
+
+    def make() -> list[torch.Tensor]:
+        ps = _params(shapes, torch.bfloat16, seed=2)
+        return [ps[0].detach().t().requires_grad_(), ps[1]]  # the first is a transposed (strided) view
+
+    kw = dict(state_precision="8bit", stochastic_rounding=True)
+    ref_params = make()
+    ref = _reference(tigeropt.Tiger, ref_params, 3, **kw)
+    c_params = make()
+    c = _train(tigeropt.Tiger, c_params, 3, **kw)
+    _compare(ref_params, ref, c_params, c)
+    assert c_calls and all(rest == [0] for _, rest in c_calls)
+
+
+@pytest.mark.parametrize("cls", [tigeropt.Tiger, tigeropt.AdaX], ids=lambda c: c.__name__)
+def test_tiger_options_outside_the_kernel(cls: type, c_calls: list[tuple[int, list[int]]]) -> None:
+    """Options the kernel lacks (Tiger's lr_scaling; Adagrad's row-wise rule) keep the torch code."""
+    kw: dict[str, Any] = dict(state_precision="bf16", stochastic_rounding=True)
+    if cls is tigeropt.Tiger:
+        kw["lr_scaling"] = True
+    ref_params = _params(SHAPES, torch.bfloat16)
+    ref = _reference(cls, ref_params, 2, **kw)
+    c_params = _params(SHAPES, torch.bfloat16)
+    c = _train(cls, c_params, 2, **kw)
+    _compare(ref_params, ref, c_params, c)
+    if cls is tigeropt.Tiger:
+        assert all(rest == list(range(n)) for n, rest in c_calls)
+    else:
+        assert c_calls and all(rest == [] for _, rest in c_calls)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_one_and_two_threads_give_the_same_bits(cls: type) -> None:
+    """Tensors big enough for the kernel to split them over two threads (blocks are independent)."""
+    if not _cpu.has_openmp():
+        pytest.skip("the library was built without OpenMP")
+    shapes = [(100_003,), (70_000,), (257,)]
+    kw = dict(state_precision="8bit", stochastic_rounding=True, sr_seed=7)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            ps = _params(shapes, torch.bfloat16, seed=5)
+            results.append((ps, _train(cls, ps, 2, **kw)))
+    finally:
+        torch.set_num_threads(threads)
+    _compare(*results[0], *results[1])
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("prec", ["bf16", "8bit"])
+def test_resume_from_state_dict_continues_identically(cls: type, prec: str,
+                                                       c_calls: list[tuple[int, list[int]]]) -> None:
+    """3 steps, state_dict, a new optimizer loads it, 3 more steps == 6 steps in one optimizer, on the C
+    step, and == the reference's 6 steps."""
+    kw = dict(state_precision=prec, stochastic_rounding=True, sr_seed=99)
+    full_params = _params(SHAPES, torch.bfloat16, seed=3)
+    full = _train(cls, full_params, 3, **kw)
+    sd = copy.deepcopy(full.state_dict())
+    resumed_params = [p.detach().clone().requires_grad_() for p in full_params]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed = cls(resumed_params, **kw)
+    resumed.load_state_dict(sd)
+    _train(cls, full_params, 3, gen_seed=2, opt=full)
+    _train(cls, resumed_params, 3, gen_seed=2, opt=resumed)
+    _compare(full_params, full, resumed_params, resumed)
+    ref_params = _params(SHAPES, torch.bfloat16, seed=3)
+    with exact_sqrt():
+        ref = _train(cls, ref_params, 3, foreach=False, **kw)
+        _train(cls, ref_params, 3, gen_seed=2, opt=ref)
+    _compare(ref_params, ref, full_params, full)
+    assert c_calls and all(rest == [] for _, rest in c_calls)
+
+
+@settings(max_examples=25, deadline=None)
+@given(cls=st.sampled_from(OPTIMIZERS), sizes=st.lists(st.integers(0, 700), min_size=1, max_size=4),
+       setting=st.sampled_from(SETTINGS[:-1]), seed=st.integers(0, 2 ** 32 - 1),
+       lr=st.floats(1e-4, 0.3), wd=st.sampled_from([0.0, 0.01, 0.3]), steps=st.integers(1, 3))
+def test_property_c_step_equals_the_reference(cls: type, sizes: list[int], setting: tuple[Any, ...],
+                                              seed: int, lr: float, wd: float, steps: int) -> None:
+    dtype, prec, sr = setting
+    shapes = [(n,) for n in sizes]
+    kw = dict(state_precision=prec, stochastic_rounding=sr, sr_seed=seed, lr=lr, weight_decay=wd)
+    ref_params = _params(shapes, dtype, seed=seed % 1000)
+    ref = _reference(cls, ref_params, steps, **kw)
+    c_params = _params(shapes, dtype, seed=seed % 1000)
+    c = _train(cls, c_params, steps, **kw)
+    _compare(ref_params, ref, c_params, c)
+
+
+# ----------------------------------------------------------------------------- the element offset
+def _lowp_args(n: int, prec: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                            torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.randn(n, generator=gen).to(torch.bfloat16)
+    g = torch.randn(n, generator=gen).to(torch.bfloat16)
+    m = torch.randn(n, generator=gen) * 0.1
+    if prec == "8bit":
+        codes, absmax = _lowp.encode_8bit(m)
+        return p, g, codes, absmax
+    return p, g, m.to(torch.bfloat16), None
+
+
+HYPER = dict(lr=0.01, beta=0.9, weight_decay=0.01, maximize=False)
+
+
+def _c_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, absmax: torch.Tensor | None,
+            step: torch.Tensor, offset: int) -> None:
+    rest = _cpu.lowp_step("tiger", [p], [g], [[m]], [[absmax]], [step], HYPER, param_index=[3], seed=11,
+                          stochastic_rounding=True, offsets=[offset])
+    assert rest == []
+
+
+@pytest.mark.parametrize("prec, cut", [("8bit", 512), ("8bit", 256 * 3), ("bf16", 300), ("bf16", 1)])
+def test_shards_with_their_offset_equal_the_whole_tensor(prec: str, cut: int) -> None:
+    """A tensor stepped as two shards, each with its global element offset, == the whole tensor
+    (8-bit: the shard boundary on the 256-element grid, so no block straddles it)."""
+    n = 1500
+    p, g, m, absmax = _lowp_args(n, prec)
+    shards = [(0, cut), (cut, n)]
+    parts = [(p[a:b].clone(), g[a:b].clone(), m[a:b].clone(),
+              None if absmax is None else absmax[a // 256:-(-b // 256)].clone(), a) for a, b in shards]
+    _c_step(p, g, m, absmax, torch.tensor(4.0), 0)
+    for sp, sg, sm, sa, off in parts:
+        _c_step(sp, sg, sm, sa, torch.tensor(4.0), off)
+    _same(torch.cat([q[0] for q in parts]), p, "params")
+    _same(torch.cat([q[2] for q in parts]), m, "state")
+    if absmax is not None:
+        _same(torch.cat([q[3] for q in parts]), absmax, "absmax")
+
+
+def test_offset_keys_the_hash_with_the_global_index() -> None:
+    """The random bits of element i of a shard at offset o are those of element o + i (the torch code
+    with ``index``), and an unaligned 8-bit shard has one absmax per grid block it touches."""
+    n, off = 900, 1000
+    p, g, m, _ = _lowp_args(n, "bf16")
+    p0 = p.float()
+    _c_step(p, g, m, None, torch.tensor(0.0), off)  # step 1 after the increment
+    work_p, work_m = [p0.clone()], [_lowp_args(n, "bf16")[2].float()]
+    with exact_sqrt():
+        tigeropt.tiger._single_tensor_tiger(work_p, [g], work_m, [torch.tensor(1.0)], **HYPER)
+    index = torch.arange(off, off + n)
+    _same(p, _lowp.round_bf16(work_p[0], _lowp.key32(11, 1, 3, 0), index=index), "params")
+    _same(m, _lowp.round_bf16(work_m[0], _lowp.key32(11, 1, 3, 1), index=index), "state")
+    assert _cpu.lowp_absmax_len(n, off) == 5  # blocks 3..7 of the grid: [768, 1024) ... [1792, 2048)
+    assert _cpu.lowp_absmax_len(n, 0) == _lowp.nblocks(n) and _cpu.lowp_absmax_len(0, off) == 0
+    p8, g8, codes, absmax = _lowp_args(n, "8bit")
+    wrong = torch.empty(_lowp.nblocks(n))  # 4 blocks: the wrong length at this offset
+    def step(absmax: torch.Tensor) -> list[int]:
+        return _cpu.lowp_step("tiger", [p8], [g8], [[codes]], [[absmax]], [torch.tensor(0.0)], HYPER,
+                              param_index=[0], seed=0, stochastic_rounding=False, offsets=[off])
+
+    assert step(wrong) == [0]
+    right = torch.zeros(5)
+    assert step(right) == []
+    assert right[0] > 0 and right[-1] > 0  # partial first and last blocks hold the shard's values
+
+
+# ----------------------------------------------------------------------------- fused=True
+def test_fused_true_with_low_precision_is_refused_with_a_clear_error() -> None:
+    """fused=True is the Triton path, which has no low-precision variant yet: refused in the constructor
+    and add_param_group (nothing added), pointing at the default path (the C step on CPU)."""
+    p = torch.zeros(4, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(ValueError, match=r"state_precision='8bit'.*leave fused unset.*fused C step on CPU"):
+        tigeropt.Tiger([p], fused=True, state_precision="8bit")
+    opt = tigeropt.Lion([p])
+    with pytest.raises(ValueError, match="stochastic_rounding=True"):
+        opt.add_param_group({"params": [torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)],
+                             "fused": True, "stochastic_rounding": True})
+    assert len(opt.param_groups) == 1
