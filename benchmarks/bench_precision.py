@@ -1,5 +1,8 @@
 """Does low precision still train?  fp32 vs bf16 parameters (round-to-nearest / stochastic rounding),
-bf16 and 8-bit optimizer state, on the demo's character-level LM.
+bf16 and 8-bit optimizer state, on the demo's character-level LM: a quick one-seed check.
+
+The evidence table (the quality study's settings, paired seeds, standard errors, bitsandbytes and
+torchao rows) is ``python benchmarks/bench_quality.py --precision --out <dir>``.
 
     python benchmarks/bench_precision.py                                  # ~15 min on 1 CPU thread
     python benchmarks/bench_precision.py --steps 300 --optimizers tiger,lion --out results/precision.md

@@ -1106,11 +1106,12 @@ def precision_tables(records: Records) -> list[str]:
             continue
         rs = list(runs.values())
         mean = statistics.fmean(r["heldout_loss"] for r in rs)
-        base = name if name in ("tiger", "lion") else "adamw"
+        base = "lion" if "lion" in name else "tiger" if name == "tiger" else "adamw"  # the fp32 twin
         vs = ""
         if (name, setting) != (base, "fp32"):
             p = compare(records, base, "fp32", name, setting)
-            vs = "" if p is None else f"{p.rel_mean:+.2f}%" + (" (vs AdamW)" if base == "adamw" else "")
+            twin = f" (vs {LABELS[base]})" if setting == "peer" else ""
+            vs = "" if p is None else f"{p.rel_mean:+.2f}%{twin}"
         out.append(f"| {label} | {params} | {state} | {mean:.4f} | {len(rs)} | {vs} "
                    f"| {statistics.fmean(r['bytes_per_param'] for r in rs):.3f} "
                    f"| {statistics.fmean(r['wall_s'] for r in rs):.0f} "

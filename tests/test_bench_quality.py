@@ -192,3 +192,14 @@ def test_precision_peer_that_does_not_import_is_a_skip_note(bench, tmp_path: Pat
     assert bench.precision_study(args) == 1  # AdamW's row
     md = bench.precision_report(args).read_text()
     assert "Fake8bit (fp32 parameters): not run, tigeropt_no_such_module does not import" in md
+
+
+def test_readme_precision_table_is_the_committed_runs(bench, tmp_path: Path) -> None:
+    """The README's precision table is what --precision --report writes from the committed raw runs."""
+    study = ROOT / "benchmarks" / "results" / "precision-study-2026-11-30"
+    (tmp_path / bench.PRECISION_FILE).write_text((study / bench.PRECISION_FILE).read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text((ROOT / "README.md").read_text())
+    bench.precision_report(bench.argparse.Namespace(out=tmp_path, readme=readme))
+    assert readme.read_text() == (ROOT / "README.md").read_text()
+    assert (tmp_path / "precision-study.md").read_text() == (study / "precision-study.md").read_text()
