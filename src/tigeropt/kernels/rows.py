@@ -29,7 +29,7 @@ from .adax import _adax_block
 from .lion import _lion_block
 from .tiger import _tiger_block
 
-__all__ = ["fused_rows", "NAMES", "ROW_BLOCK", "ROW_WARPS"]
+__all__ = ["fused_rows", "NAMES", "ROW_BLOCK", "ROW_WARPS", "row_block"]
 
 NAMES = ("tiger", "lion", "adax", "adagrad")
 #: Tile of the row kernels, every dtype: one warp per row, 256 elements a step (8 per thread: 128-bit
@@ -39,6 +39,13 @@ NAMES = ("tiger", "lion", "adax", "adagrad")
 #: shared memory (``tigeropt.kernels._aot_rows`` checks this for sm_80/sm_90).
 ROW_BLOCK = 256
 ROW_WARPS = 1
+
+
+def row_block(D: int) -> int:
+    """Elements a program takes per step for rows of ``D`` elements: ``ROW_BLOCK``, or half of it when
+    ``D`` is not a multiple of 16 (the row starts are then not 16-byte aligned: scalar accesses, whose
+    eight addresses per thread and stream would take Adagrad's kernels past 64 registers)."""
+    return ROW_BLOCK if D % 16 == 0 else ROW_BLOCK // 2
 
 
 @triton.jit
@@ -200,7 +207,7 @@ def fused_rows(name: str, p: Tensor, g: Tensor, states: list[Tensor], step: Tens
     D = p.numel() // rows
     lr_arg, lr_ptr = lr_argument(hyper["lr"], device)
     common = dict(HAS_IDX=has_idx, ALL_ROWS=bool(all_rows), MAXIMIZE=bool(hyper.get("maximize")),
-                  LR_PTR=lr_ptr, ROUND_BF16=dtype == torch.bfloat16, BLOCK=ROW_BLOCK,
+                  LR_PTR=lr_ptr, ROUND_BF16=dtype == torch.bfloat16, BLOCK=row_block(D),
                   num_warps=ROW_WARPS)
     grid = (n,)
     wd = float(hyper.get("weight_decay", 0.0))
