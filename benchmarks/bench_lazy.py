@@ -22,11 +22,22 @@ For comparison, torch's AdamW dense step, ``tigeropt.LazyOptimizer(AdamW)`` (den
 snapshot/restore of the untouched rows) and ``torch.optim.SparseAdam`` on the sparse gradient.
 
 Median over ``--reps`` steps after ``--warmup`` steps, printed as a markdown table, on the CPU
-and, when CUDA is available, on the GPU too (``--devices`` picks).
+and, when CUDA is available, on the GPU too (``--devices`` picks).  On CUDA the steps run the
+Triton kernels (the dense step kernels and the row kernels); ``--fused`` asks for them on any
+device (on the CPU under ``TRITON_INTERPRET=1``, slowly: for checking that path at a tiny size).
+
+Before timing, each optimizer's lazy steps (dense and sparse gradient) on a table of at most
+``--check-rows`` rows are compared with the reference path (gather, reference rule, scatter) and
+the row kernel's calls are counted: the "vs reference" column gives the largest difference
+relative to the largest value of p and state, and which row kernel took how many of the steps.
+A difference above 1e-5, or a step the kernel did not take, makes the script exit with status 1
+after printing the tables.
 
     python benchmarks/bench_lazy.py                      # 1M x 512 (~2 GB per tensor, ~8 GB peak)
     python benchmarks/bench_lazy.py --rows 100000        # smaller
     python benchmarks/bench_lazy.py --threads 1 --cpu-time   # one core, CPU time: immune to other load
+    python benchmarks/bench_lazy.py --devices cuda           # the GPU rows only
+    TRITON_INTERPRET=1 python benchmarks/bench_lazy.py --fused --rows 200 --dim 64 --reps 1 --warmup 0
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import argparse
 import functools
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -42,6 +54,8 @@ import torch
 from torch import Tensor
 
 import tigeropt
+import tigeropt._cpu
+import tigeropt.kernels
 from tigeropt.lazy import LazyOptimizer
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -103,7 +117,60 @@ def floor_bytes(name: str, rows: int, dim: int, touched: int, nnz: int) -> tuple
     return dense, lazy
 
 
-def bench(args: argparse.Namespace, device: torch.device) -> list[list[str]]:
+KERNEL_NAMES = {"cpu": "C", "fused": "Triton", "reference": "none (reference path)"}
+TOLERANCE = 1e-5
+
+
+def check_rows(name: str, args: argparse.Namespace, device: torch.device,
+               flags: dict[str, object]) -> tuple[float, str, bool]:
+    """(largest relative difference, "<kernel> k/n", ok) of optimizer ``name``'s lazy steps (dense and
+    sparse gradient, two steps each) on a table of at most ``--check-rows`` rows against the reference
+    path, with the row kernel's calls counted (a call it cannot take falls back to the reference)."""
+    rows = min(args.rows, args.check_rows)
+    dense_grad, sparse_grad = make_grads(rows, args.dim, args.frac, device, seed=1)
+    W0 = torch.randn(rows, args.dim, generator=torch.Generator().manual_seed(2)).to(device)
+    taken: list[bool] = []
+    original = tigeropt.kernels.get_rows_impl
+
+    def counting(kernel: str, path: str) -> Callable[..., bool]:
+        fn = original(kernel, path)
+
+        def run(*a: object, **kw: object) -> bool:
+            taken.append(bool(fn(*a, **kw)))
+            return taken[-1]
+
+        return run
+
+    worst, path = 0.0, "reference"
+    for grad in (dense_grad, sparse_grad):
+        out = []
+        for kw in (flags, {"foreach": False}):
+            W = W0.clone().requires_grad_()
+            opt = OPTIMIZERS[name]([W], lazy=True, **kw)
+            if kw is flags:
+                path = opt._rows_path(opt.param_groups[0], device)
+                tigeropt.kernels.get_rows_impl = counting
+            try:
+                for _ in range(2):
+                    W.grad = grad
+                    opt.step()
+            finally:
+                tigeropt.kernels.get_rows_impl = original
+            out.append([W.detach(), *(v for k, v in opt.state[W].items() if k != "step")])
+        for a, b in zip(*out):
+            scale = float(b.abs().max()) or 1.0
+            worst = max(worst, float((a.float() - b.float()).abs().max()) / scale)
+    steps = 4 if path != "reference" else 0
+    # the kernel must take every step, unless the C library cannot be built here (then the default CPU
+    # path is the reference, and says so: "C 0/4")
+    required = path == "fused" or (path == "cpu" and tigeropt._cpu.available())
+    ok = worst <= TOLERANCE and (all(taken) and len(taken) == steps or not required)
+    return worst, f"{KERNEL_NAMES.get(path, path)} {sum(taken)}/{steps}", ok
+
+
+def bench(args: argparse.Namespace, device: torch.device) -> tuple[list[list[str]], bool]:
+    flags: dict[str, object] = {"fused": True} if args.fused else {}
+    ok = True
     dense_grad, sparse_grad = make_grads(args.rows, args.dim, args.frac, device)
     touched = int(sparse_grad.coalesce().indices().shape[1])
     nnz = int(sparse_grad._nnz())
@@ -123,33 +190,38 @@ def bench(args: argparse.Namespace, device: torch.device) -> list[list[str]]:
 
     for name in args.optimizers:
         make = OPTIMIZERS[name]
-        dense = run(functools.partial(make, [W]), dense_grad)
-        lazy_dense = run(functools.partial(make, [W], lazy=True), dense_grad)
-        lazy_sparse = run(functools.partial(make, [W], lazy=True), sparse_grad)
+        worst, kernel, good = check_rows(name, args, device, flags)
+        ok = ok and good
+        dense = run(functools.partial(make, [W], **flags), dense_grad)
+        lazy_dense = run(functools.partial(make, [W], lazy=True, **flags), dense_grad)
+        lazy_sparse = run(functools.partial(make, [W], lazy=True, **flags), sparse_grad)
         b_dense, b_lazy = floor_bytes(name, args.rows, args.dim, touched, nnz)
         table.append([name, f"{dense:.2f}", f"{lazy_dense:.2f}", f"{lazy_sparse:.2f}",
                       f"{dense / lazy_sparse:.1f}x", f"{b_dense / 1e6:.0f}", f"{b_lazy / 1e6:.1f}",
-                      f"{b_dense / b_lazy:.0f}x"])
+                      f"{b_dense / b_lazy:.0f}x", f"{worst:.1e}, {kernel}" + ("" if good else " FAIL")])
     if args.torch_reference:
         adamw = run(lambda: torch.optim.AdamW([W], lr=1e-3), dense_grad)
         wrapped = run(lambda: LazyOptimizer(torch.optim.AdamW([W], lr=1e-3), [W]), dense_grad)
         sparse_adam = run(lambda: torch.optim.SparseAdam([W], lr=1e-3), sparse_grad)
         table.append(["torch AdamW / LazyOptimizer(AdamW) / SparseAdam", f"{adamw:.2f}", f"{wrapped:.2f}",
-                      f"{sparse_adam:.2f}", f"{adamw / sparse_adam:.1f}x", "", "", ""])
-    return table
+                      f"{sparse_adam:.2f}", f"{adamw / sparse_adam:.1f}x", "", "", "", ""])
+    return table, ok
 
 
 def markdown(table: Sequence[Sequence[str]], args: argparse.Namespace, device: torch.device) -> str:
     header = ["optimizer", "dense step (ms)", "lazy, dense grad (ms)", "lazy, sparse grad (ms)",
-              "dense / lazy sparse", "floor: dense (MB)", "floor: lazy sparse (MB)", "floor ratio"]
+              "dense / lazy sparse", "floor: dense (MB)", "floor: lazy sparse (MB)", "floor ratio",
+              "vs reference, row kernel"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in table]
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     clock = ("process CPU time (all threads)" if args.cpu_time and device.type == "cpu"
              else "wall clock")
+    path = "fused=True (Triton kernels)" if args.fused else "default path"
     lines.append(f"\n{args.rows} x {args.dim} fp32 table, {args.frac:.2%} of rows touched, median of "
-                 f"{args.reps} steps ({clock}), {where}, torch {torch.__version__}")
+                 f"{args.reps} steps ({clock}), {where}, {path}, torch {torch.__version__}; checked on "
+                 f"{min(args.rows, args.check_rows)} rows")
     return "\n".join(lines)
 
 
@@ -170,20 +242,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     parser.add_argument("--no-torch-reference", dest="torch_reference", action="store_false",
                         help="skip the torch AdamW / LazyOptimizer / SparseAdam row")
+    parser.add_argument("--fused", action="store_true",
+                        help="fused=True for every tigeropt optimizer: the Triton kernels (on the CPU only "
+                             "under TRITON_INTERPRET=1)")
+    parser.add_argument("--check-rows", type=int, default=10_000,
+                        help="rows of the table on which the lazy steps are checked against the reference")
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> str:
+def main(argv: Sequence[str] | None = None) -> tuple[str, bool]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     texts = []
+    ok = True
     for name in args.devices:
         device = torch.device(name)
-        texts.append(markdown(bench(args, device), args, device))
+        table, good = bench(args, device)
+        ok = ok and good
+        texts.append(markdown(table, args, device))
         print(texts[-1] + "\n", flush=True)
-    return "\n\n".join(texts)
+    if not ok:
+        print(f"FAIL: a lazy step differs from the reference by more than {TOLERANCE:g} (relative), or the "
+              "row kernel did not take every step (see the last column)", flush=True)
+    return "\n\n".join(texts), ok
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main()[1] else 1)

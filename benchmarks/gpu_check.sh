@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU validation of tigeropt: one command on a CUDA machine, no network, under 8 minutes.
+# One-shot GPU validation of tigeropt: one command on a CUDA machine, no network, under 10 minutes.
 #
 #   bash benchmarks/gpu_check.sh              # from anywhere; uses $PYTHON (default: python)
 #
@@ -10,11 +10,13 @@
 # 3. benchmarks/bench_step.py on the GPT-2-small, ~1B-parameter, 2,000-tiny-tensor (host) and
 #    2,000-small-tensor layouts: every tigeropt path against torch's fused/foreach AdamW and Adagrad
 #    and the installed peers (lion-pytorch, bitsandbytes, pytorch_optimizer)
-# 4. compute-sanitizer (memcheck) on one fused step of each optimizer, where it is installed
+# 4. benchmarks/bench_lazy.py on a 1M x 512 table (1% of rows touched): dense vs lazy steps of every
+#    optimizer on the Triton kernels, each lazy step first checked against the reference path
+# 5. compute-sanitizer (memcheck) on one fused step of each optimizer, where it is installed
 #
 # Writes benchmarks/results/<date>-<gpu>.md (device, driver, python/torch/triton versions, each
 # stage's result and the benchmark tables) and prints its path.  Each stage has its own time limit,
-# so the whole run stays under 8 minutes even when a stage hangs; a failing stage is reported, and
+# so the whole run stays under 10 minutes even when a stage hangs; a failing stage is reported, and
 # the script exits non-zero, but the other stages still run.
 set -uo pipefail
 
@@ -102,7 +104,11 @@ stage "bench_step.py (gpt2, 1b, host, small, small-flat)" 150 "$TMP/bench.log" \
     "$PY" benchmarks/bench_step.py --device cuda --layouts gpt2,1b,host,small,small-flat --steps 20 \
     --warmup 5 --row-seconds 3 --no-reference --out "$TMP/bench"
 
-# ------------------------------------------------------------------------------------ 4. compute-sanitizer
+# ------------------------------------------------------------------------------------ 4. lazy rows
+stage "bench_lazy.py (1M x 512 table, 1% of rows touched)" 90 "$TMP/lazy.log" \
+    "$PY" benchmarks/bench_lazy.py --devices cuda --reps 10 --warmup 2
+
+# ------------------------------------------------------------------------------------ 5. compute-sanitizer
 if command -v compute-sanitizer >/dev/null 2>&1; then
     cat >"$TMP/one_step.py" <<'EOF'
 import torch, tigeropt
@@ -149,6 +155,10 @@ fi
     tail -n 25 "$TMP/codegen.log"
     tail -n 10 "$TMP/codegen_rows.log"
     echo '```'
+    echo
+    echo "## Lazy rows (bench_lazy.py)"
+    echo
+    grep -E '^(\||[0-9]|FAIL)' "$TMP/lazy.log" || tail -n 20 "$TMP/lazy.log"
     echo
     echo "## compute-sanitizer"
     echo
