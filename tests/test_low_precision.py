@@ -392,8 +392,8 @@ def test_validation_errors_name_the_argument():
         tigeropt.Adagrad([p], sr_seed=-1)
     with pytest.raises(TypeError, match="sr_seed"):
         tigeropt.Adagrad([p], sr_seed=1.5)
-    with pytest.raises(ValueError, match="stochastic_rounding"):
-        tigeropt.Tiger([p], stochastic_rounding=True, fused=True)
+    with pytest.raises(ValueError, match="stochastic_rounding"):  # fused=True takes it (Triton variants)
+        tigeropt.Tiger([p], stochastic_rounding=True, capturable=True)
     with pytest.raises(ValueError, match="lazy.*parameter 0 of shape \\(3,\\)"):
         tigeropt.Tiger([p], state_precision="8bit", lazy=True)  # rows of 1 element: blocks span rows
     with pytest.raises(ValueError, match="lazy.*rows of 100 elements"):

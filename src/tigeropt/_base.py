@@ -52,12 +52,13 @@ Shared flag documentation (every optimizer accepts these keyword arguments):
     sr_seed (int): seed of the rounding hash, in [0, 2^32) (saved in the state_dict).
     Groups with low-precision state or stochastic rounding: on CPU the default path
     (``fused=None``) runs the whole step in the fused C kernel, one pass (load, fp32 math,
-    rounded stores: :func:`tigeropt._cpu.lowp_step`); ``foreach=False``/``True`` run the
-    reference/foreach math on working copies with the stores of :mod:`tigeropt._lowp`, and so
-    do tensors and options the C kernel does not take (on CUDA the rounding then runs in
-    Triton); all bit for bit the same (AdaX and Adagrad up to torch's CPU sqrt, which MKL
-    does not always round correctly; the C kernel's does).  ``fused=True`` (the Triton step
-    kernels) is refused: they do not implement these options yet.  Lazy rows and sparse
+    rounded stores: :func:`tigeropt._cpu.lowp_step`); on CUDA the default path, and
+    ``fused=True`` (on CPU under ``TRITON_INTERPRET=1``), run it in the Triton step kernels'
+    low-precision variants, one pass too (not ``capturable=True``); ``foreach=False``/``True``
+    run the reference/foreach math on working copies with the stores of :mod:`tigeropt._lowp`,
+    and so do tensors and options the kernels do not take (on CUDA the rounding then runs in
+    Triton); all bit for bit the same (float32 sqrt correctly rounded on every path:
+    :func:`tigeropt._math.sqrt_rn`, torch's CPU sqrt is not).  Lazy rows and sparse
     gradients take bf16 state and stochastic rounding (the rows' element indices in the whole
     tensor key the hash, so touching every row equals the dense step), and 8-bit state whose
     256-element blocks each lie inside one row (rows of a multiple of 256 elements, or one row;
@@ -233,7 +234,8 @@ class TigerOptimizer(Optimizer):
             raise ValueError("fused=True and foreach=True cannot both be set")
         if capturable and (fused is False or foreach):
             raise ValueError("capturable=True needs the fused Triton path (leave fused unset or True)")
-        if (fused or capturable) and not self._fused_ok(group):
+        if (fused or capturable) and not (self._fused_ok(group) or (fused and not capturable
+                                                                  and self._lowp_fused_ok(group))):
             raise ValueError(f"{type(self).__name__}(fused=True or capturable=True) does not support the "
                              f"options this group uses "
                              f"({self._unfused_options(group) or _lp_options(group)}); leave fused unset "
@@ -334,6 +336,13 @@ class TigerOptimizer(Optimizer):
         """The options of this group the fused kernels do not implement ('' if none)."""
         return ""
 
+    def _lowp_fused_ok(self, group: dict[str, Any]) -> bool:
+        """Whether the Triton kernels' low-precision variants run this group's low-precision options
+        (:meth:`_step_lowp_triton`; not with capturable=True: the rounding keys follow the host's
+        step counts)."""
+        return (self.kernel is not None and bool(_lp_options(group)) and not self._unfused_options(group)
+                and not group["capturable"])
+
     # ----------------------------------------------------------------- path choice
     def _check_fused_devices(self, group: dict[str, Any]) -> None:
         for p in group["params"]:
@@ -344,8 +353,11 @@ class TigerOptimizer(Optimizer):
                     "C kernel on CPU.")
 
     def _path(self, group: dict[str, Any], device: torch.device, dtype: torch.dtype) -> str:
+        fused_ok = self._fused_ok(group)
+        if not fused_ok and (device.type == "cuda" or group["fused"]) and self._lowp_fused_ok(group):
+            fused_ok = True  # the Triton kernels' low-precision variants (the C step: its own routing)
         return _choose_path(type(self).__name__, self.kernel, group["fused"], group["foreach"],
-                            group["capturable"], self._fused_ok(group), device, dtype)
+                            group["capturable"], fused_ok, device, dtype)
 
     def _impl(self, path: str) -> Impl:
         if path == "reference":
@@ -643,6 +655,9 @@ class TigerOptimizer(Optimizer):
                                                 index, js)
                 if not js:
                     continue
+            js = self._step_lowp_triton(group, device, md, params, grads, js, index, hyper)
+            if not js:
+                continue
             ps = [params[j] for j in js]
             states = [self.state[p] for p in ps]
             steps = [st["step"] for st in states]
@@ -682,6 +697,44 @@ class TigerOptimizer(Optimizer):
                            [st["step"] for st in states], hyper, param_index=[index[id(p)] for p in params],
                            seed=group["sr_seed"], stochastic_rounding=group["stochastic_rounding"])
         return [js[i] for i in rest]
+
+    def _step_lowp_triton(self, group: dict[str, Any], device: torch.device, md: torch.dtype,
+                          params: list[Tensor], grads: list[Tensor], js: list[int], index: dict[int, int],
+                          hyper: dict[str, Any]) -> list[int]:
+        """The low-precision step of parameters ``params[j]``, ``j`` in ``js``, by the Triton kernels
+        where the group's path is Triton (CUDA, or ``fused=True``): one pass over memory per
+        (parameter, gradient, state dtypes) launch, reading and storing the low-precision tensors
+        themselves, bit for bit the reference low-precision step (:mod:`tigeropt._lowp`; the keys
+        from the same step counts, parameter indices and element indices).  Returns the positions
+        it left to the caller (fp64 math, sparse gradients, DTensors; a path that is not Triton).
+        """
+        if md != torch.float32 or compiling() or self._path(group, device, md) != "fused":
+            return js
+        launches: dict[tuple[torch.dtype, ...], list[int]] = {}
+        rest = []
+        for j in js:
+            p, g = params[j], grads[j]
+            if p.dtype not in TRITON_DTYPES or g.is_sparse or _is_dtensor(p):
+                rest.append(j)
+                continue
+            st = self.state[p]
+            launches.setdefault((p.dtype, g.dtype, *(st[k].dtype for k in self.state_keys)), []).append(j)
+        if not launches:
+            return js
+        impl = self._impl("fused")
+        seed = group["sr_seed"] if group["stochastic_rounding"] else None
+        hyper = dict(hyper, lr=to_float(hyper["lr"]))  # the reference's float64 lr, whence its scalars
+        for members in launches.values():
+            ps = [params[j] for j in members]
+            states = [self.state[p] for p in ps]
+            steps = [st["step"] for st in states]
+            torch._foreach_add_(steps, 1)
+            lists = [[st[k] for st in states] for k in self.state_keys]
+            absmax = [[st[k + "_absmax"] for st in states] if lst[0].dtype == torch.uint8 else None
+                      for k, lst in zip(self.state_keys, lists)]
+            impl(ps, [grads[j] for j in members], *lists, steps, **hyper, sr_seed=seed,
+                 param_indices=[index[id(p)] for p in ps], absmax=absmax)
+        return rest
 
     def _rows_low_precision(self, p: Tensor, g: Tensor, hyper: dict[str, Any], seed: int | None,
                             pidx: int) -> None:

@@ -126,6 +126,12 @@ def round_bf16(x: Tensor, key: int | None, index: Tensor | None = None, offset: 
     return hi.to(torch.int16).view(torch.bfloat16)
 
 
+def _scale(absmax: Tensor) -> Tensor:
+    """``absmax / 448``, correctly rounded on every device (CUDA divides a tensor by a Python scalar
+    as a multiplication by its rounded reciprocal)."""
+    return absmax / torch.full_like(absmax, FP8_MAX)
+
+
 def nblocks(numel: int) -> int:
     return -(-numel // BLOCK)
 
@@ -176,7 +182,7 @@ def encode_8bit(x: Tensor, key: int | None = None, *, offset: int = 0, absmax: T
     a = torch.where(finite, blocks.abs(), 0.0)
     if absmax is None:
         absmax = a.amax(dim=1) if nb else a.new_zeros(0)
-    scale = absmax / FP8_MAX
+    scale = _scale(absmax)
     y = a / torch.where(scale > 0, scale, 1.0)[:, None]
     y = y.clamp_max(FP8_MAX)
     exp = (y.view(torch.int32) >> 23) - 127  # y >= 0: the sign bit is 0
@@ -211,5 +217,5 @@ def decode_8bit(codes: Tensor, absmax: Tensor, offset: int = 0) -> Tensor:
         return codes.float()
     if lead or nb * BLOCK != lead + n:
         flat = torch.cat([flat.new_zeros(lead), flat, flat.new_zeros(nb * BLOCK - lead - n)])
-    values = flat.view(torch.float8_e4m3fn).float().view(nb, BLOCK) * (absmax / FP8_MAX)[:, None]
+    values = flat.view(torch.float8_e4m3fn).float().view(nb, BLOCK) * _scale(absmax)[:, None]
     return values.reshape(-1)[lead:lead + n].reshape(shape)

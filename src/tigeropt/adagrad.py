@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from ._base import TigerOptimizer, to_float, working, write_back
+from ._math import foreach_sqrt_rn, sqrt_rn
 from ._validate import check, check_bool, check_lr, check_number
 
 __all__ = ["Adagrad"]
@@ -76,15 +77,15 @@ def _single_tensor_adagrad(params: list[Tensor], grads: list[Tensor], state_sums
             acc.add_(row_mean_square(g))
             # (-clr*g) / (sqrt(G)+eps), one correctly rounded op each (addcdiv's rounding depends on
             # whether an operand is broadcast)
-            p.add_(g.mul(-clr).div_(acc.sqrt().add_(eps).unsqueeze(1)))
+            p.add_(g.mul(-clr).div_(sqrt_rn(acc).add_(eps).unsqueeze(1)))
         elif not glove:
             acc.addcmul_(g, g, value=1)
-            p.addcdiv_(g, acc.sqrt().add_(eps), value=-clr)
+            p.addcdiv_(g, sqrt_rn(acc).add_(eps), value=-clr)
         else:
             if grad_clip_value is not None:
                 g = g.clamp(-grad_clip_value, grad_clip_value)
             u = g.mul(clr)
-            delta = u.div(acc.sqrt())
+            delta = u.div(sqrt_rn(acc))
             if skip_nonfinite_rows:
                 rows = delta.reshape(delta.shape[0], -1).sum(dim=1) if delta.dim() > 1 else delta
                 ok = torch.isfinite(rows).reshape(rows.shape + (1,) * (delta.dim() - rows.dim()))
@@ -117,14 +118,14 @@ def _multi_tensor_adagrad(params: list[Tensor], grads: list[Tensor], state_sums:
     clrs = [lr / (1 + (s.item() - 1) * lr_decay) for s in state_steps]
     if not glove:
         torch._foreach_addcmul_(state_sums, gs, gs, value=1)
-        std = torch._foreach_sqrt(state_sums)
+        std = foreach_sqrt_rn(state_sums)
         torch._foreach_add_(std, eps)
         torch._foreach_addcdiv_(ps, gs, std, [-c for c in clrs])
     else:
         if grad_clip_value is not None:
             gs = torch._foreach_clamp_max(torch._foreach_clamp_min(gs, -grad_clip_value), grad_clip_value)
         us = torch._foreach_mul(gs, clrs)
-        delta = torch._foreach_div(us, torch._foreach_sqrt(state_sums))
+        delta = torch._foreach_div(us, foreach_sqrt_rn(state_sums))
         torch._foreach_sub_(ps, delta)
         torch._foreach_addcmul_(state_sums, us, us)
     write_back(params, ps)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ._base import TigerOptimizer, to_float, working, write_back
-from ._math import adax_scalars, adax_scalars_tensor
+from ._math import adax_scalars, adax_scalars_tensor, foreach_sqrt_rn, sqrt_rn
 from ._ops import compiling
 from ._validate import check_betas, check_bool, check_lr, check_number
 
@@ -73,7 +73,7 @@ def _single_tensor_adax(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
             v.mul_(bhat).addcmul_(g, g, value=one_minus_bhat)
         if weight_decay != 0.0 and decoupled_weight_decay:
             p.mul_(1 - lr * weight_decay)
-        p.addcdiv_(m, v.sqrt().add_(eps_t), value=-lr)
+        p.addcdiv_(m, sqrt_rn(v).add_(eps_t), value=-lr)
         if p is not param:
             param.copy_(p)
 
@@ -100,7 +100,7 @@ def _multi_tensor_adax(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         torch._foreach_add_(exp_avg_sqs, torch._foreach_mul(squares, [s[1] for s in scalars]))
     else:
         torch._foreach_addcmul_(exp_avg_sqs, gs, gs, [s[1] for s in scalars])
-    denom = torch._foreach_sqrt(exp_avg_sqs)
+    denom = foreach_sqrt_rn(exp_avg_sqs)
     torch._foreach_add_(denom, [s[2] for s in scalars])
     if weight_decay != 0.0 and decoupled_weight_decay:
         torch._foreach_mul_(ps, 1 - lr * weight_decay)

@@ -33,6 +33,17 @@ Launch design (one launch per optimizer step and tensor group, like torch's ``mu
   device tensor; AdaX/Adagrad-with-lr_decay need step counts on the device to be captured.
 * Assumption of the fast path: a tensor at the same address with the same size keeps its
   strides (only checked when the tables are built; gradients are checked every step).
+
+Low precision (:mod:`tigeropt._lowp`, bit for bit): a state role may be bf16 (rounded to nearest,
+or stochastically) or 8-bit (uint8 e4m3 codes plus one fp32 absmax per 256-element block, passed
+as ``absmax``), and bf16 parameters may be rounded stochastically.  Such a launch (:class:`LowPrecision`)
+appends to each table row the parameter's index in the optimizer, its element offset (a DTensor
+shard's first global element) and the offsets of the absmax tensors; the kernels hash
+(seed, step, parameter index, stream, element index) themselves, so the only per-step input is
+one key argument (or a small table when the tensors' steps differ).  Element indices are logical
+(row-major): non-contiguous tensors get contiguous working copies.  A launch with 8-bit state
+walks whole 256-element blocks (``block`` a multiple of 256, the tile viewed as
+``[block // 256, 256]``) so that each block's absmax is one row reduction.
 """
 
 import contextlib
@@ -48,10 +59,12 @@ from torch import Tensor
 
 __all__ = ["LaunchConfig", "launch_config", "use_launch_config", "Launch", "prepare", "lr_argument",
            "step_values", "per_tensor_table", "check_not_capturing_host_steps", "SUPPORTED_DTYPES",
-           "clear_cache"]
+           "clear_cache", "LowPrecision", "low_precision", "Q8_BLOCK"]
 
-#: Parameter dtypes the kernels take (math is always fp32; state is fp32).
+#: Parameter dtypes the kernels take (math is always fp32; state is fp32, bf16 or 8-bit).
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Elements per 8-bit block (one fp32 absmax each): tigeropt._lowp.BLOCK.
+Q8_BLOCK = 256
 _ALIGN = 16  # bytes: one 128-bit vector access
 
 
@@ -84,18 +97,39 @@ _CUDA_CONFIG = LaunchConfig(block=2048, chunk=8192, num_warps=8)
 # state store goes through shared memory with two barriers (checked by tests/test_codegen.py).
 _CUDA_CONFIG_16 = LaunchConfig(block=1024, chunk=8192, num_warps=8)
 _CUDA_CONFIGS = {torch.float32: _CUDA_CONFIG, torch.bfloat16: _CUDA_CONFIG_16, torch.float16: _CUDA_CONFIG_16}
+# 8-bit state with 16-bit parameters: a 256-element block sits in one warp (8 elements per thread,
+# 128-bit bf16 accesses, 64-bit code accesses), so its absmax is a warp reduction (shuffles); only
+# the tile's 8 absmax values cross warps for their store (through shared memory, one float each).
+# With fp32 parameters (or fp32 next to 16-bit state) 4 elements per thread keep every stream in one
+# layout (the fp32 stores take at most 128 bits); a block then spans two warps, whose partial
+# maxima meet in shared memory.
+_CUDA_CONFIG_Q8 = LaunchConfig(block=2048, chunk=8192, num_warps=8)
 # Interpreter (tests on CPU): small tiles so that little tensors still span several programs.
 _INTERPRETER_CONFIG = LaunchConfig(block=128, chunk=512, num_warps=4)
 _override: LaunchConfig | None = None
 
 
-def launch_config(device: torch.device, dtype: torch.dtype = torch.float32) -> LaunchConfig:
-    """The fixed tile sizes for ``device`` and parameter ``dtype`` (no autotuning on live parameters)."""
+def launch_config(device: torch.device, dtype: torch.dtype = torch.float32, q8: bool = False,
+                  narrow_state: bool = False) -> LaunchConfig:
+    """The fixed tile sizes for ``device`` and parameter ``dtype`` (no autotuning on live parameters);
+    ``q8``: a launch with 8-bit state, whose tiles hold whole 256-element blocks; ``narrow_state``:
+    a 16-bit or 8-bit state role."""
     if _override is not None:
-        return _override
-    if device.type == "cuda":
-        return _CUDA_CONFIGS.get(dtype, _CUDA_CONFIG)
-    return _INTERPRETER_CONFIG
+        config = _override
+    elif device.type == "cuda":
+        wide = dtype == torch.float32
+        if q8 and not wide:
+            config = _CUDA_CONFIG_Q8
+        elif wide and narrow_state:  # fp32 parameters next to 16-bit/8-bit state: 4 elements per thread
+            config = _CUDA_CONFIG_16
+        else:
+            config = _CUDA_CONFIGS.get(dtype, _CUDA_CONFIG)
+    else:
+        config = _INTERPRETER_CONFIG
+    if q8 and config.block % Q8_BLOCK:
+        block = max(config.block, Q8_BLOCK)
+        config = LaunchConfig(block, max(config.chunk, block), config.num_warps)
+    return config
 
 
 @contextlib.contextmanager
@@ -237,6 +271,8 @@ class Launch:
     round_bf16: bool
     write_back: list[tuple[Tensor, Tensor]]
     keep: list[Tensor] = field(default_factory=list)  # working copies the tables point into
+    ncols: int = 0  # table columns
+    amax_base: Tensor | None = None  # fp32 witness: base of the absmax offsets (8-bit state)
 
     @property
     def grid(self) -> tuple[int]:
@@ -250,7 +286,7 @@ class Launch:
 
 
 def _check_lists(params: Sequence[Tensor], grads: Sequence[Tensor],
-                 states: Sequence[Sequence[Tensor]]) -> None:
+                 states: Sequence[Sequence[Tensor]], absmax: Sequence[Sequence[Tensor] | None] = ()) -> None:
     n = len(params)
     if len(grads) != n or any(len(s) != n for s in states):
         raise ValueError(f"Invalid tensor lists: lengths params={n}, grads={len(grads)}, "
@@ -284,12 +320,27 @@ def _check_lists(params: Sequence[Tensor], grads: Sequence[Tensor],
                 raise ValueError(f"Invalid {name}[{i}]: shape {tuple(t.shape)}, params[{i}] has "
                                  f"{tuple(params[i].shape)}")
     for k, s in enumerate(states):
-        if not s[0].is_floating_point() or s[0].dtype == torch.float64:
+        amax = absmax[k] if k < len(absmax) else None
+        if amax is not None:
+            if s[0].dtype != torch.uint8:
+                raise TypeError(f"Invalid states[{k}] dtype {s[0].dtype}: 8-bit state (absmax given) is "
+                                "uint8 codes")
+            if len(amax) != n:
+                raise ValueError(f"Invalid absmax[{k}]: {len(amax)} tensors for {n} parameters")
+            for i, (a, t) in enumerate(zip(amax, s)):
+                nb = -(-t.numel() // Q8_BLOCK)
+                if (a.dtype != torch.float32 or a.device != device or not a.is_contiguous()
+                        or a.numel() != nb or a.layout != torch.strided):
+                    raise ValueError(f"Invalid absmax[{k}][{i}]: expected a contiguous float32 tensor of "
+                                     f"{nb} elements on {device}, got {a.dtype} {tuple(a.shape)} on "
+                                     f"{a.device}")
+        elif not s[0].is_floating_point() or s[0].dtype == torch.float64:
             raise TypeError(f"Invalid states[{k}] dtype {s[0].dtype}: the fused kernels keep state in "
-                            "float32 (or bfloat16/float16)")
+                            "float32 (or bfloat16/float16), or 8-bit codes with their absmax")
 
 
-def _build_plan(params: Sequence[Tensor], states: Sequence[Sequence[Tensor]], config: LaunchConfig) -> _Plan:
+def _build_plan(params: Sequence[Tensor], states: Sequence[Sequence[Tensor]], config: LaunchConfig,
+                lowp: "LowPrecision | None" = None) -> _Plan:
     device = params[0].device
     n = len(params)
     roles = [params, *states]
@@ -298,6 +349,12 @@ def _build_plan(params: Sequence[Tensor], states: Sequence[Sequence[Tensor]], co
     columns = [[t.numel() for t in params]]
     for lst, unit in zip(roles, units):
         columns.append(_offsets(lst, _witness(device, lst[0].dtype), unit))
+    if lowp is not None and lowp.on:  # parameter index, element offset, absmax offsets (elements)
+        columns.append(list(lowp.param_indices))
+        columns.append(list(lowp.element_offsets))
+        amax_base = _witness(device, torch.float32)
+        for amax in lowp.absmax:
+            columns.append([0] * n if amax is None else _offsets(amax, amax_base, 1))
     table = torch.tensor(columns, dtype=torch.int64).t().contiguous()
     counts = torch.tensor([-(-t.numel() // config.chunk) for t in params], dtype=torch.int64)
     n_work = int(counts.sum())
@@ -340,15 +397,19 @@ def _grads_match(plan: _Plan, grads: Sequence[Tensor]) -> bool:
 
 
 def prepare(params: Sequence[Tensor], grads: Sequence[Tensor],
-            states: Sequence[Sequence[Tensor]]) -> Launch | None:
-    """Tables and witnesses for one launch over ``params``/``grads``/``states`` (None: nothing to do).
+            states: Sequence[Sequence[Tensor]], lowp: "LowPrecision | None" = None) -> Launch | None:
+    """Tables and witnesses for one launch over ``params``/``grads``/``states`` (None: nothing to do);
+    ``lowp``: the launch stores with stochastic rounding and/or 8-bit state (:func:`low_precision`).
 
     Fast path (cache hit): O(len(params)) pointer reads, no allocation, no device work.
     """
     if not params:
         return None
     device = params[0].device
-    config = launch_config(device, params[0].dtype)
+    lowp = lowp if lowp is not None and lowp.on else None
+    absmax = lowp.absmax if lowp is not None else ()
+    config = launch_config(device, params[0].dtype, q8=lowp is not None and any(lowp.q8),
+                           narrow_state=any(s[0].element_size() < 4 for s in states if s))
     capturing = _capturing(device)
     write_back: list[tuple[Tensor, Tensor]] = []
     try:
@@ -364,13 +425,16 @@ def prepare(params: Sequence[Tensor], grads: Sequence[Tensor],
         ptrs = [tuple(map(Tensor.data_ptr, lst)) for lst in (params, grads, *states)]
     key = (device, params[0].dtype, tuple(s[0].dtype for s in states), config, ptrs[0], tuple(ptrs[2:]),
            tuple(map(Tensor.numel, params)))
+    if lowp is not None:
+        key += (lowp.param_indices, lowp.element_offsets,
+                tuple(None if a is None else tuple(map(Tensor.data_ptr, a)) for a in absmax))
     if len(grads) != len(params):
-        _check_lists(params, grads, states)
+        _check_lists(params, grads, states, absmax)
     plan = _plans.get(key)
     if plan is None:
-        _check_lists(params, grads, states)
-        params, states, write_back = _normalize(params, states)
-        plan = _build_plan(params, states, config)
+        _check_lists(params, grads, states, absmax)
+        params, states, write_back = _normalize(params, states, logical=lowp is not None)
+        plan = _build_plan(params, states, config, lowp)
         if capturing:
             _capture_keepalive.extend((plan.table, plan.work))
         elif not write_back:
@@ -381,7 +445,7 @@ def prepare(params: Sequence[Tensor], grads: Sequence[Tensor],
         plan.captured = True
     copied_grads = not _grads_match(plan, grads)
     if copied_grads:
-        _check_lists(params, grads, states)
+        _check_lists(params, grads, states, absmax)
         grads = [g if g.stride() == p.stride() and _dense(g) and (not g.numel() or g.data_ptr() % _ALIGN == 0)
                  else torch.empty_strided(p.shape, p.stride(), dtype=g.dtype, device=device).copy_(g)
                  for g, p in zip(grads, params)]
@@ -394,23 +458,26 @@ def prepare(params: Sequence[Tensor], grads: Sequence[Tensor],
              *(_witness(device, s[0].dtype) for s in states))
     return Launch(table=plan.table, gtab=gtab, work=plan.work, n_work=plan.n_work, bases=bases, units=units,
                   config=config, round_bf16=params[0].dtype == torch.bfloat16, write_back=write_back,
-                  keep=list(grads) if copied_grads else [])
+                  keep=list(grads) if copied_grads else [],
+                  ncols=(2 + len(states)) * (2 if lowp is not None else 1),
+                  amax_base=_witness(device, torch.float32))
 
 
 def _local(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
 
 
-def _normalize(params: Sequence[Tensor], states: Sequence[Sequence[Tensor]]
+def _normalize(params: Sequence[Tensor], states: Sequence[Sequence[Tensor]], logical: bool = False
                ) -> tuple[list[Tensor], list[list[Tensor]], list[tuple[Tensor, Tensor]]]:
-    """Replace tensors the kernel cannot walk linearly by contiguous working copies."""
+    """Replace tensors the kernel cannot walk linearly by contiguous working copies (``logical``:
+    every non-contiguous tensor, so that memory order is the row-major order the hash indexes)."""
     params, states = list(params), [list(s) for s in states]
     write_back: list[tuple[Tensor, Tensor]] = []
     for i, p in enumerate(params):
         group = [p] + [s[i] for s in states]
         if all(t.is_contiguous() for t in group):
             continue
-        if _dense(p) and all(t.stride() == p.stride() for t in group):
+        if not logical and _dense(p) and all(t.stride() == p.stride() for t in group):
             continue
         for lst in [params, *states]:
             t = lst[i]
@@ -427,6 +494,69 @@ def _normalize(params: Sequence[Tensor], states: Sequence[Sequence[Tensor]]
                 write_back.append((t, c))
                 lst[i] = c
     return params, states, write_back
+
+
+@dataclass(frozen=True)
+class LowPrecision:
+    """The low-precision part of one launch (:func:`low_precision`)."""
+
+    sr: bool  # stochastic rounding of bf16 parameters, bf16 state and 8-bit state
+    q8: tuple[bool, ...]  # per state role: 8-bit codes + absmax
+    absmax: tuple[tuple[Tensor, ...] | None, ...]  # per state role (None: a float role)
+    param_indices: tuple[int, ...]
+    element_offsets: tuple[int, ...]
+    k1: int = 0  # int32 bits of hash(hash(seed) ^ step), the tensors' common step
+    ktab: Tensor | None = None  # else per tensor (int64 table on the device)
+
+    @property
+    def on(self) -> bool:
+        return self.sr or any(self.q8)
+
+
+def _to_i32(x: int) -> int:
+    return x - (1 << 32) if x >= 1 << 31 else x
+
+
+def low_precision(params: Sequence[Tensor], state_steps: Sequence[Tensor], n_states: int, *,
+                  sr_seed: int | None = None, param_indices: Sequence[int] | None = None,
+                  absmax: Sequence[Sequence[Tensor] | None] | None = None,
+                  element_offset: int | Sequence[int] = 0) -> LowPrecision | None:
+    """The launchers' low-precision arguments as one :class:`LowPrecision` (None: none used).
+
+    ``sr_seed``: round stochastically with the hash of :mod:`tigeropt._lowp` (None: to nearest);
+    ``param_indices``: each parameter's index in the optimizer (the hash's parameter index; default
+    0, 1, ...); ``absmax``: per state role, the absmax tensors of 8-bit codes (None for a float
+    role); ``element_offset``: added to every element index (one int, or one per tensor: a DTensor
+    shard's first global element).  ``state_steps`` are already incremented (the hash's step).
+    """
+    from .. import _lowp
+
+    absmax = tuple(None if a is None else tuple(a) for a in (absmax or ()))
+    absmax = absmax + (None,) * (n_states - len(absmax))
+    q8 = tuple(a is not None for a in absmax)
+    if sr_seed is None and not any(q8):
+        return None
+    n = len(params)
+    indices = tuple(range(n)) if param_indices is None else tuple(int(i) for i in param_indices)
+    offsets = (element_offset,) * n if isinstance(element_offset, int) else tuple(map(int, element_offset))
+    if len(indices) != n or len(offsets) != n:
+        raise ValueError(f"Invalid param_indices/element_offset: {len(indices)}/{len(offsets)} entries for "
+                         f"{n} parameters")
+    k1, ktab = 0, None
+    if sr_seed is not None:
+        seed = _lowp.hash32_int(int(sr_seed))
+        steps = step_values(state_steps)
+        if steps is None:  # step counts on the device: the keys by device ops (no host sync)
+            t = torch.stack([s.reshape(()) for s in state_steps]).to(torch.int64) & _lowp.M32
+            ktab = _lowp.hash32(t ^ seed)
+        elif steps.count(steps[0]) == len(steps):
+            k1 = _to_i32(_lowp.hash32_int(seed ^ (int(steps[0]) & _lowp.M32)))
+        else:
+            device = params[0].device
+            ktab = _upload(torch.tensor([_lowp.hash32_int(seed ^ (int(s) & _lowp.M32)) for s in steps],
+                                        dtype=torch.int64), device)
+    return LowPrecision(sr=sr_seed is not None, q8=q8, absmax=absmax, param_indices=indices,
+                        element_offsets=offsets, k1=k1, ktab=ktab)
 
 
 def lr_argument(lr: float | Tensor, device: torch.device) -> tuple[float | Tensor, bool]:
@@ -529,5 +659,163 @@ def _st(ptr, offs, x, n, MASKED: tl.constexpr, ROUND_BF16: tl.constexpr):
 
 @triton.jit
 def _sign(x):
-    """sign(x): -1, 0 or 1, NaN for an inf/NaN x (tigeropt._base.nan_sign: sign(x) + 0*x)."""
-    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x)) + x * 0.0
+    """sign(x): -1, 0 or 1, NaN for an inf/NaN x: tigeropt._base.nan_sign, ``sign(x) + 0*x``, bit for
+    bit (torch.sign(-0.0) is +0.0, and the sum keeps a NaN's sign)."""
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0)) + x * 0.0
+
+
+# ------------------------------------------------------------------------------ low-precision helpers
+@triton.jit
+def _lowbias32(x):
+    """Chris Wellons' lowbias32 on uint32 (tigeropt._lowp.hash32)."""
+    x = x ^ (x >> 16)
+    x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _element_bits(key, e0, offs):
+    """32 random bits of elements ``e0 + offs`` (e0: int64 scalar) under ``key``
+    (tigeropt._lowp.element_bits), the 64-bit index as 32-bit halves with a carry."""
+    e0_lo = (e0 & 0xFFFFFFFF).to(tl.uint32)
+    lo = e0_lo + offs.to(tl.uint32)
+    hi = (e0 >> 32).to(tl.uint32) + (lo < e0_lo).to(tl.uint32)
+    return _lowbias32(_lowbias32(lo ^ key) ^ hi)
+
+
+@triton.jit
+def _lowp_item(ktab, k1, t, row, start, K: tl.constexpr, SR: tl.constexpr,
+               KEY_TABLE: tl.constexpr):
+    """(first element index, per-tensor key) of this program: the table's lowp columns (after the
+    K state offsets: parameter index, element offset) and ``hash(k1 ^ parameter index)``, with
+    k1 = hash(hash(seed) ^ step) the launch's argument or, per tensor, ``ktab[t]``."""
+    e0 = tl.load(row + 3 + K) + start
+    if SR:
+        if KEY_TABLE:
+            k = tl.load(ktab + t).to(tl.uint32)
+        else:
+            k = k1.to(tl.uint32, bitcast=True)
+        kt = _lowbias32(k ^ tl.load(row + 2 + K).to(tl.uint32))
+    else:
+        kt = tl.full((), 0, tl.uint32)
+    return e0, kt
+
+
+@triton.jit
+def _stream_key(kt, stream: tl.constexpr):
+    """The key of one stream (0: the parameter, 1 + i: state i) of a tensor: _lowp.key32."""
+    return _lowbias32(kt ^ stream)
+
+
+@triton.jit
+def _sr_bf16(x, bits):
+    """float32 -> bfloat16 rounded stochastically: (bits of x + upper 16 random bits) >> 16, NaN ->
+    0x7fc0 (tigeropt._lowp.round_bf16)."""
+    hi = (x.to(tl.uint32, bitcast=True) + (bits >> 16)) >> 16
+    hi = tl.where(x == x, hi, tl.full(hi.shape, 0x7FC0, tl.uint32))
+    return hi.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _st_lowp(ptr, offs, x, n, key, e0, SR: tl.constexpr, MASKED: tl.constexpr):
+    """Store a float32 block into ``ptr``'s dtype: bfloat16 rounded to nearest (:func:`_to_bf16`) or,
+    with SR, stochastically (element indices ``e0 + offs``); other dtypes by a cast."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        if SR:
+            y = _sr_bf16(x, _element_bits(key, e0, offs))
+        else:
+            y = _to_bf16(x)
+    else:
+        y = x.to(ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(ptr + offs, y, mask=offs < n)
+    else:
+        tl.store(ptr + offs, y)
+
+
+@triton.jit
+def _q8_offsets(i, BLOCK: tl.constexpr, Q8: tl.constexpr):
+    """(element offsets, block rows) of inner step ``i``: the tile as [BLOCK // 256, 256] with 8-bit
+    state (rows: the 256-element blocks' indices in the chunk), else flat (rows unused)."""
+    if Q8:
+        rows = i * (BLOCK // 256) + tl.arange(0, BLOCK // 256)
+        offs = rows[:, None] * 256 + tl.arange(0, 256)[None, :]
+    else:
+        rows = i
+        offs = i * BLOCK + tl.arange(0, BLOCK)
+    return offs, rows
+
+
+@triton.jit
+def _ld_q8(cp, ap, offs, rows, n, MASKED: tl.constexpr):
+    """Decode a [R, 256] tile of e4m3 codes with their blocks' absmax (tigeropt._lowp.decode_8bit)."""
+    if MASKED:
+        c = tl.load(cp + offs, mask=offs < n, other=0)
+        amax = tl.load(ap + rows, mask=rows * 256 < n, other=0.0)
+    else:
+        c = tl.load(cp + offs)
+        amax = tl.load(ap + rows)
+    c = c.to(tl.int32)
+    e = (c >> 3) & 15
+    mant = c & 7
+    q = tl.where(e == 0, mant, mant + 8).to(tl.float32)
+    v = q * ((tl.maximum(e, 1) + 117) << 23).to(tl.float32, bitcast=True)  # * 2^(max(e, 1) - 10)
+    v = tl.where((c & 0x80) != 0, -v, v)
+    nan = (((c & 0x80) << 24) | 0x7FF00000).to(tl.float32, bitcast=True)  # torch's e4m3 NaN, signed
+    v = tl.where((c & 0x7F) == 0x7F, nan, v)
+    scale = tl.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    return v * scale[:, None]
+
+
+@triton.jit
+def _st_q8(cp, ap, offs, rows, x, n, key, e0, SR: tl.constexpr, MASKED: tl.constexpr):
+    """Encode a [R, 256] float32 tile as e4m3 codes + one absmax per row (tigeropt._lowp.encode_8bit:
+    rounded to nearest, ties to even, or with SR up with probability the discarded fraction)."""
+    a = tl.abs(x)
+    finite = a < float("inf")  # False for inf and NaN
+    a = tl.where(finite, a, 0.0)
+    if MASKED:
+        a = tl.where(offs < n, a, 0.0)
+    amax = tl.max(a, axis=1)
+    scale = tl.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    y = tl.div_rn(a, tl.where(scale > 0, scale, 1.0)[:, None])
+    y = tl.minimum(y, 448.0)
+    ex = tl.maximum((y.to(tl.int32, bitcast=True) >> 23) - 127, -6)  # e4m3's exponent (subnormals: -6)
+    t = y * ((130 - ex) << 23).to(tl.float32, bitcast=True)  # y / 2^(ex - 3): units of the spacing
+    fl = tl.floor(t)
+    frac = t - fl
+    k = fl.to(tl.int32)
+    if SR:
+        r = (_element_bits(key, e0, offs) >> 8).to(tl.float32) * 5.9604644775390625e-08  # * 2^-24
+        up = frac > r
+    else:
+        up = (frac > 0.5) | ((frac == 0.5) & ((k & 1) == 1))
+    code = (ex + 6) * 8 + k + up.to(tl.int32)  # exponent field * 8 + mantissa, carries included
+    code = tl.where(finite, code, 0x7F) | ((x.to(tl.int32, bitcast=True) >> 24) & 0x80)
+    if MASKED:
+        tl.store(cp + offs, code.to(tl.uint8), mask=offs < n)
+        tl.store(ap + rows, amax, mask=rows * 256 < n)
+    else:
+        tl.store(cp + offs, code.to(tl.uint8))
+        tl.store(ap + rows, amax)
+
+
+@triton.jit
+def _ld_state(ptr, ap, offs, rows, n, Q8: tl.constexpr, MASKED: tl.constexpr):
+    """A state block as float32: decoded 8-bit codes, or a float load."""
+    if Q8:
+        x = _ld_q8(ptr, ap, offs, rows, n, MASKED)
+    else:
+        x = _ld(ptr, offs, n, MASKED)
+    return x
+
+
+@triton.jit
+def _st_state(ptr, ap, offs, rows, x, n, key, e0, SR: tl.constexpr, Q8: tl.constexpr, MASKED: tl.constexpr):
+    """Store a float32 state block: 8-bit encoded, or float (bf16 rounded, stochastically with SR)."""
+    if Q8:
+        _st_q8(ptr, ap, offs, rows, x, n, key, e0, SR, MASKED)
+    else:
+        _st_lowp(ptr, offs, x, n, key, e0, SR, MASKED)

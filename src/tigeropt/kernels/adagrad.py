@@ -5,10 +5,12 @@ per-tensor ``clr = lr / (1 + (t-1)*lr_decay)``:
 
     g = -g                                    (maximize)
     g = g + wd*p                              (weight decay, L2)
-    standard (== torch.optim.Adagrad):   G = G + g^2;  p = p - clr * g / (sqrt(G) + eps)
+    standard (== torch.optim.Adagrad):   G = G + g^2;  p = p + (-clr * g) / (sqrt(G) + eps)
     GloVe-style (glove.c):               g = clip(g, -c, c) (optional);  u = clr*g;
                                          p = p - u / sqrt(G);  G = G + u^2
 
+rounded as the reference's torch ops round (``add_(x, alpha=a)`` and ``addcmul_`` are fused
+multiply-adds; for a float lr, clr is computed in float64 on the host).
 ``skip_nonfinite_rows`` (a per-row reduction) is not done here; the optimizer routes it to the
 reference path.  The lr-decay factor ``1/(1 + (t-1)*lr_decay)`` is one kernel argument when all
 tensors share a step (or lr_decay is 0), else one entry per tensor in a small device table;
@@ -23,11 +25,18 @@ from torch import Tensor
 from .._ops import compiling, join_lr, split_lr
 from ._common import (
     _ld,
+    _ld_state,
+    _lowp_item,
     _lr_value,
+    _q8_offsets,
     _st,
+    _st_lowp,
+    _st_state,
+    _stream_key,
     _tensor_ptr,
     _work_item,
     check_not_capturing_host_steps,
+    low_precision,
     lr_argument,
     per_tensor_table,
     prepare,
@@ -38,95 +47,145 @@ __all__ = ["fused_adagrad"]
 
 
 @triton.jit
-def _adagrad_block(pp, gp, sp, offs, n, clr, wd, eps, clip,
-                   MAXIMIZE: tl.constexpr, GLOVE: tl.constexpr, CLIP: tl.constexpr,
-                   ROUND_BF16: tl.constexpr, MASKED: tl.constexpr):
-    p = _ld(pp, offs, n, MASKED)
-    g = _ld(gp, offs, n, MASKED)
-    acc = _ld(sp, offs, n, MASKED)
+def _adagrad_update(p, g, acc, clr, wd, eps, clip, MAXIMIZE: tl.constexpr, GLOVE: tl.constexpr,
+                    CLIP: tl.constexpr):
     if MAXIMIZE:
         g = -g
-    g = tl.where(wd != 0.0, g + wd * p, g)  # skipped at wd = 0 like the reference (inf params)
+    g = tl.where(wd != 0.0, tl.fma(p, wd, g), g)  # skipped at wd = 0 like the reference (inf params)
     if GLOVE:
         if CLIP:
             g = tl.where(g < -clip, -clip, tl.where(g > clip, clip, g))
-        u = clr * g
+        u = g * clr
         p = p - tl.div_rn(u, tl.sqrt_rn(acc))
-        acc = acc + u * u
+        acc = tl.fma(u, u, acc)
     else:
-        acc = acc + g * g
-        p = p - clr * tl.div_rn(g, tl.sqrt_rn(acc) + eps)
+        acc = tl.fma(g, g, acc)
+        p = p + tl.div_rn(-clr * g, tl.sqrt_rn(acc) + eps)
+    return p, acc
+
+
+@triton.jit
+def _adagrad_block(pp, gp, sp, offs, n, clr, wd, eps, clip,
+                   MAXIMIZE: tl.constexpr, GLOVE: tl.constexpr, CLIP: tl.constexpr,
+                   ROUND_BF16: tl.constexpr, MASKED: tl.constexpr):
+    """One block with float state (the row kernels' step)."""
+    p = _ld(pp, offs, n, MASKED)
+    g = _ld(gp, offs, n, MASKED)
+    acc = _ld(sp, offs, n, MASKED)
+    p, acc = _adagrad_update(p, g, acc, clr, wd, eps, clip, MAXIMIZE, GLOVE, CLIP)
     _st(sp, offs, acc, n, MASKED, False)
     _st(pp, offs, p, n, MASKED, ROUND_BF16)
 
 
 @triton.jit
-def _adagrad_kernel(table, work, gtab, p_base, g_base, s_base, scal, lr, factor, wd, eps, clip,
+def _adagrad_step(pp, gp, sp, sa, offs, rows, n, clr, wd, eps, clip, kt, e0,
+                  MAXIMIZE: tl.constexpr, GLOVE: tl.constexpr, CLIP: tl.constexpr, SR: tl.constexpr,
+                  Q8_S: tl.constexpr, MASKED: tl.constexpr):
+    p = _ld(pp, offs, n, MASKED)
+    g = _ld(gp, offs, n, MASKED)
+    acc = _ld_state(sp, sa, offs, rows, n, Q8_S, MASKED)
+    p, acc = _adagrad_update(p, g, acc, clr, wd, eps, clip, MAXIMIZE, GLOVE, CLIP)
+    _st_state(sp, sa, offs, rows, acc, n, _stream_key(kt, 1), e0, SR, Q8_S, MASKED)
+    _st_lowp(pp, offs, p, n, _stream_key(kt, 0), e0, SR, MASKED)
+
+
+@triton.jit(do_not_specialize=["k1"])
+def _adagrad_kernel(table, work, gtab, p_base, g_base, s_base, a_base, ktab, scal, lr, factor, wd, eps, clip,
+                    k1,
                     NCOLS: tl.constexpr, U_P: tl.constexpr, U_G: tl.constexpr, U_S: tl.constexpr,
                     MAXIMIZE: tl.constexpr, GLOVE: tl.constexpr, CLIP: tl.constexpr,
-                    PER_TENSOR: tl.constexpr, LR_PTR: tl.constexpr, ROUND_BF16: tl.constexpr,
-                    BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+                    PER_TENSOR: tl.constexpr, LR_PTR: tl.constexpr, SR: tl.constexpr, Q8_S: tl.constexpr,
+                    KEY_TABLE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     t, row, start, n = _work_item(work, table, NCOLS, CHUNK)
     pp = _tensor_ptr(p_base, tl.load(row + 1), U_P, start)
     sp = _tensor_ptr(s_base, tl.load(row + 2), U_S, start)
     gp = _tensor_ptr(g_base, tl.load(gtab + t), U_G, start)
+    # a float lr: the host passes clr = lr/(1 + (t-1)*lr_decay) itself (float64, as the reference),
+    # as ``factor`` or per tensor in ``scal``; an lr tensor: the kernel multiplies lr by them
     if PER_TENSOR:
-        clr = _lr_value(lr, LR_PTR) * tl.load(scal + t)
+        clr = tl.load(scal + t)
     else:
-        clr = _lr_value(lr, LR_PTR) * factor
+        clr = factor
+    if LR_PTR:
+        clr = _lr_value(lr, LR_PTR) * clr
+    if SR or Q8_S:
+        e0, kt = _lowp_item(ktab, k1, t, row, start, 1, SR, KEY_TABLE)
+    else:
+        e0, kt = start, tl.full((), 0, tl.uint32)
+    if Q8_S:
+        sa = a_base + tl.load(row + 5) + start // 256
+    else:
+        sa = a_base
     n_full = n // BLOCK
     for i in range(n_full):
-        offs = i * BLOCK + tl.arange(0, BLOCK)
-        _adagrad_block(pp, gp, sp, offs, n, clr, wd, eps, clip, MAXIMIZE, GLOVE, CLIP, ROUND_BF16, False)
+        offs, rows = _q8_offsets(i, BLOCK, Q8_S)
+        _adagrad_step(pp, gp, sp, sa, offs, rows, n, clr, wd, eps, clip, kt, e0, MAXIMIZE, GLOVE, CLIP, SR,
+                      Q8_S, False)
     if n_full * BLOCK < n:
-        offs = n_full * BLOCK + tl.arange(0, BLOCK)
-        _adagrad_block(pp, gp, sp, offs, n, clr, wd, eps, clip, MAXIMIZE, GLOVE, CLIP, ROUND_BF16, True)
+        offs, rows = _q8_offsets(n_full, BLOCK, Q8_S)
+        _adagrad_step(pp, gp, sp, sa, offs, rows, n, clr, wd, eps, clip, kt, e0, MAXIMIZE, GLOVE, CLIP, SR,
+                      Q8_S, True)
 
 
 @torch.no_grad()
 def fused_adagrad(params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor],
                   state_steps: list[Tensor], *, lr: float | Tensor, lr_decay: float,
                   weight_decay: float, eps: float, glove: bool, grad_clip_value: float | None,
-                  skip_nonfinite_rows: bool, maximize: bool) -> None:
+                  skip_nonfinite_rows: bool, maximize: bool, sr_seed: int | None = None,
+                  param_indices: list[int] | None = None, absmax: list[list[Tensor] | None] | None = None,
+                  element_offset: int | list[int] = 0) -> None:
     """Adagrad (standard or ``glove=True``) over whole tensor lists in one Triton launch (same
-    arguments as the foreach function ``tigeropt.adagrad._multi_tensor_adagrad``)."""
+    arguments as the foreach function ``tigeropt.adagrad._multi_tensor_adagrad``).
+
+    Low precision (:mod:`tigeropt._lowp`, bit for bit): bf16 ``state_sums`` are stored rounded to
+    nearest, or stochastically with ``sr_seed`` (which also rounds bf16 parameters stochastically);
+    ``absmax=[sum_absmaxs]`` makes ``state_sums`` 8-bit codes (the optimizer keeps its sum in bf16
+    under "8bit"); ``param_indices``, ``element_offset``:
+    :func:`tigeropt.kernels._common.low_precision`.
+    """
     if skip_nonfinite_rows:
         raise ValueError("fused_adagrad does not implement skip_nonfinite_rows=True (a per-row reduction); "
                          "use the reference path")
-    if compiling():
+    lowp = low_precision(params, state_steps, 1, sr_seed=sr_seed, param_indices=param_indices, absmax=absmax,
+                         element_offset=element_offset)
+    if compiling() and lowp is None:
         torch.ops.tigeropt.triton_adagrad(params, grads, state_sums, state_steps, *split_lr(lr), lr_decay,
                                           weight_decay, eps, glove, grad_clip_value, maximize)
         return
-    launch = prepare(params, grads, [state_sums])
+    launch = prepare(params, grads, [state_sums], lowp)
     if launch is None:
         return
     device = params[0].device
     scal: Tensor = launch.table
     per_tensor = False
-    factor = 1.0
+    lr_arg, lr_ptr = lr_argument(lr, device)
+    # lr*factor for a float lr (clr, float64 as the reference computes it), else factor
+    lr_f = 1.0 if lr_ptr else float(lr_arg)
+    factor = lr_f
     if lr_decay != 0.0:
         steps = step_values(state_steps)
         if steps is None:
             t = torch.stack([s.reshape(()) for s in state_steps]).to(torch.float64)
-            scal = (1.0 / (1.0 + (t - 1.0) * lr_decay)).to(device=device, dtype=torch.float32)
+            scal = (lr_f / (1.0 + (t - 1.0) * lr_decay)).to(device=device, dtype=torch.float32)
             per_tensor = True
         else:
             check_not_capturing_host_steps(device, "fused_adagrad with lr_decay")
             if steps.count(steps[0]) == len(steps):
-                factor = 1.0 / (1.0 + (steps[0] - 1.0) * lr_decay)
+                factor = lr_f / (1 + (steps[0] - 1) * lr_decay)
             else:
-                scal = per_tensor_table([1.0 / (1.0 + (s - 1.0) * lr_decay) for s in steps], device)
+                scal = per_tensor_table([lr_f / (1 + (s - 1) * lr_decay) for s in steps], device)
                 per_tensor = True
-    lr_arg, lr_ptr = lr_argument(lr, device)
     cfg = launch.config
     u_p, u_g, u_s = launch.units
     clip = grad_clip_value is not None and bool(glove)
+    on = lowp is not None
     _adagrad_kernel[launch.grid](
-        launch.table, launch.work, launch.gtab, *launch.bases, scal, lr_arg, float(factor),
-        float(weight_decay), float(eps), float(grad_clip_value) if clip else 0.0,
-        NCOLS=3, U_P=u_p, U_G=u_g, U_S=u_s, MAXIMIZE=bool(maximize), GLOVE=bool(glove), CLIP=clip,
-        PER_TENSOR=per_tensor, LR_PTR=lr_ptr, ROUND_BF16=launch.round_bf16, BLOCK=cfg.block,
-        CHUNK=cfg.chunk, num_warps=cfg.num_warps)
+        launch.table, launch.work, launch.gtab, *launch.bases, launch.amax_base,
+        lowp.ktab if on and lowp.ktab is not None else launch.table, scal, lr_arg, float(factor),
+        float(weight_decay), float(eps), float(grad_clip_value) if clip else 0.0, lowp.k1 if on else 0,
+        NCOLS=launch.ncols, U_P=u_p, U_G=u_g, U_S=u_s, MAXIMIZE=bool(maximize), GLOVE=bool(glove), CLIP=clip,
+        PER_TENSOR=per_tensor, LR_PTR=lr_ptr, SR=on and lowp.sr, Q8_S=on and lowp.q8[0],
+        KEY_TABLE=on and lowp.ktab is not None, BLOCK=cfg.block, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
     launch.finish()
 
 

@@ -7,6 +7,9 @@ Per element, in float32 whatever the parameter dtype (state ``m`` is float32):
     p = p*(1 - lr*wd) - lr*sign(c)          (decoupled weight decay; sign(0) = 0)
     m = b2*m + (1-b2)*g
 
+rounded as the reference's torch ops round (``add_(x, alpha=a)`` is one fused multiply-add, and
+``1 - lr*wd`` is computed in float64 on the host for a float lr): bit for bit the reference.
+
 The parameter is rounded once, at the store.  Launch design and table caching:
 :mod:`tigeropt.kernels._common`.
 """
@@ -17,67 +20,131 @@ import triton.language as tl
 from torch import Tensor
 
 from .._ops import compiling, join_lr, split_lr
-from ._common import _ld, _lr_value, _sign, _st, _tensor_ptr, _work_item, lr_argument, prepare
+from ._common import (
+    _ld,
+    _ld_state,
+    _lowp_item,
+    _lr_value,
+    _q8_offsets,
+    _sign,
+    _st,
+    _st_lowp,
+    _st_state,
+    _stream_key,
+    _tensor_ptr,
+    _work_item,
+    low_precision,
+    lr_argument,
+    prepare,
+)
 
 __all__ = ["fused_lion"]
 
 
 @triton.jit
+def _lion_update(p, g, m, lr, beta1, omb1, beta2, omb2, decay, MAXIMIZE: tl.constexpr):
+    if MAXIMIZE:
+        g = -g
+    c = tl.fma(g, omb1, m * beta1)
+    p = tl.fma(_sign(c), -lr, p * decay)
+    m = tl.fma(g, omb2, m * beta2)
+    return p, m
+
+
+@triton.jit
 def _lion_block(pp, gp, mp, offs, n, lr, beta1, omb1, beta2, omb2, wd,
                 MAXIMIZE: tl.constexpr, ROUND_BF16: tl.constexpr, MASKED: tl.constexpr):
+    """One block with float state (the row kernels' step; decay 1 - lr*wd in float32)."""
     p = _ld(pp, offs, n, MASKED)
     g = _ld(gp, offs, n, MASKED)
     m = _ld(mp, offs, n, MASKED)
-    if MAXIMIZE:
-        g = -g
-    c = m * beta1 + g * omb1
-    p = p * (1.0 - lr * wd) - lr * _sign(c)
-    m = m * beta2 + g * omb2
+    p, m = _lion_update(p, g, m, lr, beta1, omb1, beta2, omb2, 1.0 - lr * wd, MAXIMIZE)
     _st(mp, offs, m, n, MASKED, False)
     _st(pp, offs, p, n, MASKED, ROUND_BF16)
 
 
 @triton.jit
-def _lion_kernel(table, work, gtab, p_base, g_base, m_base, lr, beta1, omb1, beta2, omb2, wd,
+def _lion_step(pp, gp, mp, ma, offs, rows, n, lr, beta1, omb1, beta2, omb2, decay, kt, e0,
+               MAXIMIZE: tl.constexpr, SR: tl.constexpr, Q8_M: tl.constexpr, MASKED: tl.constexpr):
+    p = _ld(pp, offs, n, MASKED)
+    g = _ld(gp, offs, n, MASKED)
+    m = _ld_state(mp, ma, offs, rows, n, Q8_M, MASKED)
+    p, m = _lion_update(p, g, m, lr, beta1, omb1, beta2, omb2, decay, MAXIMIZE)
+    _st_state(mp, ma, offs, rows, m, n, _stream_key(kt, 1), e0, SR, Q8_M, MASKED)
+    _st_lowp(pp, offs, p, n, _stream_key(kt, 0), e0, SR, MASKED)
+
+
+@triton.jit(do_not_specialize=["k1"])
+def _lion_kernel(table, work, gtab, p_base, g_base, m_base, a_base, ktab, lr, beta1, omb1, beta2, omb2, wd,
+                 decay, k1,
                  NCOLS: tl.constexpr, U_P: tl.constexpr, U_G: tl.constexpr, U_M: tl.constexpr,
-                 MAXIMIZE: tl.constexpr, LR_PTR: tl.constexpr, ROUND_BF16: tl.constexpr,
-                 BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+                 MAXIMIZE: tl.constexpr, LR_PTR: tl.constexpr, SR: tl.constexpr, Q8_M: tl.constexpr,
+                 KEY_TABLE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     t, row, start, n = _work_item(work, table, NCOLS, CHUNK)
     pp = _tensor_ptr(p_base, tl.load(row + 1), U_P, start)
     mp = _tensor_ptr(m_base, tl.load(row + 2), U_M, start)
     gp = _tensor_ptr(g_base, tl.load(gtab + t), U_G, start)
     lr_v = _lr_value(lr, LR_PTR)
+    if LR_PTR:
+        decay_v = 1.0 - lr_v * wd
+    else:
+        decay_v = decay  # 1 - lr*wd computed in float64 on the host, as the reference does
+    if SR or Q8_M:
+        e0, kt = _lowp_item(ktab, k1, t, row, start, 1, SR, KEY_TABLE)
+    else:
+        e0, kt = start, tl.full((), 0, tl.uint32)
+    if Q8_M:
+        ma = a_base + tl.load(row + 5) + start // 256
+    else:
+        ma = a_base
     n_full = n // BLOCK
     for i in range(n_full):
-        offs = i * BLOCK + tl.arange(0, BLOCK)
-        _lion_block(pp, gp, mp, offs, n, lr_v, beta1, omb1, beta2, omb2, wd, MAXIMIZE, ROUND_BF16, False)
+        offs, rows = _q8_offsets(i, BLOCK, Q8_M)
+        _lion_step(pp, gp, mp, ma, offs, rows, n, lr_v, beta1, omb1, beta2, omb2, decay_v, kt, e0,
+                   MAXIMIZE, SR, Q8_M, False)
     if n_full * BLOCK < n:
-        offs = n_full * BLOCK + tl.arange(0, BLOCK)
-        _lion_block(pp, gp, mp, offs, n, lr_v, beta1, omb1, beta2, omb2, wd, MAXIMIZE, ROUND_BF16, True)
+        offs, rows = _q8_offsets(n_full, BLOCK, Q8_M)
+        _lion_step(pp, gp, mp, ma, offs, rows, n, lr_v, beta1, omb1, beta2, omb2, decay_v, kt, e0,
+                   MAXIMIZE, SR, Q8_M, True)
 
 
 @torch.no_grad()
 def fused_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                state_steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float,
-               weight_decay: float, maximize: bool) -> None:
+               weight_decay: float, maximize: bool, sr_seed: int | None = None,
+               param_indices: list[int] | None = None, absmax: list[list[Tensor] | None] | None = None,
+               element_offset: int | list[int] = 0) -> None:
     """Lion over whole tensor lists in one Triton launch (same arguments as the foreach function
-    ``tigeropt.lion._multi_tensor_lion``; ``state_steps`` is not used)."""
-    if compiling():
+    ``tigeropt.lion._multi_tensor_lion``; ``state_steps`` already incremented).
+
+    Low precision (:mod:`tigeropt._lowp`, bit for bit): bf16 state is stored rounded to nearest, or
+    stochastically with ``sr_seed`` (which also rounds bf16 parameters stochastically); ``absmax``
+    (per state tensor list, None for a float one) makes a state list 8-bit codes; ``param_indices``
+    (the hash's parameter indices, default 0, 1, ...) and ``element_offset`` (added to the element
+    indices): :func:`tigeropt.kernels._common.low_precision`.
+    """
+    lowp = low_precision(params, state_steps, 1, sr_seed=sr_seed, param_indices=param_indices, absmax=absmax,
+                         element_offset=element_offset)
+    if compiling() and lowp is None:
         torch.ops.tigeropt.triton_lion(params, grads, exp_avgs, state_steps, *split_lr(lr), beta1, beta2,
                                        weight_decay, maximize)
         return
-    launch = prepare(params, grads, [exp_avgs])
+    launch = prepare(params, grads, [exp_avgs], lowp)
     if launch is None:
         return
     lr_arg, lr_ptr = lr_argument(lr, params[0].device)
     cfg = launch.config
     u_p, u_g, u_m = launch.units
     b1, b2 = float(beta1), float(beta2)
+    decay = 0.0 if lr_ptr else 1.0 - float(lr_arg) * float(weight_decay)
+    on = lowp is not None
     _lion_kernel[launch.grid](
-        launch.table, launch.work, launch.gtab, *launch.bases, lr_arg, b1, 1.0 - b1, b2, 1.0 - b2,
-        float(weight_decay),
-        NCOLS=3, U_P=u_p, U_G=u_g, U_M=u_m, MAXIMIZE=bool(maximize), LR_PTR=lr_ptr,
-        ROUND_BF16=launch.round_bf16, BLOCK=cfg.block, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
+        launch.table, launch.work, launch.gtab, *launch.bases, launch.amax_base,
+        lowp.ktab if on and lowp.ktab is not None else launch.table, lr_arg, b1, 1.0 - b1, b2, 1.0 - b2,
+        float(weight_decay), decay, lowp.k1 if on else 0,
+        NCOLS=launch.ncols, U_P=u_p, U_G=u_g, U_M=u_m, MAXIMIZE=bool(maximize), LR_PTR=lr_ptr,
+        SR=on and lowp.sr, Q8_M=on and lowp.q8[0], KEY_TABLE=on and lowp.ktab is not None,
+        BLOCK=cfg.block, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
     launch.finish()
 
 
