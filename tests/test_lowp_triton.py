@@ -179,3 +179,47 @@ def test_low_precision_kernels_equal_the_reference_path(monkeypatch, cls, kw, pr
         assert not handled
     else:  # the low-precision Triton step took every parameter
         assert sum(handled) == 2 * len(fused)
+
+
+@pytest.mark.parametrize("name", ["tiger", "adax"])
+def test_element_offset_shifts_the_hash_indices(name):
+    """``element_offset`` (a DTensor shard's first global element) keys the hash with global indices:
+    the launcher equals the torch code given the same offset (a multiple of 256 for 8-bit state, whose
+    blocks are then the whole tensor's)."""
+    from tigeropt.adax import _single_tensor_adax
+    from tigeropt.kernels.adax import fused_adax
+    from tigeropt.kernels.tiger import fused_tiger
+    from tigeropt.tiger import _single_tensor_tiger
+
+    gen = torch.Generator().manual_seed(3)
+    n, offset, seed, step, pidx = 700, 3 * 2 ** 32 + 512, 99, 5, 2
+    p = torch.randn(n, generator=gen).bfloat16().to(DEVICE)
+    g = torch.randn(n, generator=gen).bfloat16().to(DEVICE)
+    m = torch.randn(n, generator=gen).to(DEVICE) * 0.1
+    v = torch.rand(n, generator=gen).to(DEVICE)
+    codes, amax = _lowp.encode_8bit(m)
+    steps = [torch.tensor(float(step))]
+    if name == "tiger":
+        kw = dict(lr=0.03, beta=0.9, weight_decay=0.1, maximize=False)
+        ref_p, ref_m = [p.float()], [_lowp.decode_8bit(codes, amax)]
+        _single_tensor_tiger(ref_p, [g], ref_m, steps, **kw)
+        states, absmax = [codes.clone()], [[amax.clone()]]
+        fused_tiger([p_f := p.clone()], [g], states, steps, **kw, sr_seed=seed, param_indices=[pidx],
+                    absmax=absmax, element_offset=offset)
+        want_m = _lowp.encode_8bit(ref_m[0], _lowp.key32(seed, step, pidx, 1), offset=offset)
+        assert torch.equal(states[0], want_m[0]) and torch.equal(absmax[0][0], want_m[1])
+    else:
+        kw = dict(lr=0.01, beta1=0.9, beta2=1e-4, eps=1e-12, weight_decay=0.05, decoupled_weight_decay=False,
+                  maximize=False)
+        states = [m.bfloat16(), v.bfloat16()]
+        ref_p, ref_m, ref_v = [p.float()], [states[0].float()], [states[1].float()]
+        _single_tensor_adax(ref_p, [g], ref_m, ref_v, steps, **kw)
+        fused_adax([p_f := p.clone()], [g], [states[0]], [states[1]], steps, **kw, sr_seed=seed,
+                   param_indices=[pidx], element_offset=[offset])
+        for i, (got, want) in enumerate(zip(states, (ref_m[0], ref_v[0]))):
+            key = _lowp.key32(seed, step, pidx, 1 + i)
+            want = _lowp.round_bf16(want, key, offset=offset)
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    want_p = _lowp.round_bf16(ref_p[0], _lowp.key32(seed, step, pidx, 0), offset=offset)
+    assert torch.equal(p_f.view(torch.int16), want_p.view(torch.int16))
+    assert not torch.equal(want_p, _lowp.round_bf16(ref_p[0], _lowp.key32(seed, step, pidx, 0)))  # it matters

@@ -706,7 +706,9 @@ class TigerOptimizer(Optimizer):
         (parameter, gradient, state dtypes) launch, reading and storing the low-precision tensors
         themselves, bit for bit the reference low-precision step (:mod:`tigeropt._lowp`; the keys
         from the same step counts, parameter indices and element indices).  Returns the positions
-        it left to the caller (fp64 math, sparse gradients, DTensors; a path that is not Triton).
+        it left to the caller (fp64 math, sparse gradients, DTensors with 8-bit state, whose blocks
+        may span shards; a path that is not Triton).  A DTensor shard's elements are keyed by their
+        global indices (``element_offset``: :func:`_shard_offset`).
         """
         if md != torch.float32 or compiling() or self._path(group, device, md) != "fused":
             return js
@@ -714,10 +716,11 @@ class TigerOptimizer(Optimizer):
         rest = []
         for j in js:
             p, g = params[j], grads[j]
-            if p.dtype not in TRITON_DTYPES or g.is_sparse or _is_dtensor(p):
+            st = self.state[p]
+            if (p.dtype not in TRITON_DTYPES or g.is_sparse
+                    or (_is_dtensor(p) and any(st[k].dtype == torch.uint8 for k in self.state_keys))):
                 rest.append(j)
                 continue
-            st = self.state[p]
             launches.setdefault((p.dtype, g.dtype, *(st[k].dtype for k in self.state_keys)), []).append(j)
         if not launches:
             return js
@@ -733,7 +736,8 @@ class TigerOptimizer(Optimizer):
             absmax = [[st[k + "_absmax"] for st in states] if lst[0].dtype == torch.uint8 else None
                       for k, lst in zip(self.state_keys, lists)]
             impl(ps, [grads[j] for j in members], *lists, steps, **hyper, sr_seed=seed,
-                 param_indices=[index[id(p)] for p in ps], absmax=absmax)
+                 param_indices=[index[id(p)] for p in ps], absmax=absmax,
+                 element_offset=[_shard_offset(p, type(self).__name__) for p in ps])
         return rest
 
     def _rows_low_precision(self, p: Tensor, g: Tensor, hyper: dict[str, Any], seed: int | None,
