@@ -346,8 +346,11 @@ def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
 @pytest.mark.parametrize("kw", [{}, dict(lr_decay=0.1, weight_decay=0.1), dict(maximize=True)], ids=str)
 def test_adagrad_reference_bitwise_and_every_path_within_2_ulp_of_torch(dtype: torch.dtype,
                                                                        kw: dict[str, Any]) -> None:
-    """Reference and foreach are bit-identical to torch.optim.Adagrad; the fused C step (IEEE sqrt,
-    where torch's CPU sqrt is not always correctly rounded) and sparse rows are within 2 ulp per step."""
+    """float32: reference, foreach and the fused C and Triton steps are bit-identical (each rounds
+    sqrt correctly: tigeropt._math.sqrt_rn, IEEE sqrtf), torch.optim.Adagrad within 1 ulp per step
+    (torch's vectorized float32 CPU sqrt leaves about 17% of the elements one unit off).  float64:
+    reference and foreach are bit-identical to torch.optim.Adagrad (torch's sqrt), the fused C step
+    (IEEE sqrt) within 2 ulp.  The sum is torch's bit for bit; sparse rows within 2 ulp per step."""
     gen = torch.Generator().manual_seed(5)
     base = torch.rand(300, 7, generator=gen, dtype=dtype) + 2.0        # in [2, 3): one ulp size
     grads = [torch.randn(300, 7, generator=gen, dtype=dtype) for _ in range(4)]
@@ -363,10 +366,15 @@ def test_adagrad_reference_bitwise_and_every_path_within_2_ulp_of_torch(dtype: t
         for name, (q, opt) in ours.items():
             q.grad = g.to_sparse(1) if name == "sparse" else g.clone()
             opt.step()
-            if name in ("reference", "foreach"):
-                assert torch.equal(q, t_p) and torch.equal(opt.state[q]["sum"], want_sum), name
+        ref, ref_opt = ours["reference"]
+        assert torch.equal(ref_opt.state[ref]["sum"], want_sum)
+        assert _ulps(ref.detach(), t_p.detach()) <= (1 if dtype == torch.float32 else 0)
+        for name, (q, opt) in ours.items():
+            if name == "foreach" or (name != "sparse" and dtype == torch.float32):
+                assert torch.equal(q, ref) and torch.equal(opt.state[q]["sum"], want_sum), name
             else:
                 assert _ulps(q.detach(), t_p.detach()) <= 2, name
+        for q, opt in ours.values():
             # restart every path from torch's numbers, so the bound is per step
             with torch.no_grad():
                 q.copy_(t_p)
