@@ -322,15 +322,17 @@ def test_offset_keys_the_hash_with_the_global_index() -> None:
     assert right[0] > 0 and right[-1] > 0  # partial first and last blocks hold the shard's values
 
 
-# ----------------------------------------------------------------------------- fused=True
-def test_fused_true_with_low_precision_is_refused_with_a_clear_error() -> None:
-    """fused=True is the Triton path, which has no low-precision variant yet: refused in the constructor
-    and add_param_group (nothing added), pointing at the default path (the C step on CPU)."""
+# ----------------------------------------------------------------------------- capturable=True
+def test_capturable_with_low_precision_is_refused_with_a_clear_error() -> None:
+    """capturable=True (CUDA graphs) has no low-precision variant (its rounding keys follow the host's
+    step counts): refused in the constructor and add_param_group (nothing added), pointing at the
+    default path.  fused=True takes these options (the Triton kernels' low-precision variants:
+    tests/test_lowp_triton.py)."""
     p = torch.zeros(4, dtype=torch.bfloat16, requires_grad=True)
     with pytest.raises(ValueError, match=r"state_precision='8bit'.*leave fused unset.*fused C step on CPU"):
-        tigeropt.Tiger([p], fused=True, state_precision="8bit")
+        tigeropt.Tiger([p], capturable=True, state_precision="8bit")
     opt = tigeropt.Lion([p])
     with pytest.raises(ValueError, match="stochastic_rounding=True"):
         opt.add_param_group({"params": [torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)],
-                             "fused": True, "stochastic_rounding": True})
+                             "capturable": True, "stochastic_rounding": True})
     assert len(opt.param_groups) == 1

@@ -241,7 +241,7 @@ class TigerOptimizer(Optimizer):
                              f"({self._unfused_options(group) or _lp_options(group)}); leave fused unset "
                              "(the default path runs them: "
                              + ("the foreach path)" if self._unfused_options(group)
-                                else "the fused C step on CPU, foreach elsewhere)"))
+                                else "the fused C step on CPU, the Triton kernels on CUDA)"))
         if fused and (self.kernel is None or not kernels.triton_usable()):
             why = kernels.triton_status() if self.kernel else "this optimizer has no fused kernel"
             raise RuntimeError(f"{type(self).__name__}(fused=True) is not available: {why}")
