@@ -336,3 +336,53 @@ def test_capturable_with_low_precision_is_refused_with_a_clear_error() -> None:
         opt.add_param_group({"params": [torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)],
                              "capturable": True, "stochastic_rounding": True})
     assert len(opt.param_groups) == 1
+
+
+# ----------------------------------------------------------------------------- the codec inside the kernel
+def _codec_values() -> torch.Tensor:
+    """Blocks of 256 whose first element is 448 (scale 1: y = |x|), holding every e4m3 value, the
+    midpoints between neighbours (ties), the midpoints +- an fp32 ulp, the subnormal range and below,
+    then blocks of random magnitudes with zeros, -0.0, inf and NaN."""
+    grid = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+    mids = (grid[:-1] + grid[1:]) / 2
+    ulp_up, ulp_down = torch.nextafter(mids, torch.tensor(1e9)), torch.nextafter(mids, torch.tensor(0.0))
+    tiny = torch.tensor([2.0 ** -10, 2.0 ** -10 * 1.0001, 2.0 ** -11, 1e-30, 1e-40, 2.0 ** -6,
+                         2.0 ** -6 * 0.999])
+    special = torch.cat([grid, mids, ulp_up, ulp_down, tiny])
+    special = torch.cat([special, -special])
+    blocks = []
+    for i in range(0, special.numel(), 255):
+        chunk = special[i:i + 255]
+        blocks.append(torch.cat([torch.tensor([448.0]), chunk, torch.zeros(255 - chunk.numel())]))
+    gen = torch.Generator().manual_seed(0)
+    rand = torch.randn(256 * 6 + 77, generator=gen) * torch.logspace(-8, 3, 256 * 6 + 77)
+    rand[5], rand[300], rand[301], rand[600], rand[601] = -0.0, float("inf"), float("nan"), -float("inf"), 0.0
+    rand[1024:1280] = 0.0  # an all-zero block
+    return torch.cat([*blocks, rand])
+
+
+@pytest.mark.parametrize("sr", [False, True])
+def test_kernel_codec_equals_encode_8bit_on_ties_and_edges(sr: bool) -> None:
+    """Tiger with beta = 0 stores m = g: the kernel's 8-bit codes and absmax of g == _lowp.encode_8bit(g)
+    on every e4m3 value, tie and near-tie, the subnormal range, non-finite values (fp32 parameters)."""
+    g = _codec_values()
+    n = g.numel()
+    p = torch.zeros(n)
+    codes, absmax = _lowp.encode_8bit(torch.zeros(n))
+    hyper = dict(lr=0.01, beta=0.0, weight_decay=0.0, maximize=False)
+    rest = _cpu.lowp_step("tiger", [p], [g], [[codes]], [[absmax]], [torch.tensor(0.0)], hyper,
+                          param_index=[2], seed=5, stochastic_rounding=sr)
+    assert rest == []
+    m = g + 0.0  # what the step stores: 0 * 0 + g (-0.0 becomes +0.0)
+    want_codes, want_absmax = _lowp.encode_8bit(m, _lowp.key32(5, 1, 2, 1) if sr else None)
+    _same(codes, want_codes, "codes")
+    _same(absmax, want_absmax, "absmax")
+    decoded = _lowp.decode_8bit(codes, absmax)  # and the kernel decodes them as torch does
+    p2, g2 = torch.zeros(n), torch.zeros(n)
+    hyper1 = dict(hyper, beta=0.5)  # m = 0.5 * decoded (exact) + 0.5 * 0
+    codes2, absmax2 = codes.clone(), absmax.clone()
+    assert _cpu.lowp_step("tiger", [p2], [g2], [[codes2]], [[absmax2]], [torch.tensor(0.0)], hyper1,
+                          param_index=[2], seed=5, stochastic_rounding=False) == []
+    want2 = _lowp.encode_8bit(decoded * 0.5 + 0.5 * g2)
+    _same(codes2, want2[0], "codes after decode")
+    _same(absmax2, want2[1], "absmax after decode")

@@ -849,27 +849,19 @@ static uint32_t lp_key(uint32_t seed, double step, int64_t pidx, uint32_t stream
     return lowbias32(k ^ stream);
 }
 
-/* The 32 random bits of elements lo0 + i (i < k) whose high word is hi (a block never crosses a
-   multiple of 2^32: it lies in one 256-element cell of the grid). */
-static inline void block_bits(uint32_t *restrict r, int64_t k, uint32_t key, uint32_t lo0, uint32_t hi) {
-    for (int64_t i = 0; i < k; i++) r[i] = lowbias32(lowbias32((lo0 + (uint32_t)i) ^ key) ^ hi);
-}
-
-static void store_bf16_sr(uint16_t *restrict d, const float *restrict s, const uint32_t *restrict r,
-                          int64_t k) {
+/* SR to bf16 of s[0..k) with the random bits of elements lo0 + i whose high word is hi (a block
+   never crosses a multiple of 2^32: it lies in one 256-element cell of the grid) */
+static void store_bf16_sr(uint16_t *restrict d, const float *restrict s, int64_t k, uint32_t key,
+                          uint32_t lo0, uint32_t hi) {
     for (int64_t i = 0; i < k; i++) {
         uint32_t u;
         memcpy(&u, s + i, sizeof u);
-        uint16_t h = (uint16_t)((u + (r[i] >> 16)) >> 16);
+        uint32_t r = lowbias32(lowbias32((lo0 + (uint32_t)i) ^ key) ^ hi);
+        uint16_t h = (uint16_t)((u + (r >> 16)) >> 16);
         d[i] = (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : h;
     }
 }
 
-/* d = value of e4m3fn code c * absmax/448, as torch's conversion and multiplication give it.  The
-   value's fp32 bits, in integer arithmetic (branch-free, so the loop vectorizes): normal codes
-   (c & 0x7f) << 20 with the exponent rebiased by 120; subnormal ones m * 2^-9 (m = 1..7:
-   exponent 118 + floor(log2 m), mantissa m's lower bits); the NaN codes 0x7f/0xff the NaN
-   0x7ff00000; the code's sign bit on top. */
 /* round to nearest even (c10::BFloat16's rounding), NaN -> `nan` */
 static void store_bf16_rtn(uint16_t *restrict d, const float *restrict s, int64_t k, uint16_t nan) {
     for (int64_t i = 0; i < k; i++) {
@@ -880,17 +872,20 @@ static void store_bf16_rtn(uint16_t *restrict d, const float *restrict s, int64_
     }
 }
 
+/* d = value of e4m3fn code c * absmax/448, as torch's conversion and multiplication give it: the
+   code's 7 magnitude bits shifted into an fp32 pattern (exponent bias 127 - 7 short: a normal code is
+   then its value * 2^-120, a subnormal one an fp32 subnormal, m * 2^-129) times 2^120, exact; the
+   NaN codes 0x7f/0xff give the NaN 0x7ff00000; the code's sign on top. */
 static void decode_e4m3_block(float *restrict d, const uint8_t *restrict c, int64_t k, float absmax) {
     float scale = absmax / 448.0f;
     for (int64_t i = 0; i < k; i++) {
         uint32_t c7 = c[i] & 0x7Fu;
         uint32_t sign = (uint32_t)(c[i] & 0x80u) << 24;
-        uint32_t m = c7 & 7u;
-        uint32_t lg = 31u - (uint32_t)__builtin_clz(m | 1u);
-        uint32_t sub = m ? ((118u + lg) << 23) | ((m << (23u - lg)) & 0x7FFFFFu) : 0u;
-        uint32_t v = c7 >= 8u ? (c7 << 20) + 0x3C000000u : sub;
-        v = c7 == 0x7Fu ? 0x7FF00000u : v;
-        d[i] = f32_from_bits(v | sign) * scale;
+        float v = f32_from_bits(c7 << 20) * 0x1p120f;
+        uint32_t u;
+        memcpy(&u, &v, sizeof u);
+        u = c7 == 0x7Fu ? 0x7FF00000u : u;
+        d[i] = f32_from_bits(u | sign) * scale;
     }
 }
 
@@ -907,12 +902,17 @@ static float block_absmax(const float *restrict x, int64_t k) {
     return f32_from_bits((uint32_t)amb);
 }
 
-/* codes of the block x[0..k) with its absmax a; r: the random bits (stochastic, sr != 0) or unused
-   (to nearest even).  sr is a constant at each call site: each gets its own branch-free loop. */
+/* The e4m3fn codes of the block x[0..k) with absmax a, as tigeropt._lowp.encode_8bit gives them:
+   y = |x| / (a/448) (a true division), at most 448; normal range (y >= 2^-6): the code is y's fp32
+   pattern rounded at bit 20 (3 mantissa bits; ties to even, or up when the 20 discarded bits, times
+   16, exceed the 24 random bits), exponent rebiased (960 = 120 << 3); subnormal range: t = y * 2^9
+   (exact) rounded to an integer (ties to even: t + 2^23; or up when frac(t) > bits * 2^-24).
+   Non-finite x: the NaN code 0x7f with x's sign.  Masks instead of branches (the loop vectorizes).
+   sr is a constant at each call site: each gets its own loop. */
 static inline __attribute__((always_inline)) void encode_e4m3_codes(uint8_t *restrict c,
                                                                     const float *restrict x, int64_t k,
-                                                                    float a, const uint32_t *restrict r,
-                                                                    const int sr) {
+                                                                    float a, uint32_t key, uint32_t lo0,
+                                                                    uint32_t hi, const int sr) {
     float scale = a / 448.0f;
     float div = scale > 0.0f ? scale : 1.0f;
     for (int64_t i = 0; i < k; i++) {
@@ -920,37 +920,41 @@ static inline __attribute__((always_inline)) void encode_e4m3_codes(uint8_t *res
         memcpy(&u, x + i, sizeof u);
         uint32_t sign = (u >> 24) & 0x80u;
         uint32_t mag = u & 0x7FFFFFFFu;
-        /* non-finite: y = 0 (code 0), and the code's 7 low bits set below (0x7f, the NaN code); masks,
-           not branches, so the compiler keeps one straight path (it vectorizes) */
         uint32_t nonfinite = (uint32_t)-(int32_t)(mag >= 0x7F800000u);
         float y = f32_from_bits(mag & ~nonfinite) / div;
-        int32_t yb; /* y = min(y, 448) on the bit patterns (y >= 0) */
+        int32_t yb;
         memcpy(&yb, &y, sizeof yb);
-        yb = yb < 0x43E00000 ? yb : 0x43E00000;
+        yb = yb < 0x43E00000 ? yb : 0x43E00000; /* min(y, 448) */
         y = f32_from_bits((uint32_t)yb);
-        int32_t e = (int32_t)(yb >> 23) - 127;
-        e = e < -6 ? -6 : e;
-        float t = y * f32_from_bits((uint32_t)(127 + 3 - e) << 23); /* y / 2^(e-3): exact, in [0, 16] */
-        int32_t n = (int32_t)t; /* floor (t >= 0) */
-        float frac = t - (float)n;
-        int32_t up;
-        if (sr)
-            up = frac > (float)(int32_t)(r[i] >> 8) * 0x1p-24f;
-        else
-            up = (frac > 0.5f ? 1 : 0) | ((frac == 0.5f ? 1 : 0) & n); /* ties to even */
-        uint32_t code = (uint32_t)(((e + 7) << 3) + n + (up & 1) - 8);
+        int32_t code_n, code_s;
+        float t = y * 512.0f; /* y / 2^-9, exact: the subnormal range's grid units */
+        if (sr) {
+            uint32_t r = lowbias32(lowbias32((lo0 + (uint32_t)i) ^ key) ^ hi) >> 8;
+            code_n = (yb >> 20) - 960 + (int32_t)((uint32_t)(yb & 0xFFFFF) << 4 > r);
+            int32_t n = (int32_t)t;
+            code_s = n + (t - (float)n > (float)(int32_t)r * 0x1p-24f ? 1 : 0);
+        } else {
+            code_n = ((yb + 0x7FFFF + ((yb >> 20) & 1)) >> 20) - 960;
+            float tr = t + 0x1p23f; /* t < 8: rounded to an integer, ties to even */
+            int32_t trb;
+            memcpy(&trb, &tr, sizeof trb);
+            code_s = trb - 0x4B000000;
+        }
+        uint32_t normal = (uint32_t)-(int32_t)(yb >= 0x3C800000); /* y >= 2^-6 (a mask: no branch) */
+        uint32_t code = ((uint32_t)code_n & normal) | ((uint32_t)code_s & ~normal);
         c[i] = (uint8_t)(code | (nonfinite & 0x7Fu) | sign);
     }
 }
 
-/* codes and absmax (returned) of the block x[0..k); r: random bits (stochastic) or NULL (nearest even) */
-static float encode_e4m3_block(uint8_t *restrict c, const float *restrict x, int64_t k,
-                               const uint32_t *restrict r) {
+/* codes and absmax (returned) of the block x[0..k): stochastically (sr, the bits of elements lo0 + i)
+   or to nearest even */
+static float encode_e4m3_block(uint8_t *restrict c, const float *restrict x, int64_t k, int sr, uint32_t key,
+                               uint32_t lo0, uint32_t hi) {
     float a = block_absmax(x, k);
-    if (r)
-        encode_e4m3_codes(c, x, k, a, r, 1);
+    if (sr)
+        encode_e4m3_codes(c, x, k, a, key, lo0, hi, 1);
     else
-        encode_e4m3_codes(c, x, k, a, NULL, 0);
+        encode_e4m3_codes(c, x, k, a, 0, 0, 0, 0);
     return a;
 }
 
@@ -997,7 +1001,6 @@ static void lp_range(const Args *a, int t, int64_t s, int64_t n) {
     float *ambase[2] = {x->kind[0] == SK_8BIT ? (float *)x->am[0][t] : NULL,
                         nst > 1 && x->kind[1] == SK_8BIT ? (float *)x->am[1][t] : NULL};
     float pb[LP_BLOCK], gb[LP_BLOCK], sb[2][LP_BLOCK];
-    uint32_t rb[LP_BLOCK];
     for (int64_t i0 = s; i0 < s + n;) {
         uint64_t e0 = (uint64_t)(off + i0);
         int64_t k = LP_BLOCK - (int64_t)(e0 & (LP_BLOCK - 1));
@@ -1032,8 +1035,7 @@ static void lp_range(const Args *a, int t, int64_t s, int64_t n) {
         }
         lp_core(a, t, pw, gw, sw[0], sw[1], k);
         if (pdt == DT_BF16 && x->sr) {
-            block_bits(rb, k, key[0], lo0, hi);
-            store_bf16_sr((uint16_t *)pbase + i0, pb, rb, k);
+            store_bf16_sr((uint16_t *)pbase + i0, pb, k, key[0], lo0, hi);
         } else if (pdt == DT_BF16) {
             store_bf16_rtn((uint16_t *)pbase + i0, pb, k, x->bf16_nan);
         } else if (pdt != DT_F32) {
@@ -1041,14 +1043,14 @@ static void lp_range(const Args *a, int t, int64_t s, int64_t n) {
         }
         for (int j = 0; j < nst; j++) {
             if (x->kind[j] == SK_F32) continue;
-            if (x->sr) block_bits(rb, k, key[1 + j], lo0, hi);
             if (x->kind[j] == SK_BF16) {
                 if (x->sr)
-                    store_bf16_sr((uint16_t *)sbase[j] + i0, sb[j], rb, k);
+                    store_bf16_sr((uint16_t *)sbase[j] + i0, sb[j], k, key[1 + j], lo0, hi);
                 else
                     store_bf16_rtn((uint16_t *)sbase[j] + i0, sb[j], k, x->bf16_nan);
             } else {
-                ambase[j][blk] = encode_e4m3_block((uint8_t *)sbase[j] + i0, sb[j], k, x->sr ? rb : NULL);
+                ambase[j][blk] = encode_e4m3_block((uint8_t *)sbase[j] + i0, sb[j], k, x->sr, key[1 + j], lo0,
+                                                   hi);
             }
         }
         i0 += k;
