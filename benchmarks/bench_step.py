@@ -5,6 +5,7 @@
     python benchmarks/bench_step.py --device cuda --layouts gpt2,1b,small,small-flat
     python benchmarks/bench_step.py --quick                  # a smoke run (tiny layouts, few steps)
     python benchmarks/bench_step.py --out benchmarks/results # also write the tables and charts
+    python benchmarks/bench_step.py --precision --threads 1  # low-precision rows (4M elements)
 
 An optimizer step is memory-bound: its floor is the bytes it must move over the device's copy
 bandwidth.  Bytes per fp32 parameter: Tiger, Lion and Adagrad 20 (read p, g, state; write p,
@@ -33,6 +34,13 @@ Triton kernel on CUDA and the fused C step on CPU, then foreach and reference);
 torch.optim.AdamW (fused, foreach); torch.optim.Adagrad (fused, foreach); lion-pytorch (plain,
 and triton on CUDA); bitsandbytes Lion/Adagrad 32-bit; pytorch_optimizer Lion/Tiger: each where
 installed, otherwise listed as skipped with the reason.
+
+Precision rows (``--precision``, instead of the rows above; default layout ``flat4m``, one tensor of
+4M elements, on CPU, ``gpt2`` on CUDA): per optimizer, the default path with fp32 parameters and
+state; bf16 parameters rounded to nearest with fp32, bf16 and 8-bit state; bf16 parameters with
+stochastic rounding and fp32, bf16 and 8-bit state.  The table gives each row's time relative to
+the same parameters with fp32 state and to fp32 parameters and state, and the bytes per parameter
+the step moves; the target checked: bf16 and 8-bit state no slower than fp32 state.
 
 Prints the tables and the speed targets checked (tigeropt's fused steps against torch's fused
 AdamW/Adagrad and the copy bandwidth).  With ``--out DIR`` (e.g. ``benchmarks/results``) it also
@@ -91,9 +99,11 @@ def layout_shapes(name: str, small_size: int) -> list[tuple[int, ...]]:
         return [(small_size * 2000,)]
     if name == "host":
         return [(64,)] * 2000
+    if name == "flat4m":  # --precision on CPU
+        return [(4 * 2**20,)]
     if name == "tiny":  # --quick
         return [(1000,), (33, 17), (4096,)] * 4
-    raise ValueError(f"Invalid layout: {name!r} (one of cpu24m, gpt2, 1b, host, small, small-flat)")
+    raise ValueError(f"Invalid layout: {name!r} (one of cpu24m, gpt2, 1b, host, small, small-flat, flat4m)")
 
 
 def layout_copies(layout: str, nparams: int, min_bytes: int) -> int:
@@ -130,6 +140,11 @@ def _installed(module: str) -> bool:
 def _tigeropt_path(opt: Any) -> str:
     group = opt.param_groups[0]
     p = group["params"][0]
+    if tigeropt._base._low_precision(group):  # the low-precision step: fused C on CPU by default
+        default = group["fused"] is None and group["foreach"] is None
+        if default and p.device.type == "cpu" and tigeropt.kernels.cpu_fused_usable(opt.kernel, p.dtype):
+            return "cpu (low precision)"
+        return f"{opt._path(group, p.device, torch.float32)} + rounded stores"
     return opt._path(group, p.device, p.dtype)
 
 
@@ -217,6 +232,98 @@ def make_rows(device: torch.device, with_reference: bool) -> list[Row]:
         rows.append(Row("Lion", "pytorch_optimizer Lion / Tiger", 20, None,
                         "pytorch_optimizer not installed"))
     return rows
+
+
+# (label, parameter dtype, low-precision options) of the precision rows, in table order
+PRECISION_SETTINGS: list[tuple[str, torch.dtype, dict[str, Any]]] = [
+    ("fp32 | fp32", torch.float32, {}),
+    ("bf16 RTN | fp32", torch.bfloat16, {}),
+    ("bf16 RTN | bf16", torch.bfloat16, dict(state_precision="bf16")),
+    ("bf16 RTN | 8-bit", torch.bfloat16, dict(state_precision="8bit")),
+    ("bf16 SR | fp32", torch.bfloat16, dict(stochastic_rounding=True)),
+    ("bf16 SR | bf16", torch.bfloat16, dict(stochastic_rounding=True, state_precision="bf16")),
+    ("bf16 SR | 8-bit", torch.bfloat16, dict(stochastic_rounding=True, state_precision="8bit")),
+]
+
+
+def precision_bytes(nstates: int, pdtype: torch.dtype, options: dict[str, Any], eight_bit_keys: int) -> int:
+    """Bytes per parameter a step moves: read p, g and the state, write p and the state (8-bit state:
+    1 byte each way plus its absmax, 4 bytes per 256 elements, rounded to whole bytes)."""
+    pb = 4 if pdtype == torch.float32 else 2
+    precision = options.get("state_precision")
+    per_state = []
+    for k in range(nstates):
+        if precision == "8bit" and k < eight_bit_keys:
+            per_state.append(1)
+        elif precision in ("bf16", "8bit"):
+            per_state.append(2)
+        else:
+            per_state.append(4)
+    return round(3 * pb + 2 * sum(per_state))
+
+
+def make_precision_rows() -> list[Row]:
+    """The precision rows (module docstring): tigeropt's default path per parameter/state setting."""
+    rows: list[Row] = [Row("copy", COPY_LABEL, 8, CopyStep)]
+    ours: list[tuple[str, type, dict[str, Any], int, int]] = [  # group, class, kw, states, 8-bit states
+        ("Tiger", tigeropt.Tiger, dict(lr=1e-3, weight_decay=0.01), 1, 1),
+        ("Lion", tigeropt.Lion, dict(lr=1e-4, weight_decay=0.1), 1, 1),
+        ("AdaX", tigeropt.AdaX, dict(lr=1.5e-3), 2, 1),
+        ("Adagrad", tigeropt.Adagrad, dict(lr=1e-2), 1, 0),
+    ]
+    for group, cls, kw, nstates, eight in ours:
+        for label, pdtype, options in PRECISION_SETTINGS:
+            def make(ps: list[Tensor], cls: type = cls, kw: dict[str, Any] = kw, pdtype: torch.dtype = pdtype,
+                     options: dict[str, Any] = options) -> Any:
+                params = []
+                for p in ps:
+                    q = torch.nn.Parameter(p.detach().to(pdtype))
+                    q.grad = p.grad.to(pdtype) if p.grad is not None else None
+                    params.append(q)
+                return cls(params, **kw, **options)
+
+            nbytes = precision_bytes(nstates, pdtype, options, eight)
+            rows.append(Row(group, f"tigeropt {group} [{label}]", nbytes, make, path=_tigeropt_path))
+    return rows
+
+
+def precision_table(layout: str, nparams: int, results: list[Result]) -> list[str]:
+    """The precision rows with their time relative to fp32 state (same parameters) and to fp32."""
+    lines = [f"### {layout}: {nparams / 1e6:.1f}M parameters, low-precision settings", "",
+             "| optimizer | parameters | state | ms/step | min ms | vs fp32 state | vs fp32 params+state "
+             "| bytes/param | GB/s | path |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        if r.row.group == "copy" or r.ms is None:
+            continue
+        setting = r.row.label[r.row.label.index("[") + 1:-1]
+        params, state = (x.strip() for x in setting.split("|"))
+        same_params = find(results, f"tigeropt {r.row.group} [{params} | fp32]")
+        fp32 = find(results, f"tigeropt {r.row.group} [fp32 | fp32]")
+        gbs = r.row.bytes_per_param * nparams / (r.ms * 1e-3) / 1e9
+        rel = f"{r.ms / same_params:.2f}x" if same_params else "-"
+        rel32 = f"{r.ms / fp32:.2f}x" if fp32 else "-"
+        lines.append(f"| {r.row.group} | {params} | {state} | {fmt(r.ms)} | {fmt(min(r.ms_all))} | {rel} | "
+                     f"{rel32} | {r.row.bytes_per_param} | {fmt(gbs, 1)} | {r.note} |")
+    return lines
+
+
+def precision_targets(by_layout: dict[str, tuple[int, list[Result]]]) -> list[str]:
+    """bf16 and 8-bit state no slower than fp32 state (same parameters), per optimizer and layout."""
+    lines = []
+    for layout, (_, res) in by_layout.items():
+        for group in ("Tiger", "Lion", "AdaX", "Adagrad"):
+            for params in ("bf16 RTN", "bf16 SR"):
+                base = find(res, f"tigeropt {group} [{params} | fp32]")
+                for state in ("bf16", "8-bit"):
+                    ms = find(res, f"tigeropt {group} [{params} | {state}]")
+                    if base is None or ms is None:
+                        continue
+                    ok = ms <= base
+                    lines.append(f"- {layout}: {group} {params} params, {state} state {fmt(ms)} ms vs fp32 "
+                                 f"state {fmt(base)} ms: {ms / base:.2f}x (target <= 1x) "
+                                 f"{'PASS' if ok else 'FAIL'}")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------- timing
@@ -612,6 +719,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-reference", action="store_true", help="skip the slow reference rows")
     ap.add_argument("--only", default=None, help="regex: run only rows whose label matches")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny layout, 3 steps")
+    ap.add_argument("--precision", action="store_true",
+                    help="run the low-precision rows instead (bf16 parameters, stochastic rounding, bf16 "
+                         "and 8-bit state; default layout flat4m on CPU, gpt2 on CUDA)")
     ap.add_argument("--out", type=Path, default=None, metavar="DIR",
                     help="write the .md tables and .png charts into DIR, e.g. benchmarks/results "
                          "(default: print only, write nothing)")
@@ -623,10 +733,11 @@ def main(argv: list[str] | None = None) -> int:
     if cpu:
         torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
     threads = torch.get_num_threads()
-    layouts = (["tiny"] if args.quick else
-               (args.layouts.split(",") if args.layouts else
-                (["cpu24m", "host", "small", "small-flat"] if cpu else ["gpt2", "1b", "host", "small",
-                                                                         "small-flat"])))
+    default_layouts = (["cpu24m", "host", "small", "small-flat"] if cpu else
+                       ["gpt2", "1b", "host", "small", "small-flat"])
+    if args.precision:
+        default_layouts = ["flat4m"] if cpu else ["gpt2"]
+    layouts = ["tiny"] if args.quick else (args.layouts.split(",") if args.layouts else default_layouts)
     small_size = args.small_size or (4096 if cpu else 16384)
     steps = args.steps or (3 if args.quick else (20 if cpu else 50))
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else (3 if cpu else 10))
@@ -638,7 +749,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         min_bytes = 0
 
-    rows = make_rows(device, with_reference=not args.no_reference)
+    rows = (make_precision_rows() if args.precision else
+            make_rows(device, with_reference=not args.no_reference))
     if args.only:
         rows = [r for r in rows if r.group == "copy" or re.search(args.only, r.label)]
     desc, slug = device_name(device, threads)
@@ -663,9 +775,10 @@ def main(argv: list[str] | None = None) -> int:
             if res.ms_all:
                 res.ms = statistics.median(res.ms_all)
         by_layout[layout] = (nparams, results)
-        table = layout_table(layout, nparams, len(shapes), copies, results, copy_gbs)
+        table = (precision_table(layout, nparams, results) if args.precision else
+                 layout_table(layout, nparams, len(shapes), copies, results, copy_gbs))
         print("\n".join(table), flush=True)
-        if cpu and layout == "cpu24m" and args.target_steps > 0:
+        if cpu and layout == "cpu24m" and args.target_steps > 0 and not args.precision:
             head_to_head = [Result(r) for r in rows if r.label in CPU_TARGET_ROWS]
             run_interleaved(head_to_head, sets, device, warmup, args.target_steps, None)
             paired = paired_ratios(head_to_head)
@@ -675,7 +788,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
 
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
-    targets = check_targets(device, by_layout, copy_gbs, paired, args.target_steps)
+    targets = (precision_targets(by_layout) if args.precision else
+               check_targets(device, by_layout, copy_gbs, paired, args.target_steps))
     date = dt.date.today().isoformat()
     vers = versions()
     command = " ".join(argv if argv is not None else sys.argv[1:])
@@ -698,8 +812,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"at end {fmt(load_end[0] if load_end else None)} (other processes share the cores)")
     body = []
     for layout, (nparams, results) in by_layout.items():
-        body += [""] + layout_table(layout, nparams, len(layout_shapes(layout, small_size)),
-                                    layout_copies(layout, nparams, min_bytes), results, copy_gbs)
+        body += [""] + (precision_table(layout, nparams, results) if args.precision else
+                        layout_table(layout, nparams, len(layout_shapes(layout, small_size)),
+                                     layout_copies(layout, nparams, min_bytes), results, copy_gbs))
     body += ["", "ms/step is the median; GB/s, % of copy and the ratio use it.  *time relative to "
              "torch.optim.AdamW(fused=True), or to torch.optim.Adagrad(fused=True) for Adagrad rows"]
     text = "\n".join(header + body + ["", "## Targets", ""] + (targets or ["- none checked by this run"]))
@@ -707,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n## Targets\n" + "\n".join(targets), flush=True)
     if args.out is not None and not args.no_write:
         args.out.mkdir(parents=True, exist_ok=True)
-        md = args.out / f"{date}-{slug}.md"
+        md = args.out / f"{date}-{slug}{'-precision' if args.precision else ''}.md"
         png_note = write_png(md.with_suffix(".png"), by_layout, desc)
         md.write_text(text + f"\n{png_note}\n")
         print(f"wrote {md} ({png_note})")
