@@ -783,6 +783,41 @@ def _lowp_kind(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequen
     return tuple(kinds)
 
 
+def _lowp_uniform(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[Sequence[Tensor]],
+                  absmax: Sequence[Sequence[Tensor | None]], offsets: Sequence[int], f16: bool
+                  ) -> tuple[int, ...] | None:
+    """The kinds of :func:`_lowp_kind` when every tensor has the same ones (the usual case, checked
+    list-wise: microseconds per tensor less), else None."""
+    dtype = params[0].dtype
+    code = _LOWP_PARAM_CODES.get(dtype)
+    if code is None or (code == 3 and not f16) or min(offsets) < 0:
+        return None
+    numel = list(map(Tensor.numel, params))
+    kinds = [code]
+    checks: list[tuple[Sequence[Any], torch.dtype]] = [(params, dtype), (grads, dtype)]
+    for s, am in zip(states, absmax):
+        kind = _STATE_KINDS.get(s[0].dtype)
+        if kind is None or list(map(Tensor.numel, s)) != numel:
+            return None
+        kinds.append(kind)
+        checks.append((s, s[0].dtype))
+        if kind == 2:
+            if any(a is None for a in am) or list(map(Tensor.numel, am)) != list(map(lowp_absmax_len, numel,
+                                                                                      offsets)):
+                return None
+            checks.append((am, torch.float32))
+    try:
+        for lst, want in checks:
+            if (not all(map(_PLAIN.__contains__, map(type, lst))) or any(t.dtype is not want for t in lst)
+                    or not all(map(_IS_CPU, lst)) or not all(map(Tensor.is_contiguous, lst))):
+                return None
+    except RuntimeError:  # is_contiguous() of a sparse tensor
+        return None
+    if list(map(Tensor.numel, grads)) != numel:
+        return None
+    return tuple(kinds)
+
+
 def lowp_step(name: str, params: Sequence[Tensor], grads: Sequence[Tensor],
               states: Sequence[Sequence[Tensor]], absmax: Sequence[Sequence[Tensor | None]],
               state_steps: Sequence[Tensor], hyper: dict[str, Any], *,
@@ -820,12 +855,16 @@ def lowp_step(name: str, params: Sequence[Tensor], grads: Sequence[Tensor],
     steps_ok = (all(type(s) in _PLAIN and s.is_cpu and s.numel() == 1 and s.is_contiguous()
                     for s in state_steps)
                 and len({s.dtype for s in state_steps}) == 1 and state_steps[0].dtype in _STEP_DTYPES)
-    for i in everything:
-        kinds = _lowp_kind(params, grads, states, absmax, offs, i, f16) if steps_ok else None
-        if kinds is None or (stochastic_rounding and kinds[0] == 3):
-            other.append(i)
-        else:
-            groups.setdefault(kinds, []).append(i)
+    uniform = _lowp_uniform(params, grads, states, absmax, offs, f16) if steps_ok else None
+    if uniform is not None and not (stochastic_rounding and uniform[0] == 3):
+        groups[uniform] = everything
+    else:
+        for i in everything:
+            kinds = _lowp_kind(params, grads, states, absmax, offs, i, f16) if steps_ok else None
+            if kinds is None or (stochastic_rounding and kinds[0] == 3):
+                other.append(i)
+            else:
+                groups.setdefault(kinds, []).append(i)
     hp_arr = array("d", hp)
     nstates = len(states)
     for kinds, idx in groups.items():
