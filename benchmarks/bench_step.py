@@ -5,7 +5,7 @@
     python benchmarks/bench_step.py --device cuda --layouts gpt2,1b,small,small-flat
     python benchmarks/bench_step.py --quick                  # a smoke run (tiny layouts, few steps)
     python benchmarks/bench_step.py --out benchmarks/results # also write the tables and charts
-    python benchmarks/bench_step.py --precision --threads 1  # low-precision rows (4M elements)
+    python benchmarks/bench_step.py --precision --threads 1 --thread-time  # low-precision rows
 
 An optimizer step is memory-bound: its floor is the bytes it must move over the device's copy
 bandwidth.  Bytes per fp32 parameter: Tiger, Lion and Adagrad 20 (read p, g, state; write p,
@@ -328,10 +328,15 @@ def precision_targets(by_layout: dict[str, tuple[int, list[Result]]]) -> list[st
 
 # --------------------------------------------------------------------------------------------- timing
 class Timer:
-    """Per-step wall time: CUDA events on CUDA, perf_counter on CPU."""
+    """Per-step wall time: CUDA events on CUDA, perf_counter on CPU (``THREAD_TIME``: the calling
+    thread's CPU time, time.thread_time, which other processes on the cores do not inflate; it
+    misses the work of other threads, so it is meaningful with one torch thread only)."""
+
+    THREAD_TIME = False
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.clock = time.thread_time if Timer.THREAD_TIME else time.perf_counter
         self.pending: list[tuple[Any, Any]] = []
         self.times: list[float] = []
 
@@ -343,9 +348,9 @@ class Timer:
             end.record()
             self.pending.append((start, end))
         else:
-            t = time.perf_counter()
+            t = self.clock()
             fn()
-            self.times.append((time.perf_counter() - t) * 1e3)
+            self.times.append((self.clock() - t) * 1e3)
 
     def results(self) -> list[float]:
         if self.cuda:
@@ -719,6 +724,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-reference", action="store_true", help="skip the slow reference rows")
     ap.add_argument("--only", default=None, help="regex: run only rows whose label matches")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny layout, 3 steps")
+    ap.add_argument("--thread-time", action="store_true",
+                    help="CPU with --threads 1: time steps by the thread's CPU time (time.thread_time), "
+                         "robust to other processes on the cores, instead of wall time")
     ap.add_argument("--precision", action="store_true",
                     help="run the low-precision rows instead (bf16 parameters, stochastic rounding, bf16 "
                          "and 8-bit state; default layout flat4m on CPU, gpt2 on CUDA)")
@@ -730,6 +738,10 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     cpu = device.type == "cpu"
+    if args.thread_time:
+        if not cpu or (args.threads or 0) != 1:
+            ap.error("--thread-time needs --device cpu and --threads 1 (it misses other threads' work)")
+        Timer.THREAD_TIME = True
     if cpu:
         torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
     threads = torch.get_num_threads()
@@ -793,6 +805,8 @@ def main(argv: list[str] | None = None) -> int:
     date = dt.date.today().isoformat()
     vers = versions()
     command = " ".join(argv if argv is not None else sys.argv[1:])
+    clock_name = ("CUDA events" if not cpu else
+                  "time.thread_time" if args.thread_time else "time.perf_counter")
     header = [f"# Optimizer step benchmark: {desc}", "",
               f"- date: {date}; command: `python benchmarks/{Path(__file__).name} {command}`",
               f"- versions: {', '.join(f'{k} {v}' for k, v in vers.items())}",
@@ -800,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
               f"size bytes); each layout also times a copy row among its rows, which is what '% of copy' "
               f"uses; last-level cache {llc / 2**20:.0f} MiB",
               f"- ms/step: median of {rounds} x {steps} timed steps after {warmup} warm-up steps per row "
-              f"({'CUDA events' if not cpu else 'time.perf_counter'}); "
+              f"({clock_name}); "
               + ("all rows alive at once, one step of each row in turn" if interleave == "steps" else
                  f"rows one after another, {rounds} round(s)")
               + (f"; a row stops after {budget:g} s per round (at least 3 timed steps)" if budget else ""),
