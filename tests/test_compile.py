@@ -257,3 +257,52 @@ def test_cuda_graph_capture_of_the_compiled_capturable_step(name: str, cls: type
     for p, q in zip(params, twins):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
         assert opt.state[p]["step"].item() == ref.state[q]["step"].item() == 6
+
+
+# ---------------------------------------------------------------------------------------- low precision
+def _lowp_run(cls: type, compiled: bool, backend: str = "inductor", **kw: Any
+              ) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """bf16 parameters, 1 eager step, then 4 steps of opt.step (compiled with fullgraph=True, or eager)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16()) for s in [(300, 7), (7,)]]
+    opt = cls(params, lr=0.01, stochastic_rounding=True, sr_seed=3, **kw)
+    step = opt.step
+    for i in range(5):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+        step()
+        if i == 0 and compiled:
+            step = torch.compile(opt.step, fullgraph=True, backend=backend)
+    return params, opt
+
+
+def test_low_precision_step_traces_whole_and_equals_eager_bitwise() -> None:
+    """bf16 parameters + stochastic rounding, 8-bit exp_avg, bf16 exp_avg_sq (AdaX "8bit"): Dynamo
+    traces the whole step (the rounding keys come from the step tensors, no int(), no C store), in one
+    graph without breaks; run by the eager ATen ops (aot_eager) it is the eager step bit for bit."""
+    eager, opt_e = _lowp_run(tigeropt.AdaX, False, state_precision="8bit")
+    traced, opt_t = _lowp_run(tigeropt.AdaX, True, "aot_eager", state_precision="8bit")
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["graph_break"])
+    assert sum(counters["graph_break"].values()) == 0
+    for p, q in zip(eager, traced):
+        assert torch.equal(p, q)
+        st_e, st_t = opt_e.state[p], opt_t.state[q]
+        assert st_t["exp_avg"].dtype == torch.uint8 and st_t["exp_avg_sq"].dtype == torch.bfloat16
+        for key in st_e:
+            assert torch.equal(st_e[key], st_t[key]), key
+
+
+def test_low_precision_inductor_step_equals_eager() -> None:
+    """Compiled by Inductor (bf16 + SR parameters, 8-bit Tiger momentum): the fp32 momentum may differ
+    from eager by Inductor's rounding (FMA contraction: 1 ulp), which reaches the 8-bit absmax (1 ulp)
+    and, rarely, a code or a stochastically rounded bit; everything else is the eager result."""
+    eager, opt_e = _lowp_run(tigeropt.Tiger, False, state_precision="8bit")
+    compiled, opt_c = _lowp_run(tigeropt.Tiger, True, state_precision="8bit")
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["graph_break"])
+    for p, q in zip(eager, compiled):
+        assert (p != q).float().mean() <= 1e-3
+        torch.testing.assert_close(p, q, atol=0, rtol=2 ** -7)  # one bf16 unit at most
+        st_e, st_c = opt_e.state[p], opt_c.state[q]
+        assert (st_e["exp_avg"] != st_c["exp_avg"]).float().mean() <= 1e-2
+        torch.testing.assert_close(st_c["exp_avg_absmax"], st_e["exp_avg_absmax"], atol=0, rtol=1e-6)
+        assert st_c["step"].item() == 5

@@ -44,6 +44,14 @@ def test_element_bits_follow_the_documented_formula():
     assert key == hash32_int(hash32_int(hash32_int(hash32_int(7) ^ 3) ^ 2) ^ 1)
 
 
+def test_key32_from_a_step_tensor_equals_key32():
+    """Compiled steps compute the key from the step tensor (float32/float64 counts): the same number."""
+    for seed, step, pidx, stream in [(0, 1, 0, 0), (7, 3, 2, 1), (2 ** 32 - 1, 123456, 9, 3)]:
+        for dtype in (torch.float32, torch.float64):
+            got = _lowp.key32_tensor(seed, torch.tensor(float(step), dtype=dtype), pidx, stream)
+            assert got.dtype == torch.int64 and got.item() == key32(seed, step, pidx, stream)
+
+
 # ----------------------------------------------------------------------------- SR golden values
 @pytest.mark.parametrize("r16, value, want", [
     (0x0000, 1.0 + 2 ** -9, 1.0),                     # down: random bits below the discarded fraction

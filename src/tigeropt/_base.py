@@ -643,8 +643,11 @@ class TigerOptimizer(Optimizer):
                     dense.append(j)
             params, grads = [params[j] for j in dense], [grads[j] for j in dense]
         # the default path rounds in C on CPU and in Triton on CUDA, encodes 8-bit state in C on CPU
-        # (bit for bit the torch code of _lowp)
-        c_store = group["fused"] is None and group["foreach"] is None
+        # (bit for bit the torch code of _lowp); while Dynamo traces, the keys are computed from the
+        # step tensors (no int(): no graph break) and the stores run the torch code (the C and
+        # Triton twins are not traceable)
+        traced = compiling()
+        c_store = group["fused"] is None and group["foreach"] is None and not traced
         buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for j, p in enumerate(params):
             md = torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -668,17 +671,17 @@ class TigerOptimizer(Optimizer):
             impl(work_p, [grads[j] for j in js], *work_s, steps, **hyper)
             sharded: list[tuple[Tensor, Tensor, Tensor, int | None]] = []  # 8-bit DTensor state
             for p, st, w, *ws in zip(ps, states, work_p, *work_s):
-                step, pidx = int(st["step"]), index[id(p)]
+                step, pidx = st["step"] if traced else int(st["step"]), index[id(p)]
                 if w is not p:
                     if sr and p.dtype == torch.bfloat16:
-                        key = _lowp.key32(seed, step, pidx, 0)
+                        key = _key32(seed, step, pidx, 0)
                         p_local, w_local, offset = _local(p), _local(w), _shard_offset(p)
                         if not (c_store and _fast_sr_bf16(w_local, p_local, key, offset)):
                             p_local.copy_(_lowp.round_bf16(w_local, key, offset=offset))
                     else:
                         p.copy_(w)
                 for i, (k, w_s) in enumerate(zip(self.state_keys, ws)):
-                    _write_state(st, k, w_s, _lowp.key32(seed, step, pidx, 1 + i) if sr else None, c_store,
+                    _write_state(st, k, w_s, _key32(seed, step, pidx, 1 + i) if sr else None, c_store,
                                  sharded)
             if sharded:
                 _encode_sharded(sharded)
@@ -1315,6 +1318,13 @@ def _as_shard_like(src: Tensor, like: Tensor) -> Tensor:
     part = src.reshape(-1)[offset:offset + local.numel()].reshape(local.shape).to(local.device)
     return type(like).from_local(part, like.device_mesh, like.placements,  # type: ignore[attr-defined]
                                  run_check=False, shape=like.shape, stride=like.stride())
+
+
+def _key32(seed: int, step: int | Tensor, param_index: int, stream: int) -> Any:
+    """:func:`_lowp.key32`; with ``step`` a tensor (a traced step) an int64 0-d tensor."""
+    if isinstance(step, Tensor):
+        return _lowp.key32_tensor(seed, step, param_index, stream)
+    return _lowp.key32(seed, step, param_index, stream)
 
 
 def _c_lowp() -> Any:

@@ -55,8 +55,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["hash32", "key32", "element_bits", "round_bf16", "encode_8bit", "decode_8bit", "block_absmax",
-           "covered_blocks", "BLOCK", "FP8_MAX", "nblocks", "hash32_int"]
+__all__ = ["hash32", "key32", "key32_tensor", "element_bits", "round_bf16", "encode_8bit", "decode_8bit",
+           "block_absmax", "covered_blocks", "BLOCK", "FP8_MAX", "nblocks", "hash32_int"]
 
 M32 = 0xFFFFFFFF
 BLOCK = 256
@@ -81,6 +81,14 @@ def key32(seed: int, step: int, param_index: int, stream: int) -> int:
     k = hash32_int(k ^ (step & M32))
     k = hash32_int(k ^ (param_index & M32))
     return hash32_int(k ^ (stream & M32))
+
+
+def key32_tensor(seed: int, step: Tensor, param_index: int, stream: int) -> Tensor:
+    """:func:`key32` with the step count a tensor (0-d, an integer value in any dtype): an int64 0-d
+    tensor, the same number; for compiled steps, which cannot read the step on the host."""
+    k = hash32((step.to(torch.int64) & M32) ^ hash32_int(seed))
+    k = hash32(k ^ (param_index & M32))
+    return hash32(k ^ (stream & M32))
 
 
 def _mul32(x: Tensor, c: int) -> Tensor:
