@@ -437,7 +437,8 @@ def _long_seeds(plan: Plan, records: Records, main: dict[str, Any]) -> Iterator[
 
 def _batch(plan: Plan, records: Records, main: dict[str, Any], regimes: slice,
            more: bool) -> Iterator[tuple[str, Spec]]:
-    """Same number of windows at larger batches: the batch-32 best at lr x 1, 2 (``more``: then lr steps)."""
+    """Same number of windows at larger batches: the batch-32 best at lr x 1, 2 (``more``: then lr and
+    momentum steps around the best, 4 runs, and past that lr steps until the best lr is surrounded)."""
     for batch, steps in plan.batch_regimes[regimes]:
         where_b = dict(main, batch_size=batch, steps=steps, seed=0)
         for name in OPTIMIZERS:
@@ -452,12 +453,15 @@ def _batch(plan: Plan, records: Records, main: dict[str, Any], regimes: slice,
                 yield "batch", replace(s0, lr=lr, weight_decay=_r(decay / lr))
             top_b = best(records, **where_b, optimizer=name)
             tried = len(matching(records, **where_b, optimizer=name))
-            if not more or top_b is None or tried >= (1 if plan.small else 4):
+            if not more or top_b is None:
                 continue
-            for n in neighbours(as_spec(top_b), decay_steps=False, momentum_first=False):
-                if n.key() not in records:
-                    yield "batch", n
-                    break
+            steps_b = [n for n in neighbours(as_spec(top_b), decay_steps=False, momentum_first=False)
+                       if not already_run(records, n)]
+            lr_steps = [n for n in steps_b if n.momentum == tuple(top_b["momentum"])]
+            if tried < (1 if plan.small else 4) and steps_b:
+                yield "batch", steps_b[0]
+            elif lr_steps and tried < (1 if plan.small else 8):  # past the cap: until the best lr is inside
+                yield "batch", lr_steps[0]
 
 
 def _lr_scaling(plan: Plan) -> Iterator[tuple[str, Spec]]:
