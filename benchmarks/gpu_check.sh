@@ -4,7 +4,9 @@
 #   bash benchmarks/gpu_check.sh              # from anywhere; uses $PYTHON (default: python)
 #
 # 1. pytest -m gpu: CUDA parity of every kernel with the reference, CUDA-graph capture (kernels and a
-#    compiled capturable step), no recompilation when lr changes, compiled steps, 2,000 small tensors
+#    compiled capturable step), no recompilation when lr changes, compiled steps, 2,000 small tensors;
+#    tests/test_lowp_triton.py on CUDA: the low-precision kernel variants (stochastic rounding, bf16
+#    and 8-bit state) bit for bit against the reference low-precision step on the GPU
 # 2. the AOT codegen check of the Triton kernels with this machine's Triton (tigeropt.kernels._aot,
 #    and tigeropt.kernels._aot_rows for the row kernels of lazy rows and sparse gradients)
 # 3. benchmarks/bench_step.py on the GPT-2-small, ~1B-parameter, 2,000-tiny-tensor (host) and
@@ -12,7 +14,8 @@
 #    and the installed peers (lion-pytorch, bitsandbytes, pytorch_optimizer)
 # 4. benchmarks/bench_lazy.py on a 1M x 512 table (1% of rows touched): dense vs lazy steps of every
 #    optimizer on the Triton kernels, each lazy step first checked against the reference path
-# 5. compute-sanitizer (memcheck) on one fused step of each optimizer, where it is installed
+# 5. compute-sanitizer (memcheck) on one fused step of each optimizer (plain and low precision:
+#    bf16 parameters with stochastic rounding and 8-bit state), where it is installed
 #
 # Writes benchmarks/results/<date>-<gpu>.md (device, driver, python/torch/triton versions, each
 # stage's result and the benchmark tables) and prints its path.  Each stage has its own time limit,
@@ -92,6 +95,9 @@ cat "$TMP/versions" >&2
 stage "pytest -m gpu" 190 "$TMP/pytest.log" \
     "$PY" -m pytest -m gpu -q -p no:cacheprovider --no-header -rfE tests
 
+stage "low-precision kernels on CUDA (tests/test_lowp_triton.py)" 75 "$TMP/pytest_lowp.log" \
+    "$PY" -m pytest -q -p no:cacheprovider --no-header -rfE tests/test_lowp_triton.py
+
 # ------------------------------------------------------------------------------------ 2. AOT codegen
 stage "AOT codegen check (tigeropt.kernels._aot)" 45 "$TMP/codegen.log" \
     "$PY" -m tigeropt.kernels._aot
@@ -112,11 +118,12 @@ stage "bench_lazy.py (1M x 512 table, 1% of rows touched)" 90 "$TMP/lazy.log" \
 if command -v compute-sanitizer >/dev/null 2>&1; then
     cat >"$TMP/one_step.py" <<'EOF'
 import torch, tigeropt
+LOWP = dict(stochastic_rounding=True, state_precision="8bit")
 for cls, kw in ((tigeropt.Tiger, {}), (tigeropt.Lion, {}), (tigeropt.AdaX, {}), (tigeropt.Adagrad, {}),
                 (tigeropt.Adagrad, {"glove": True})):
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, lowp in ((torch.float32, {}), (torch.bfloat16, {}), (torch.bfloat16, LOWP)):
         params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype)) for s in (4097, (33, 65), 1)]
-        opt = cls(params, **kw)
+        opt = cls(params, **kw, **lowp)
         assert opt._path(opt.param_groups[0], params[0].device, dtype) == "fused"
         for _ in range(2):
             for p in params:
@@ -125,7 +132,7 @@ for cls, kw in ((tigeropt.Tiger, {}), (tigeropt.Lion, {}), (tigeropt.AdaX, {}), 
 torch.cuda.synchronize()
 print("one fused step per optimizer and dtype: done")
 EOF
-    stage "compute-sanitizer memcheck (one fused step per optimizer)" 55 "$TMP/sanitizer.log" \
+    stage "compute-sanitizer memcheck (one fused step per optimizer)" 70 "$TMP/sanitizer.log" \
         compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" "$TMP/one_step.py"
 else
     echo "- compute-sanitizer: not installed here (skipped)" >>"$TMP/summary"
@@ -147,6 +154,12 @@ fi
     echo
     echo '```'
     tail -n 25 "$TMP/pytest.log"
+    echo '```'
+    echo
+    echo "## Low-precision kernels on CUDA (tests/test_lowp_triton.py)"
+    echo
+    echo '```'
+    tail -n 15 "$TMP/pytest_lowp.log"
     echo '```'
     echo
     echo "## AOT codegen check"

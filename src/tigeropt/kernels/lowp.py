@@ -1,8 +1,9 @@
-"""Triton twins of the low-precision stores of :mod:`tigeropt._lowp`: stochastic rounding of fp32 to
-bf16 with the counter-based ``lowbias32`` hash, bit for bit the torch code (and the C code).
+"""Triton twin of a low-precision store of :mod:`tigeropt._lowp`: stochastic rounding of fp32 to bf16
+with the counter-based ``lowbias32`` hash, bit for bit the torch code (and the C code).
 
-The low-precision step of the optimizer base runs its math with the foreach ops and stores with
-these kernels on CUDA (the fused Triton step kernels do not implement stochastic rounding yet).
+On CUDA the step kernels round inside their one pass (their low-precision variants); this store
+serves the working-copy step the optimizer base keeps for what they do not take (DTensor shards
+with 8-bit state, fp64 math, ``foreach=True``/``False`` are torch's).
 """
 
 import torch
@@ -10,18 +11,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import _lowbias32
+
 __all__ = ["sr_bf16"]
 
 _BLOCK = 1024
-
-
-@triton.jit
-def _lowbias32(x):
-    x = x ^ (x >> 16)
-    x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
-    x = x ^ (x >> 15)
-    x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)
-    return x ^ (x >> 16)
 
 
 @triton.jit(do_not_specialize=["n", "key"])
