@@ -241,3 +241,24 @@ def test_sqrt_rn_is_correctly_rounded():
         assert bool(((got.double() - exact).abs() <= (other - exact).abs()).all())
     edge = sqrt_rn(torch.tensor([0.0, -0.0, float("inf"), 1.0, 2.0]))
     assert edge.tolist() == [0.0, -0.0, float("inf"), 1.0, 1.4142135381698608] and edge[1].signbit()
+
+
+def test_tensors_at_different_steps_take_their_own_keys():
+    """A parameter without a gradient in a step falls behind in step count: the launch then keys each
+    tensor's rounding with its own step (a per-tensor key table) and still equals the reference."""
+    opts = dict(lr=0.03, state_precision="8bit", stochastic_rounding=True, sr_seed=5)
+    fused = [torch.randn(300).bfloat16().to(DEVICE).requires_grad_() for _ in range(3)]
+    ref = [p.detach().clone().requires_grad_() for p in fused]
+    opt_f, opt_r = tigeropt.Lion(fused, fused=True, **opts), tigeropt.Lion(ref, foreach=False, **opts)
+    for step, active in enumerate(([0], [0, 1], [0, 1, 2])):
+        for params in (fused, ref):
+            gen = torch.Generator().manual_seed(step)
+            for i, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=gen).bfloat16().to(DEVICE) if i in active else None
+        opt_f.step()
+        opt_r.step()
+    assert [int(opt_f.state[p]["step"]) for p in fused] == [3, 2, 1]
+    for a, b in zip(fused, ref):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+        for key in ("exp_avg", "exp_avg_absmax"):
+            assert torch.equal(opt_f.state[a][key], opt_r.state[b][key])

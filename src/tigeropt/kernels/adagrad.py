@@ -85,8 +85,8 @@ def _adagrad_step(pp, gp, sp, sa, offs, rows, n, clr, wd, eps, clip, kt, e0,
     g = _ld(gp, offs, n, MASKED)
     acc = _ld_state(sp, sa, offs, rows, n, Q8_S, MASKED)
     p, acc = _adagrad_update(p, g, acc, clr, wd, eps, clip, MAXIMIZE, GLOVE, CLIP)
+    _st_lowp(pp, offs, p, n, _stream_key(kt, 0), e0, SR, MASKED)  # first: fewer live registers
     _st_state(sp, sa, offs, rows, acc, n, _stream_key(kt, 1), e0, SR, Q8_S, MASKED)
-    _st_lowp(pp, offs, p, n, _stream_key(kt, 0), e0, SR, MASKED)
 
 
 @triton.jit(do_not_specialize=["k1"])
