@@ -3,8 +3,9 @@
 The compilation runs in a fresh interpreter (this test session runs Triton under TRITON_INTERPRET=1,
 where ``@triton.jit`` makes interpreted functions that cannot be compiled); see
 ``tigeropt.kernels._aot`` for what is checked.  The default run compiles a representative subset
-(about 20 s on one loaded core); ``python -m tigeropt.kernels._aot --full`` compiles every variant
-(optimizer x dtype x alignment x flags x arch, about 600) and is also run by
+(26 variants, the low-precision ones included: about 30 s on one loaded core);
+``python -m tigeropt.kernels._aot --full`` compiles every variant (optimizer x dtype x alignment x
+flags x arch, and the low-precision variants: about 1,250) and is also run by
 ``pytest -m codegen_full``.  The row kernels (lazy rows, sparse gradients, row-wise Adagrad) have
 their own check, ``tigeropt.kernels._aot_rows`` (same options).
 """

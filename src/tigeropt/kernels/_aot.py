@@ -119,10 +119,10 @@ def variants(full: bool = False) -> list[Variant]:
     out = [Variant(n, dt, True, tuple((f, False) for f in KERNELS[n][4]))
            for n in KERNELS for dt in _TRITON_TYPES]
     # low precision: every optimizer with bf16 parameters + stochastic rounding + 8-bit (Adagrad: bf16)
-    # state, on sm_90 and sm_80; bf16 state rounded to nearest; fp32 parameters with 8-bit state
-    for n in KERNELS:
-        out.append(Variant(n, torch.bfloat16, True, (), 90, "8bit" if n != "adagrad" else "bf16", True))
-        out.append(Variant(n, torch.bfloat16, True, (), 80, "8bit" if n != "adagrad" else "bf16", True))
+    # state on sm_90 (AdaX also sm_80); bf16 state rounded to nearest; fp32 parameters with 8-bit state
+    out += [Variant(n, torch.bfloat16, True, (), 90, "8bit" if n != "adagrad" else "bf16", True)
+            for n in KERNELS]
+    out.append(Variant("adax", torch.bfloat16, True, (), 80, "8bit", True))  # the most registers
     out += [
         Variant("tiger", torch.bfloat16, True, (), 90, "bf16", False),
         Variant("lion", torch.float32, True, (), 90, "8bit", False),
