@@ -26,6 +26,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]
+if DEVICE == "cuda":  # on a GPU these are CUDA tests: pytest -m gpu (benchmarks/gpu_check.sh) runs them
+    pytestmark.append(pytest.mark.gpu)
 
 
 def _tiles():
