@@ -78,9 +78,12 @@ LOWP: dict[str, tuple[type, dict[str, Any]]] = {
     "tiger_8bit": (Tiger, dict(lr=1e-2, state_precision="8bit")),
     "adax_8bit": (AdaX, dict(lr=1e-2, state_precision="8bit")),
     "adagrad_bf16": (Adagrad, dict(lr=1e-1, state_precision="bf16")),
+    "adax_bf16": (AdaX, dict(lr=1e-2, state_precision="bf16")),
 }
 LOWP_PATHS = {"tiger_8bit": ["default", "reference"]}  # others: the default path
 LOWP_CHECKPOINTED = ["lion_bf16", "tiger_8bit", "adax_8bit"]
+#: (saved by, loaded into): a full-state-dict checkpoint converted to the loader's state_precision
+LOWP_CONVERT = [("tiger_sr", "tiger_8bit"), ("tiger_8bit", "tiger_sr"), ("adax_8bit", "adax_bf16")]
 #: bf16, SR; a lazy group for the embedding (256-element rows: whole 8-bit blocks), a dense one for the rest
 LOWP_LAZY: dict[str, tuple[type, dict[str, Any]]] = {
     "tiger_lazy_bf16": (Tiger, dict(lr=1e-2, state_precision="bf16")),
@@ -219,6 +222,21 @@ def _single_lowp(name: str, pname: str = "reference") -> tuple[list[Tensor], lis
     model = _lowp_model(kind=_lowp_kind(name))
     opt = _lowp_optimizer(model, name, pname)
     _train(model, opt, range(STEPS), kind=_lowp_kind(name))
+    return _full(model), _full_state(model, opt)
+
+
+def _single_lowp_convert(saver: str, loader: str) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """One process: RESUME_AT steps with ``saver``'s options, state_dict, loaded into ``loader``'s
+    optimizer (another state_precision: converted) on a fresh model, the remaining steps."""
+    model = _lowp_model()
+    opt = _lowp_optimizer(model, saver)
+    _train(model, opt, range(RESUME_AT))
+    ck = {"model": model.state_dict(), "optim": opt.state_dict()}
+    model = _lowp_model(seed=1)
+    model.load_state_dict(ck["model"])
+    opt = _lowp_optimizer(model, loader)
+    opt.load_state_dict(ck["optim"])
+    _train(model, opt, range(RESUME_AT, STEPS))
     return _full(model), _full_state(model, opt)
 
 
@@ -361,6 +379,28 @@ def _scenarios(rank: int, world: int, outdir: str) -> dict[str, Callable[[], Any
                  checkpoint_id=ckpt)
         return _lowp_dcp_resume(name, ckpt, rank, world)
 
+    def fsdp_lowp_convert(saver: str, loader: str) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+        """A full (unsharded) state dict of ``saver``'s run loaded into ``loader``'s optimizer: each rank
+        cuts its shards, quantizing or decoding on the way (the 8-bit blocks all-reduced)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True)
+        model = _fsdp(_lowp_model())
+        opt = _lowp_optimizer(model, saver)
+        _train(model, opt, range(RESUME_AT), rank=rank, world=world)
+        ck = {"model": get_model_state_dict(model, options=full),
+              "optim": get_optimizer_state_dict(model, opt, options=full)}
+        model = _fsdp(_lowp_model(seed=1))
+        opt = _lowp_optimizer(model, loader)
+        set_model_state_dict(model, ck["model"], options=full)
+        set_optimizer_state_dict(model, opt, ck["optim"], options=full)
+        _train(model, opt, range(RESUME_AT, STEPS), rank=rank, world=world)
+        return _full(model), _full_state(model, opt)
+
     def lowp_placements() -> tuple[str, str]:
         """Tensor-parallel-like Shard(1): refused with an error naming the placements."""
         from torch.distributed.device_mesh import init_device_mesh
@@ -382,6 +422,8 @@ def _scenarios(rank: int, world: int, outdir: str) -> dict[str, Callable[[], Any
     for name in LOWP_CHECKPOINTED:
         jobs[f"lowp_dcp/{name}"] = lambda name=name: fsdp_lowp_checkpoint(name)
     jobs["lowp_placements"] = lowp_placements
+    for saver, loader in LOWP_CONVERT:
+        jobs[f"lowp_convert/{saver}/{loader}"] = lambda s=saver, ld=loader: fsdp_lowp_convert(s, ld)
     for pname in PATHS:
         jobs[f"ddp/{pname}"] = lambda pname=pname: ddp(pname)
     jobs["ddp_resume"] = ddp_resume
@@ -603,6 +645,19 @@ def test_fsdp2_low_precision_dcp_resume_and_reshard(results: dict[str, Any], nam
     want = _single_lowp(name)
     _assert_bitwise(_get(results, f"lowp_dcp/{name}"), want)
     _assert_bitwise(_get(results, f"lowp_reshard/{name}"), want)
+
+
+@pytest.mark.parametrize(("saver", "loader"), LOWP_CONVERT)
+def test_fsdp2_checkpoint_converted_between_precisions_equals_one_process(results: dict[str, Any], saver: str,
+                                                                         loader: str) -> None:
+    """fp32 -> 8-bit (quantized), 8-bit -> fp32 (decoded), 8-bit -> bf16 on load under FSDP2: the one-process
+    conversion bit for bit (the loader's state_precision is what the state becomes)."""
+    want = _single_lowp_convert(saver, loader)
+    got = _get(results, f"lowp_convert/{saver}/{loader}")
+    _assert_bitwise(got, want)
+    key = LOWP[loader][0].state_keys[0]
+    dtypes = {None: torch.float32, "bf16": torch.bfloat16, "8bit": torch.uint8}
+    assert got[1][0][key].dtype == dtypes[LOWP[loader][1].get("state_precision")]
 
 
 def test_low_precision_refuses_shards_that_are_not_ranges(results: dict[str, Any]) -> None:

@@ -429,8 +429,11 @@ def test_rejected_group_and_checkpoint_change_nothing():
     with pytest.raises(ValueError, match="sr_seed"):
         opt.load_state_dict(bad)
     bad = copy.deepcopy(before)
-    bad["state"][0]["exp_avg_absmax"] = torch.zeros(1)
+    bad["state"][0]["exp_avg"] = torch.zeros(3, dtype=torch.uint8)  # 8-bit codes without their absmax
     with pytest.raises(ValueError, match="exp_avg_absmax"):
+        opt.load_state_dict(bad)
+    bad["state"][0]["exp_avg_absmax"] = torch.zeros(2)
+    with pytest.raises(ValueError, match="exp_avg_absmax.*shape"):
         opt.load_state_dict(bad)
     after = opt.state_dict()
     assert len(opt.param_groups) == 1

@@ -868,7 +868,11 @@ class TigerOptimizer(Optimizer):
         hyperparameters are validated like constructor arguments.  ``foreach``/``fused``/
         ``capturable`` stay this optimizer's (how the model runs here, not the checkpoint's
         machine).  torch's loader casts floating state to the parameter's dtype; ours keeps fp32
-        state for bf16/fp16 parameters bit-exact.
+        state for bf16/fp16 parameters bit-exact.  State of another ``state_precision`` is converted
+        (quantized into "8bit", decoded out of it); a float state next to a ``<key>_absmax`` loads as
+        float state, the absmax ignored: torch.distributed.checkpoint's full-state-dict loader merges
+        a checkpoint into the optimizer's own state dict, so a float checkpoint loaded into an
+        "8bit" optimizer arrives with the optimizer's old absmax beside it.
         """
         groups = self._check_state_dict(state_dict)
         flags = [{k: g.get(k) for k in LOADER_OPTIONS} for g in self.param_groups]
@@ -949,10 +953,10 @@ class TigerOptimizer(Optimizer):
                     raise ValueError(f"{name}: state {key!r} of parameter {pid} has shape "
                                      f"{tuple(st[key].shape)}, expected {want} for a parameter of shape "
                                      f"{tuple(p.shape)}")
-                absmax = st.get(key + "_absmax")
-                if (absmax is None) != (st[key].dtype != torch.uint8):
-                    what = "8-bit codes without" if absmax is None else "not 8-bit codes but has"
-                    raise ValueError(f"{name}: state {key!r} of parameter {pid} is {what} "
+                # an absmax next to float state is ignored (see load_state_dict)
+                absmax = st.get(key + "_absmax") if st[key].dtype == torch.uint8 else None
+                if absmax is None and st[key].dtype == torch.uint8:
+                    raise ValueError(f"{name}: state {key!r} of parameter {pid} is 8-bit codes without "
                                      f"{key + '_absmax'!r}")
                 if absmax is not None and tuple(absmax.shape) != (_lowp.nblocks(st[key].numel()),):
                     raise ValueError(f"{name}: state {key + '_absmax'!r} of parameter {pid} has shape "
