@@ -89,10 +89,16 @@ def _adax_step(pp, gp, mp, vp, ma, va, offs, rows, n, lr, beta1, omb1, bhat, omb
     m = _ld_state(mp, ma, offs, rows, n, Q8_M, MASKED)
     v = _ld_state(vp, va, offs, rows, n, Q8_V, MASKED)
     p, m, v = _adax_update(p, g, m, v, lr, beta1, omb1, bhat, omb2, eps_t, wd, decay, MAXIMIZE, DECOUPLED)
-    # the parameter first: its registers are free before the 8-bit encoding's (fewer live values)
-    _st_lowp(pp, offs, p, n, _stream_key(kt, 0), e0, SR, MASKED)
-    _st_state(vp, va, offs, rows, v, n, _stream_key(kt, 2), e0, SR, Q8_V, MASKED)
-    _st_state(mp, ma, offs, rows, m, n, _stream_key(kt, 1), e0, SR, Q8_M, MASKED)
+    # the store order is ptxas's register budget on sm_90 (no spills with either flag set): with
+    # stochastic rounding the parameter first (its registers free before the 8-bit encoding's)
+    if SR:
+        _st_lowp(pp, offs, p, n, _stream_key(kt, 0), e0, SR, MASKED)
+        _st_state(vp, va, offs, rows, v, n, _stream_key(kt, 2), e0, SR, Q8_V, MASKED)
+        _st_state(mp, ma, offs, rows, m, n, _stream_key(kt, 1), e0, SR, Q8_M, MASKED)
+    else:
+        _st_state(mp, ma, offs, rows, m, n, _stream_key(kt, 1), e0, SR, Q8_M, MASKED)
+        _st_state(vp, va, offs, rows, v, n, _stream_key(kt, 2), e0, SR, Q8_V, MASKED)
+        _st_lowp(pp, offs, p, n, _stream_key(kt, 0), e0, SR, MASKED)
 
 
 @triton.jit(do_not_specialize=["k1"])
