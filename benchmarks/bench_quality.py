@@ -832,10 +832,11 @@ class PrecisionPlan:
         (("tiger",), ("bf16-rtn", "bf16-sr"), tuple(range(1, 8))),
         (("tiger",), ("fp32", "bf16-sr-8bit"), (1, 2)),
         (("lion",), ("bf16-rtn", "bf16-sr"), (1, 2, 3)),
-        (("tiger",), ("bf16-rtn", "bf16-sr"), tuple(range(8, 16))),
         (("lion",), ("fp32", "bf16-sr-8bit"), (1, 2)),
-        (("tiger",), ("bf16-sr-bf16",), (1, 2)),
-        (("lion",), ("bf16-rtn", "bf16-sr"), tuple(range(4, 12))),
+        (("lion",), ("bf16-rtn", "bf16-sr"), tuple(range(4, 8))),
+        (("tiger",), ("bf16-rtn", "bf16-sr"), tuple(range(8, 16))),
+        (("tiger", "lion"), ("bf16-sr-bf16",), (1, 2)),
+        (("lion",), ("bf16-rtn", "bf16-sr"), tuple(range(8, 16))),
     )
     peers: bool = True
 
