@@ -505,3 +505,68 @@ def test_the_same_tensor_twice_in_a_group_is_refused() -> None:
         with pytest.raises(ValueError, match="twice"):
             opt.add_param_group({"params": [q, q]})
         assert len(opt.param_groups) == 1
+
+
+def _snapshot(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[Any]:
+    state = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+             for p in params]
+    return [p.detach().clone() for p in params] + state
+
+
+def _same(a: list[Any], b: list[Any]) -> bool:
+    for x, y in zip(a, b):
+        if isinstance(x, dict):
+            if x.keys() != y.keys() or not all(torch.equal(x[k], y[k]) for k in x):
+                return False
+        elif not torch.equal(x, y):
+            return False
+    return len(a) == len(b)
+
+
+@pytest.mark.parametrize("path", [{}, {"foreach": True}, {"foreach": False}])
+@pytest.mark.parametrize("cls", [Tiger, Lion, AdaX, Adagrad])
+def test_raise_in_a_later_group_changes_no_group(cls: type, path: dict[str, Any]) -> None:
+    """on_nonfinite='raise' in group 1 refuses the step before group 0 (planned or not) changes."""
+    params = [torch.randn(5, 4, requires_grad=True), torch.randn(7, requires_grad=True)]
+    opt = cls([{"params": [params[0]]}, {"params": [params[1]], "on_nonfinite": "raise"}], **path)
+    for step in range(3):  # steps 0-1 build the cached plans; step 2 raises
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if step == 2:
+            params[1].grad[3] = float("nan")
+            before = _snapshot(opt, params)
+            with pytest.raises(FloatingPointError, match="param group 1"):
+                opt.step()
+            assert _same(before, _snapshot(opt, params))
+            params[1].grad[3] = 0.0  # the corrected retry steps both groups
+            opt.step()
+            assert not torch.equal(before[0], params[0]) and not torch.equal(before[1], params[1])
+        else:
+            opt.step()
+
+
+def test_mixed_optimizer_refusal_in_a_later_optimizer_changes_none() -> None:
+    """An out-of-range sparse row or a non-finite gradient under on_nonfinite='raise' in the second
+    inner optimizer refuses MixedOptimizer.step before the first one steps."""
+    from tigeropt import MixedOptimizer
+
+    dense = torch.randn(4, 3, requires_grad=True)
+    table = torch.randn(6, 3, requires_grad=True)
+    other = torch.randn(5, requires_grad=True)
+    first = Tiger([dense])
+    second = Lion([{"params": [table], "lazy": True}, {"params": [other], "on_nonfinite": "raise"}])
+    opt = MixedOptimizer(first, second)
+    params = [dense, table, other]
+    bad_rows = torch.sparse_coo_tensor(torch.tensor([[1, 6]]), torch.ones(2, 3), (6, 3))
+    good_rows = torch.sparse_coo_tensor(torch.tensor([[1, 5]]), torch.ones(2, 3), (6, 3))
+    for table_grad, other_grad, error in ((bad_rows, torch.ones(5), IndexError),
+                                          (good_rows, torch.full((5,), float("inf")), FloatingPointError)):
+        dense.grad, table.grad, other.grad = torch.randn(4, 3), table_grad, other_grad
+        before = [p.detach().clone() for p in params] + [dict(first.state[dense]), dict(second.state[table])]
+        with pytest.raises(error):
+            opt.step()
+        assert all(torch.equal(a, p) for a, p in zip(before, params))
+        assert first.state[dense] == before[3] and second.state[table] == before[4]
+    dense.grad, table.grad, other.grad = torch.randn(4, 3), good_rows, torch.ones(5)
+    opt.step()
+    assert not torch.equal(before[0], dense) and not torch.equal(before[2], other)

@@ -33,8 +33,9 @@ Shared flag documentation (every optimizer accepts these keyword arguments):
         fused CUDA step can be captured in a CUDA graph (Triton path only).
     on_nonfinite ("ignore" | "skip" | "raise"): what to do when a group's
         gradients hold inf/NaN. "skip" leaves parameters, state and step count
-        untouched for that group; "raise" raises ``FloatingPointError``. The
-        check costs one reduction and one host sync per group and step.
+        untouched for that group; "raise" raises ``FloatingPointError`` before any
+        group of the optimizer changes. The check costs one reduction and one host
+        sync per group and step.
     state_precision (None | "fp32" | "bf16" | "8bit"): how the state tensors are
         stored (math is fp32, or fp64 for fp64 parameters).  None: fp32 for bf16/fp16
         parameters, the parameter's dtype otherwise.  "bf16": rounded once per step at
@@ -386,6 +387,7 @@ class TigerOptimizer(Optimizer):
         # sparse gradients are checked before any group changes (a planned group has dense gradients
         # unless its plan falls back below: that group is checked then)
         self._check_sparse_grads([g for i, g in enumerate(self.param_groups) if not (plans and i in plans)])
+        self._check_nonfinite_raise()
         for i, group in enumerate(self.param_groups):
             plan = plans.get(i) if plans else None
             if plan is None:
@@ -467,9 +469,7 @@ class TigerOptimizer(Optimizer):
                     return False
             elif any(map(_IS_SPARSE, gb)):
                 return False
-        if group["on_nonfinite"] != "ignore" and not _all_finite(grads):
-            if group["on_nonfinite"] == "raise":
-                raise FloatingPointError(f"{type(self).__name__}: non-finite gradient (inf/NaN)")
+        if group["on_nonfinite"] == "skip" and not _all_finite(grads):  # "raise": checked by step()
             return True
         hyper = self._hyper(group)
         for b in plan.buckets:
@@ -533,9 +533,7 @@ class TigerOptimizer(Optimizer):
             return
         grads = [p.grad for p in params]
         lazy = group["lazy"]
-        if group["on_nonfinite"] != "ignore" and not _all_finite(grads):
-            if group["on_nonfinite"] == "raise":
-                raise FloatingPointError(f"{type(self).__name__}: non-finite gradient (inf/NaN)")
+        if group["on_nonfinite"] == "skip" and not _all_finite(grads):  # "raise": checked by step()
             return
         self._init_group(group)
         hyper = self._hyper(group)
@@ -582,6 +580,22 @@ class TigerOptimizer(Optimizer):
             impl(*lists[:-1], steps, **hyper)
         if plannable and plan_index is not None:
             self._build_plan(group, plan_index, params, buckets, paths)
+
+    def _check_nonfinite_raise(self) -> None:
+        """``on_nonfinite="raise"``: the gradients of every such group are checked before any group
+        changes, so a raised step leaves every group (parameters, state, step counts) as it was."""
+        for gi, group in enumerate(self.param_groups):
+            if group["on_nonfinite"] == "raise":
+                grads = [p.grad for p in group["params"] if p.grad is not None]
+                if grads and not _all_finite(grads):
+                    raise FloatingPointError(f"{type(self).__name__}: non-finite gradient (inf/NaN) in param "
+                                             f"group {gi}; nothing was updated")
+
+    def _check_step(self) -> None:
+        """Everything that can refuse a step, checked without changing anything (MixedOptimizer runs
+        it for every inner optimizer before stepping any)."""
+        self._check_sparse_grads(self.param_groups)
+        self._check_nonfinite_raise()
 
     def _check_sparse_grads(self, groups: list[dict[str, Any]]) -> None:
         """Refuse, before anything changes, the sparse gradients of ``groups`` that no path can take.

@@ -189,11 +189,19 @@ class MixedOptimizer(_WrapperOptimizer):
 
     # ----------------------------------------------------------------- optimizer API
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Call ``closure`` once (if given), then step every inner optimizer; return the loss."""
+        """Call ``closure`` once (if given), then step every inner optimizer; return the loss.
+
+        The refusals of tigeropt inner optimizers (out-of-range sparse rows, sparse gradients a
+        group cannot take, ``on_nonfinite="raise"``) are checked for all of them first, so a
+        refused step changes none."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for opt in self.optimizers:  # what can refuse the step, before any inner optimizer changes
+            check = getattr(opt, "_check_step", None)
+            if check is not None:
+                check()
         for opt in self.optimizers:
             opt.step()
         return loss
