@@ -106,7 +106,8 @@ def _dtensor_module() -> Any:
 
 __all__ = ["TigerOptimizer", "Impl", "check", "check_lr", "global_bool", "nan_sign", "to_float",
            "state_dtype",
-           "working", "write_back", "touched_rows", "sparse_rows_out_of_range"]
+           "working", "write_back", "touched_rows", "sparse_rows_out_of_range",
+           "check_sparse_rows"]
 
 Impl = Callable[..., None]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -620,18 +621,7 @@ class TigerOptimizer(Optimizer):
                     raise RuntimeError(f"sparse gradients must be sparse along dim 0 only, got sparse_dim="
                                        f"{_local(g).sparse_dim()}")
                 pairs.append((p, g))
-        if not pairs:
-            return
-        bad = sparse_rows_out_of_range([(_local(g), _local(p).shape[0] if p.dim() else 1) for p, g in pairs])
-        if bad is None:
-            return
-        k, index, rows = bad
-        p = pairs[k][0]
-        owners = [(gi, q) for gi, grp in enumerate(self.param_groups) for q in grp["params"]]
-        pid, gi = next((pid, gi) for pid, (gi, q) in enumerate(owners) if q is p)
-        raise IndexError(f"{type(self).__name__}: the sparse gradient of parameter {pid} (param group {gi}, "
-                         f"shape {tuple(p.shape)}) lists row index {index}, out of range for {rows} rows; "
-                         "nothing was updated")
+        check_sparse_rows(type(self).__name__, pairs, self.param_groups)
 
     def _step_low_precision(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                             hyper: dict[str, Any]) -> None:
@@ -1089,6 +1079,22 @@ def sparse_rows_out_of_range(pairs: list[tuple[Tensor, int]]) -> tuple[int, int,
         if lo < 0 or hi >= rows:
             return k, (lo if lo < 0 else hi), rows
     return None
+
+
+def check_sparse_rows(name: str, pairs: list[tuple[Tensor, Tensor]],
+                      param_groups: list[dict[str, Any]]) -> None:
+    """IndexError for the first (parameter, sparse gradient) pair whose gradient lists a row the
+    parameter lacks, naming the parameter (its index in ``state_dict()``, its group) and the index."""
+    bad = sparse_rows_out_of_range([(_local(g), _local(p).shape[0] if p.dim() else 1) for p, g in pairs])
+    if bad is None:
+        return
+    k, index, rows = bad
+    p = pairs[k][0]
+    owners = [(gi, q) for gi, grp in enumerate(param_groups) for q in grp["params"]]
+    pid, gi = next((pid, gi) for pid, (gi, q) in enumerate(owners) if q is p)
+    raise IndexError(f"{name}: the sparse gradient of parameter {pid} (param group {gi}, shape "
+                     f"{tuple(p.shape)}) lists row index {index}, out of range for {rows} rows; nothing was "
+                     "updated")
 
 
 _is = operator.is_

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._base import TigerOptimizer, sparse_rows_out_of_range, touched_rows
+from ._base import TigerOptimizer, check_sparse_rows, touched_rows
 
 __all__ = ["LazyOptimizer", "embedding_weights"]
 
@@ -328,16 +328,7 @@ class LazyOptimizer(_WrapperOptimizer):
         """IndexError, before anything changes, for a sparse gradient listing a row its parameter lacks
         (densifying it would index outside the table)."""
         pairs = [(p, p.grad) for p in params if p.grad is not None and p.grad.is_sparse]
-        bad = sparse_rows_out_of_range([(g, p.shape[0] if p.dim() else 1) for p, g in pairs])
-        if bad is None:
-            return
-        k, index, rows = bad
-        p = pairs[k][0]
-        owners = [(gi, q) for gi, grp in enumerate(self.param_groups) for q in grp["params"]]
-        pid, gi = next((pid, gi) for pid, (gi, q) in enumerate(owners) if q is p)
-        raise IndexError(f"LazyOptimizer: the sparse gradient of parameter {pid} (param group {gi}, shape "
-                         f"{tuple(p.shape)}) lists row index {index}, out of range for {rows} rows; nothing "
-                         "was updated")
+        check_sparse_rows("LazyOptimizer", pairs, self.param_groups)
 
     def _snapshot(self, p: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, dict[str, Tensor]]:
         grad = p.grad
