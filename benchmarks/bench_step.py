@@ -140,7 +140,7 @@ def _installed(module: str) -> bool:
 def _tigeropt_path(opt: Any) -> str:
     group = opt.param_groups[0]
     p = group["params"][0]
-    if tigeropt._base._low_precision(group):  # the low-precision step: fused C on CPU by default
+    if tigeropt._lowp_step.low_precision(group):  # the low-precision step: fused C on CPU by default
         default = group["fused"] is None and group["foreach"] is None
         if default and p.device.type == "cpu" and tigeropt.kernels.cpu_fused_usable(opt.kernel, p.dtype):
             return "cpu (low precision)"

@@ -97,10 +97,10 @@ assert BY_TIGEROPT and BY_TIGEROPT[0][0] == "torch.distributed.tensor", BY_TIGER
 def test_dtensor_module_is_found_once_imported() -> None:
     """The lazy lookup sees DTensor as soon as anyone imports it (FSDP2 does so before any step)."""
     code = """
-import tigeropt._base as b
-assert b._dtensor_module() is None
+import tigeropt._dtensor as b
+assert b.dtensor_module() is None
 import torch.distributed.tensor as dt
-assert b._dtensor_module() is dt
+assert b.dtensor_module() is dt
 """
     assert _modules_after(code) >= {"torch.distributed.tensor"}
 

@@ -10,6 +10,8 @@ name of a fused kernel).  :class:`TigerOptimizer` owns everything else:
 * complex parameters through :func:`torch.view_as_real`, as torch.optim does;
 * grouping of tensors by device and dtype, and the choice of path
   (``reference`` / ``foreach`` / ``fused`` Triton / ``cpu`` fused C kernel);
+* low-precision groups through :class:`tigeropt._lowp_step.LowPrecisionSteps` (a base class),
+  DTensor shards through :mod:`tigeropt._dtensor`;
 * sparse gradients and ``lazy=True`` groups: only the touched rows (a non-zero
   gradient, :func:`touched_rows`) change, through the fused C/Triton row kernels,
   or on the reference path by gathering the rows, updating and scattering them back;
@@ -51,23 +53,7 @@ Shared flag documentation (every optimizer accepts these keyword arguments):
         neither bf16 parameters nor low-precision state it has no effect: a warning says so.
         fp16 parameters are refused (ValueError).
     sr_seed (int): seed of the rounding hash, in [0, 2^32) (saved in the state_dict).
-    Groups with low-precision state or stochastic rounding: on CPU the default path
-    (``fused=None``) runs the whole step in the fused C kernel, one pass (load, fp32 math,
-    rounded stores: :func:`tigeropt._cpu.lowp_step`); on CUDA the default path, and
-    ``fused=True`` (on CPU under ``TRITON_INTERPRET=1``), run it in the Triton step kernels'
-    low-precision variants, one pass too (not ``capturable=True``); ``foreach=False``/``True``
-    run the reference/foreach math on working copies with the stores of :mod:`tigeropt._lowp`,
-    and so do tensors and options the kernels do not take (on CUDA the rounding then runs in
-    Triton); all bit for bit the same (float32 sqrt correctly rounded on every path:
-    :func:`tigeropt._math.sqrt_rn`, torch's CPU sqrt is not).  Lazy rows and sparse
-    gradients take bf16 state and stochastic rounding (the rows' element indices in the whole
-    tensor key the hash, so touching every row equals the dense step), and 8-bit state whose
-    256-element blocks each lie inside one row (rows of a multiple of 256 elements, or one row;
-    other shapes in a lazy 8-bit group: ValueError): untouched rows keep codes and absmax bit
-    for bit.  Complex parameters are refused.  DTensor parameters sharded along dim 0 (FSDP2)
-    or replicated take them all: global element indices key the hash, the 8-bit blocks are the
-    whole tensor's (absmax replicated, blocks split between shards all-reduced), so sharding
-    changes no bit.
+    How each path runs these options, lazy rows and DTensor shards included: :mod:`tigeropt._lowp_step`.
 """
 
 from __future__ import annotations
@@ -75,8 +61,6 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
-import sys
-import warnings
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -87,30 +71,27 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _lowp, kernels
-from ._ops import compiling
+from ._dtensor import all_finite, check_whole_rows, dtensor_module, global_bool, is_dtensor, to_local
+from ._lowp_step import (
+    LowPrecisionSteps,
+    check_low_precision_param,
+    convert_state,
+    low_precision,
+    lp_options,
+    new_8bit_state,
+    state_dtype,
+    storage_dtype,
+)
+from ._ops import compiling, to_float
+from ._rows import check_sparse_rows, sparse_rows_out_of_range, touched_rows
 from ._validate import check, check_bool, check_choice, check_lr, check_optional_bool, check_ordered_params
 
-# DTensor (FSDP2, tensor parallel) is looked up, never imported: importing torch.distributed.tensor costs
-# about half a second, and while nobody has imported it no tensor can be a DTensor.
-_DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")  # public since torch 2.5
-
-
-def _dtensor_module() -> Any:
-    """The module defining DTensor if someone imported it (else None: no DTensor can exist)."""
-    for name in _DTENSOR_MODULES:
-        module = sys.modules.get(name)
-        if module is not None and hasattr(module, "DTensor"):
-            return module
-    return None
-
-
+# re-exported: the optimizer modules and LazyOptimizer import these from here
 __all__ = ["TigerOptimizer", "Impl", "check", "check_lr", "global_bool", "nan_sign", "to_float",
-           "state_dtype",
-           "working", "write_back", "touched_rows", "sparse_rows_out_of_range",
-           "check_sparse_rows"]
+           "state_dtype", "working", "write_back", "touched_rows", "sparse_rows_out_of_range",
+           "check_sparse_rows", "dtensor_module"]
 
 Impl = Callable[..., None]
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 _NONFINITE = ("ignore", "skip", "raise")
 #: How the model runs here, not part of the trajectory: a checkpoint's values never override these.
 EXECUTION_FLAGS = ("foreach", "fused", "capturable")
@@ -120,9 +101,6 @@ COMMON_OPTIONS = ("maximize", "foreach", "fused", "on_nonfinite", "capturable", 
 #: Options a checkpoint never overrides: the execution flags and the state precision (a checkpoint
 #: of another precision is converted on load).
 LOADER_OPTIONS = (*EXECUTION_FLAGS, "state_precision")
-STATE_PRECISIONS = ("fp32", "bf16", "8bit")
-#: parameter dtypes the Triton kernels take (math in fp32); fp64 stays on the foreach path.
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: (optimizer class, path) -> fused launcher (a plain dict: cheap, and traceable by Dynamo).
 _FUSED_IMPLS: dict[tuple[type, str], Impl] = {}
 
@@ -136,17 +114,7 @@ def nan_sign(x: Tensor) -> Tensor:
     return torch.sign(x).add_(x, alpha=0.0)
 
 
-def to_float(x: float | Tensor) -> float:
-    """A Python float from a number or a one-element tensor (lr may be a tensor)."""
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
-
-
-def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    """Optimizer state dtype: fp32 for bf16/fp16 parameters, else the parameter's dtype."""
-    return torch.float32 if param_dtype in LOW_PRECISION else param_dtype
-
-
-class TigerOptimizer(Optimizer):
+class TigerOptimizer(LowPrecisionSteps, Optimizer):
     """Base class: subclasses set the class attributes below and implement ``_hyper``."""
 
     #: Names of the per-parameter state tensors, in the order the impls take them.
@@ -240,7 +208,7 @@ class TigerOptimizer(Optimizer):
                                                                   and self._lowp_fused_ok(group))):
             raise ValueError(f"{type(self).__name__}(fused=True or capturable=True) does not support the "
                              f"options this group uses "
-                             f"({self._unfused_options(group) or _lp_options(group)}); leave fused unset "
+                             f"({self._unfused_options(group) or lp_options(group)}); leave fused unset "
                              "(the default path runs them: "
                              + ("the foreach path)" if self._unfused_options(group)
                                 else "the fused C step on CPU, the Triton kernels on CUDA)"))
@@ -248,35 +216,6 @@ class TigerOptimizer(Optimizer):
             why = kernels.triton_status() if self.kernel else "this optimizer has no fused kernel"
             raise RuntimeError(f"{type(self).__name__}(fused=True) is not available: {why}")
 
-    def _validate_precision(self, group: dict[str, Any]) -> None:
-        """state_precision, stochastic_rounding and sr_seed of a group (part of ``_validate``)."""
-        precision = group.get("state_precision")
-        if precision is not None:
-            check_choice("state_precision", precision, STATE_PRECISIONS)
-        sr = group.get("stochastic_rounding", False)
-        check_bool("stochastic_rounding", sr)
-        seed = group.get("sr_seed", 0)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(f"Invalid type for sr_seed: expected an int, got {type(seed).__name__} "
-                            f"({seed!r})")
-        check(0 <= seed < 2 ** 32, "sr_seed", seed, "must be an int in [0, 2**32)")
-        params = [p for p in group.get("params", []) if isinstance(p, Tensor)]
-        if group["lazy"] and precision == "8bit" and self.state_8bit_keys != ():
-            for i, p in enumerate(params):
-                if not _rows_are_blocks(p):
-                    raise ValueError(
-                        f"Invalid lazy: True (with state_precision='8bit' each 256-element block of the "
-                        f"8-bit state must lie inside one row, so that untouched rows keep their state bit "
-                        f"for bit; parameter {i} of shape {tuple(p.shape)} has rows of {p[0].numel()} "
-                        "elements: use rows of a multiple of 256 elements, or put it in a group with "
-                        "state_precision='bf16' or lazy=False)")
-        if sr and params:
-            if any(p.dtype == torch.float16 for p in params):
-                raise ValueError("Invalid stochastic_rounding: True (rounds to bf16; this group holds fp16 "
-                                 "parameters: use bf16 parameters or stochastic_rounding=False)")
-            if precision not in ("bf16", "8bit") and not any(p.dtype == torch.bfloat16 for p in params):
-                warnings.warn("stochastic_rounding=True has no effect in this group: it rounds bf16 "
-                              "parameters and bf16/8bit state, and the group has neither", stacklevel=4)
 
     # ----------------------------------------------------------------- hooks for subclasses
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -302,19 +241,15 @@ class TigerOptimizer(Optimizer):
         state = {"step": torch.tensor(0.0, dtype=_scalar_dtype(), device=device)}
         precision = group.get("state_precision")
         if precision is not None or group.get("stochastic_rounding"):
-            _check_low_precision_param(type(self).__name__, p, group)
+            check_low_precision_param(type(self).__name__, p, group)
         for key in self.state_keys:
             shape = self._state_shape(key, p, group)
             value = self._initial_value(key, group)
             key_precision = self._key_precision(key, precision)
-            if key_precision == "8bit" and _is_dtensor(p) and shape == tuple(p.shape):
-                state[key], state[key + "_absmax"] = _init_8bit_sharded(p, value)
-                continue
             if key_precision == "8bit":
-                full = torch.full(shape, value, dtype=torch.float32, device=p.device)
-                state[key], state[key + "_absmax"] = _lowp.encode_8bit(full)
+                state[key], state[key + "_absmax"] = new_8bit_state(p, shape, value)
                 continue
-            dtype = _storage_dtype(p, key_precision)
+            dtype = storage_dtype(p, key_precision)
             if shape == tuple(p.shape):
                 t = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             else:
@@ -324,26 +259,15 @@ class TigerOptimizer(Optimizer):
             state[key] = t
         return state
 
-    def _key_precision(self, key: str, precision: str | None) -> str | None:
-        """How state ``key`` is stored under the group's ``state_precision``."""
-        if precision == "8bit" and self.state_8bit_keys is not None and key not in self.state_8bit_keys:
-            return "bf16"
-        return precision
 
     def _fused_ok(self, group: dict[str, Any]) -> bool:
         """Whether the fused kernels implement every option this group uses."""
-        return not self._unfused_options(group) and not _lp_options(group)
+        return not self._unfused_options(group) and not lp_options(group)
 
     def _unfused_options(self, group: dict[str, Any]) -> str:
         """The options of this group the fused kernels do not implement ('' if none)."""
         return ""
 
-    def _lowp_fused_ok(self, group: dict[str, Any]) -> bool:
-        """Whether the Triton kernels' low-precision variants run this group's low-precision options
-        (:meth:`_step_lowp_triton`; not with capturable=True: the rounding keys follow the host's
-        step counts)."""
-        return (self.kernel is not None and bool(_lp_options(group)) and not self._unfused_options(group)
-                and not group["capturable"])
 
     # ----------------------------------------------------------------- path choice
     def _check_fused_devices(self, group: dict[str, Any]) -> None:
@@ -470,7 +394,7 @@ class TigerOptimizer(Optimizer):
                     return False
             elif any(map(_IS_SPARSE, gb)):
                 return False
-        if group["on_nonfinite"] == "skip" and not _all_finite(grads):  # "raise": checked by step()
+        if group["on_nonfinite"] == "skip" and not all_finite(grads):  # "raise": checked by step()
             return True
         hyper = self._hyper(group)
         for b in plan.buckets:
@@ -534,11 +458,11 @@ class TigerOptimizer(Optimizer):
             return
         grads = [p.grad for p in params]
         lazy = group["lazy"]
-        if group["on_nonfinite"] == "skip" and not _all_finite(grads):  # "raise": checked by step()
+        if group["on_nonfinite"] == "skip" and not all_finite(grads):  # "raise": checked by step()
             return
         self._init_group(group)
         hyper = self._hyper(group)
-        if _low_precision(group):
+        if low_precision(group):
             self._step_low_precision(group, params, grads, hyper)
             return
 
@@ -568,15 +492,15 @@ class TigerOptimizer(Optimizer):
             steps = lists[-1]
             torch._foreach_add_(steps, 1)
             path = paths[(device, dtype)] = self._path(group, device, dtype)
-            if any(_is_dtensor(p) for p in lists[0]):
+            if any(is_dtensor(p) for p in lists[0]):
                 plannable = False
-            if path in ("fused", "cpu") and any(_is_dtensor(p) for p in lists[0]):
+            if path in ("fused", "cpu") and any(is_dtensor(p) for p in lists[0]):
                 # The kernels read raw storage, which a DTensor (FSDP2) does not have: give them the
                 # local shards (views, so the updates land in the DTensors).  Only element-wise rules
                 # reach these paths (_fused_ok), so the local shards are all they need.  The reference
                 # and foreach paths keep DTensors, whose ops make whole-tensor statistics (Tiger's
                 # lr_scaling RMS, nan_guard) global.
-                lists = [[_local(t) for t in lst] for lst in lists]
+                lists = [[to_local(t) for t in lst] for lst in lists]
             impl = self._impl(path)
             impl(*lists[:-1], steps, **hyper)
         if plannable and plan_index is not None:
@@ -588,7 +512,7 @@ class TigerOptimizer(Optimizer):
         for gi, group in enumerate(self.param_groups):
             if group["on_nonfinite"] == "raise":
                 grads = [p.grad for p in group["params"] if p.grad is not None]
-                if grads and not _all_finite(grads):
+                if grads and not all_finite(grads):
                     raise FloatingPointError(f"{type(self).__name__}: non-finite gradient (inf/NaN) in param "
                                              f"group {gi}; nothing was updated")
 
@@ -617,198 +541,12 @@ class TigerOptimizer(Optimizer):
                     raise RuntimeError(
                         f"{type(self).__name__} does not support sparse gradients unless the group sets "
                         "lazy=True (only the rows present are then updated)")
-                if _local(g).sparse_dim() != 1:
+                if to_local(g).sparse_dim() != 1:
                     raise RuntimeError(f"sparse gradients must be sparse along dim 0 only, got sparse_dim="
-                                       f"{_local(g).sparse_dim()}")
+                                       f"{to_local(g).sparse_dim()}")
                 pairs.append((p, g))
         check_sparse_rows(type(self).__name__, pairs, self.param_groups)
 
-    def _step_low_precision(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                            hyper: dict[str, Any]) -> None:
-        """One step of a group with low-precision state or stochastic rounding.
-
-        Each parameter and state tensor is read into a working copy in the math dtype (fp32, fp64 for
-        fp64 parameters; 8-bit state decoded), the optimizer's reference or foreach rule updates the
-        working copies, and each is stored back once: bf16 with round-to-nearest or stochastic
-        rounding, 8-bit re-encoded (:mod:`tigeropt._lowp`).  The rounding bits depend on (sr_seed,
-        step, parameter index, element index) only, so both paths give bit-identical results.
-        """
-        name = type(self).__name__
-        for p in params:
-            _check_low_precision_param(name, p, group)
-        index = {id(q): i for i, q in enumerate(q for grp in self.param_groups for q in grp["params"])}
-        seed, sr = group["sr_seed"], group["stochastic_rounding"]
-        if group["lazy"] or any(g.is_sparse for g in grads):
-            dense = []
-            for j, (p, g) in enumerate(zip(params, grads)):
-                if group["lazy"] or g.is_sparse:
-                    self._rows_low_precision(p, g, hyper, seed if sr else None, index[id(p)])
-                else:
-                    dense.append(j)
-            params, grads = [params[j] for j in dense], [grads[j] for j in dense]
-        # the default path rounds in C on CPU and in Triton on CUDA, encodes 8-bit state in C on CPU
-        # (bit for bit the torch code of _lowp); while Dynamo traces, the keys are computed from the
-        # step tensors (no int(): no graph break) and the stores run the torch code (the C and
-        # Triton twins are not traceable)
-        traced = compiling()
-        c_store = group["fused"] is None and group["foreach"] is None and not traced
-        buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for j, p in enumerate(params):
-            md = torch.float64 if p.dtype == torch.float64 else torch.float32
-            buckets.setdefault((p.device, md), []).append(j)
-        for (device, md), js in buckets.items():
-            if c_store and device.type == "cpu" and md == torch.float32 and self.kernel is not None:
-                js = self._step_low_precision_c(group, [params[j] for j in js], [grads[j] for j in js], hyper,
-                                                index, js)
-                if not js:
-                    continue
-            js = self._step_lowp_triton(group, device, md, params, grads, js, index, hyper)
-            if not js:
-                continue
-            ps = [params[j] for j in js]
-            states = [self.state[p] for p in ps]
-            steps = [st["step"] for st in states]
-            torch._foreach_add_(steps, 1)
-            work_p = [p if p.dtype == md else p.to(md) for p in ps]
-            work_s = [[_read_state(st, k, md) for st in states] for k in self.state_keys]
-            impl = self._impl(self._path(group, device, md))
-            impl(work_p, [grads[j] for j in js], *work_s, steps, **hyper)
-            sharded: list[tuple[Tensor, Tensor, Tensor, int | None]] = []  # 8-bit DTensor state
-            for p, st, w, *ws in zip(ps, states, work_p, *work_s):
-                step, pidx = st["step"] if traced else int(st["step"]), index[id(p)]
-                if w is not p:
-                    if sr and p.dtype == torch.bfloat16:
-                        key = _key32(seed, step, pidx, 0)
-                        p_local, w_local, offset = _local(p), _local(w), _shard_offset(p)
-                        if not (c_store and _fast_sr_bf16(w_local, p_local, key, offset)):
-                            p_local.copy_(_lowp.round_bf16(w_local, key, offset=offset))
-                    else:
-                        p.copy_(w)
-                for i, (k, w_s) in enumerate(zip(self.state_keys, ws)):
-                    _write_state(st, k, w_s, _key32(seed, step, pidx, 1 + i) if sr else None, c_store,
-                                 sharded)
-            if sharded:
-                _encode_sharded(sharded)
-
-    def _step_low_precision_c(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                              hyper: dict[str, Any], index: dict[int, int], js: list[int]) -> list[int]:
-        """The low-precision step of CPU tensors in the fused C kernel (one pass: load, fp32 math,
-        rounded stores; bit for bit the code below it); returns the entries of ``js`` it did not take."""
-        c = _c_lowp()
-        if c is None or compiling():
-            return js
-        states = [self.state[p] for p in params]
-        keys = self.state_keys
-        rest = c.lowp_step(self.kernel, params, grads, [[st[k] for st in states] for k in keys],
-                           [[st.get(k + "_absmax") for st in states] for k in keys],
-                           [st["step"] for st in states], hyper, param_index=[index[id(p)] for p in params],
-                           seed=group["sr_seed"], stochastic_rounding=group["stochastic_rounding"])
-        return [js[i] for i in rest]
-
-    def _step_lowp_triton(self, group: dict[str, Any], device: torch.device, md: torch.dtype,
-                          params: list[Tensor], grads: list[Tensor], js: list[int], index: dict[int, int],
-                          hyper: dict[str, Any]) -> list[int]:
-        """The low-precision step of parameters ``params[j]``, ``j`` in ``js``, by the Triton kernels
-        where the group's path is Triton (CUDA, or ``fused=True``): one pass over memory per
-        (parameter, gradient, state dtypes) launch, reading and storing the low-precision tensors
-        themselves, bit for bit the reference low-precision step (:mod:`tigeropt._lowp`; the keys
-        from the same step counts, parameter indices and element indices).  Returns the positions
-        it left to the caller (fp64 math, sparse gradients, DTensors with 8-bit state, whose blocks
-        may span shards; a path that is not Triton).  A DTensor shard's elements are keyed by their
-        global indices (``element_offset``: :func:`_shard_offset`).
-        """
-        if md != torch.float32 or compiling() or self._path(group, device, md) != "fused":
-            return js
-        launches: dict[tuple[torch.dtype, ...], list[int]] = {}
-        rest = []
-        for j in js:
-            p, g = params[j], grads[j]
-            st = self.state[p]
-            if (p.dtype not in TRITON_DTYPES or g.is_sparse
-                    or (_is_dtensor(p) and any(st[k].dtype == torch.uint8 for k in self.state_keys))):
-                rest.append(j)
-                continue
-            launches.setdefault((p.dtype, g.dtype, *(st[k].dtype for k in self.state_keys)), []).append(j)
-        if not launches:
-            return js
-        impl = self._impl("fused")
-        seed = group["sr_seed"] if group["stochastic_rounding"] else None
-        hyper = dict(hyper, lr=to_float(hyper["lr"]))  # the reference's float64 lr, whence its scalars
-        for members in launches.values():
-            ps = [params[j] for j in members]
-            states = [self.state[p] for p in ps]
-            steps = [st["step"] for st in states]
-            torch._foreach_add_(steps, 1)
-            lists = [[st[k] for st in states] for k in self.state_keys]
-            absmax = [[st[k + "_absmax"] for st in states] if lst[0].dtype == torch.uint8 else None
-                      for k, lst in zip(self.state_keys, lists)]
-            impl(ps, [grads[j] for j in members], *lists, steps, **hyper, sr_seed=seed,
-                 param_indices=[index[id(p)] for p in ps], absmax=absmax,
-                 element_offset=[_shard_offset(p, type(self).__name__) for p in ps])
-        return rest
-
-    def _rows_low_precision(self, p: Tensor, g: Tensor, hyper: dict[str, Any], seed: int | None,
-                            pidx: int) -> None:
-        """Lazy rows / sparse gradient step of one parameter with low precision: the touched rows
-        (:func:`touched_rows`) of p and its state are gathered in the math dtype (8-bit rows
-        decoded), updated by the reference rule and stored back rounded (stochastically with the
-        element indices of those rows in the whole tensor; 8-bit rows re-encoded block by block);
-        other rows do not change, bit for bit.  8-bit state needs each 256-element block inside one
-        row (:func:`_rows_are_blocks`, checked by ``_validate``), so a step touching every row is
-        the dense step.  DTensor parameters (FSDP2, dim-0 shards of whole rows) update their local
-        rows with global element indices; their replicated 8-bit absmax is then all-reduced."""
-        name = type(self).__name__
-        state = self.state[p]
-        absmax = [state.get(k + "_absmax") if state[k].dtype == torch.uint8 else None
-                  for k in self.state_keys]
-        if any(a is not None for a in absmax) and not _rows_are_blocks(p):
-            raise RuntimeError(f"{name}: lazy rows and sparse gradients with 8-bit state need rows of a "
-                               f"multiple of 256 elements (each block inside one row); got shape "
-                               f"{tuple(p.shape)}: use bf16 state for this parameter")
-        sharded = _is_dtensor(p)
-        if sharded:
-            _check_whole_rows(p)
-        tensors = [p, *(state[k] for k in self.state_keys)]
-        offsets = [_shard_offset(t, name) for t in tensors]  # global index of each local shard's start
-        state["step"] += 1
-        p, g, *states = [_local(t) for t in [p, g, *tensors[1:]]]
-        local_absmax = [None if a is None else _local(a) for a in absmax]
-        if p.dim() == 0:
-            p, g, states = p.reshape(1), g.reshape(1), [s.reshape(1) for s in states]
-        idx, rows = touched_rows(g)
-        if idx.numel() and rows is not None:
-            md = torch.float64 if p.dtype == torch.float64 else torch.float32
-
-            def elements(t: Tensor, offset: int) -> Tensor:  # global indices of t's touched rows
-                row = t[0].numel() if t.dim() > 1 else 1
-                return offset + idx[:, None] * row + torch.arange(row, device=idx.device)
-
-            def blocks(t: Tensor, offset: int) -> Tensor:  # 8-bit rows are whole blocks (or one row)
-                row = t[0].numel() if t.dim() > 1 else 1
-                return ((offset + idx * row) // _lowp.BLOCK)[:, None] + torch.arange(
-                    _lowp.nblocks(row), device=idx.device)
-
-            p_rows = p.index_select(0, idx).to(md)
-            s_rows = [s.index_select(0, idx).to(md) if a is None else
-                      _lowp.decode_8bit(s.index_select(0, idx), a[blocks(s, o)].reshape(-1)).to(md)
-                      for s, a, o in zip(states, local_absmax, offsets[1:])]
-            type(self).reference_impl([p_rows], [rows], *[[s] for s in s_rows], [state["step"]], **hyper)
-            step = int(state["step"])
-            for i, (t, w, a, o) in enumerate(zip([p, *states], [p_rows, *s_rows], [None, *local_absmax],
-                                                 offsets)):
-                key = None if seed is None else _lowp.key32(seed, step, pidx, i)
-                if a is not None:
-                    codes, block_absmax = _lowp.encode_8bit(w, key, index=elements(t, o))
-                    t.index_copy_(0, idx, codes)
-                    a[blocks(t, o).reshape(-1)] = block_absmax
-                    continue
-                if key is not None and t.dtype == torch.bfloat16:
-                    w = _lowp.round_bf16(w, key, index=elements(t, o).reshape(w.shape))
-                t.index_copy_(0, idx, w.to(t.dtype))
-        if sharded:  # every rank, touched rows or not: the replicated absmax of the blocks it owns
-            for key, a in zip(self.state_keys, absmax):
-                if a is not None:
-                    _sync_owned_absmax(state[key], a)
 
     def _rows_path(self, group: dict[str, Any], device: torch.device) -> str:
         """How lazy rows and sparse gradients are updated: 'cpu' (the fused C row kernel) where the
@@ -837,11 +575,11 @@ class TigerOptimizer(Optimizer):
         back; other rows do not change.  On the ``'cpu'`` path the fused C row kernel does the
         same in one pass (falling back to the above for tensors it cannot take).
         """
-        if _is_dtensor(tensors[0]):
+        if is_dtensor(tensors[0]):
             # Gathering rows (nonzero/index_select) has no DTensor sharding rule; with whole rows on
             # every rank (FSDP2 shards dim 0) the local rows are exactly the global rows.
-            _check_whole_rows(tensors[0])
-            tensors = [_local(t) for t in tensors]
+            check_whole_rows(tensors[0])
+            tensors = [to_local(t) for t in tensors]
         if tensors[0].dim() == 0:  # a 0-d parameter is one row
             tensors = [t.reshape(1) for t in tensors]
         p, g, *states = tensors
@@ -896,7 +634,7 @@ class TigerOptimizer(Optimizer):
             group = self._group_of(p)
             for key in self.state_keys:
                 mine.pop(key + "_absmax", None)
-                mine.update(_convert_state(st, key, p, self._key_precision(key, group.get("state_precision")),
+                mine.update(convert_state(st, key, p, self._key_precision(key, group.get("state_precision")),
                                            self._state_shape(key, p, group)))
             step = st.get("step")
             if step is not None:
@@ -1037,66 +775,6 @@ def _guess_optimizer(saved_group: Any) -> str | None:
     return f"{module}.{best.__name__}"
 
 
-def touched_rows(g: Tensor, gather: bool = True) -> tuple[Tensor, Tensor | None]:
-    """(row indices, their gradient rows) of the rows of ``g`` that hold a non-zero.
-
-    The one definition of "touched" for lazy rows and sparse gradients: a dense gradient's
-    rows (slices along dim 0; elements of a 1-D tensor) holding any non-zero; a sparse COO
-    gradient's rows, after coalescing (duplicates summed), whose values are not all zero (a
-    listed row whose values are zero, or whose duplicates cancel, is not touched).  Indices
-    are sorted and unique (int64).  ``gather=False`` skips gathering a dense gradient's rows
-    (returns None for them).
-    """
-    if g.is_sparse:
-        g = g.coalesce()
-        if g.sparse_dim() != 1:
-            raise RuntimeError(f"sparse gradients must be sparse along dim 0 only, got sparse_dim="
-                               f"{g.sparse_dim()}")
-        idx, rows = g.indices()[0], g.values()
-        nonzero = rows.flatten(1).any(dim=1) if rows.dim() > 1 else rows.ne(0)
-        if not bool(nonzero.all()):
-            keep = nonzero.nonzero().squeeze(1)
-            idx, rows = idx.index_select(0, keep), rows.index_select(0, keep)
-        return idx, rows
-    touched = g.flatten(1).any(dim=1) if g.dim() > 1 else g.ne(0)
-    idx = touched.nonzero().squeeze(1)
-    return idx, g.index_select(0, idx) if gather else None
-
-
-def sparse_rows_out_of_range(pairs: list[tuple[Tensor, int]]) -> tuple[int, int, int] | None:
-    """The first (pair number, row index, rows) whose sparse COO gradient (sparse along dim 0) lists a
-    row index outside ``[0, rows)``, or None: one ``aminmax`` per gradient, one host sync in all."""
-    ks = [k for k, (g, _) in enumerate(pairs) if g._nnz()]
-    if not ks:
-        return None
-    mm = [torch.stack(torch.aminmax(pairs[k][0]._indices()[0])) for k in ks]
-    if len({t.device for t in mm}) == 1:
-        ranges = torch.stack(mm).tolist()
-    else:
-        ranges = [t.tolist() for t in mm]
-    for k, (lo, hi) in zip(ks, ranges):
-        rows = pairs[k][1]
-        if lo < 0 or hi >= rows:
-            return k, (lo if lo < 0 else hi), rows
-    return None
-
-
-def check_sparse_rows(name: str, pairs: list[tuple[Tensor, Tensor]],
-                      param_groups: list[dict[str, Any]]) -> None:
-    """IndexError for the first (parameter, sparse gradient) pair whose gradient lists a row the
-    parameter lacks, naming the parameter (its index in ``state_dict()``, its group) and the index."""
-    bad = sparse_rows_out_of_range([(_local(g), _local(p).shape[0] if p.dim() else 1) for p, g in pairs])
-    if bad is None:
-        return
-    k, index, rows = bad
-    p = pairs[k][0]
-    owners = [(gi, q) for gi, grp in enumerate(param_groups) for q in grp["params"]]
-    pid, gi = next((pid, gi) for pid, (gi, q) in enumerate(owners) if q is p)
-    raise IndexError(f"{name}: the sparse gradient of parameter {pid} (param group {gi}, shape "
-                     f"{tuple(p.shape)}) lists row index {index}, out of range for {rows} rows; nothing was "
-                     "updated")
-
-
 _is = operator.is_
 _IS_SPARSE = operator.attrgetter("is_sparse")
 
@@ -1139,7 +817,7 @@ def _choose_path(name: str, kernel: str | None, fused: bool | None, foreach: boo
     kernels package what is available: a build, a Triton import), its result a constant there.
     """
     if capturable and device.type == "cuda":
-        if not (kernel and fused_ok and dtype in TRITON_DTYPES and kernels.triton_usable()):
+        if not (kernel and fused_ok and dtype in kernels.TRITON_DTYPES and kernels.triton_usable()):
             raise RuntimeError(f"{name}(capturable=True) needs the fused Triton path "
                                "for these parameters and options")
         return "fused"
@@ -1147,7 +825,7 @@ def _choose_path(name: str, kernel: str | None, fused: bool | None, foreach: boo
         if not fused_ok:
             raise RuntimeError(f"{name}(fused=True) does not support the options "
                                "this group uses; use foreach=True")
-        if dtype not in TRITON_DTYPES:
+        if dtype not in kernels.TRITON_DTYPES:
             raise TypeError(f"{name}(fused=True) supports fp32/bf16/fp16 parameters, "
                             f"not {dtype}; use foreach=True")
         return "fused"
@@ -1156,7 +834,7 @@ def _choose_path(name: str, kernel: str | None, fused: bool | None, foreach: boo
     if foreach is False and fused is None:
         return "reference"
     if fused is None and foreach is None and kernel is not None and fused_ok:
-        if device.type == "cuda" and dtype in TRITON_DTYPES and kernels.triton_usable():
+        if device.type == "cuda" and dtype in kernels.TRITON_DTYPES and kernels.triton_usable():
             return "fused"
         if device.type == "cpu" and kernels.cpu_fused_usable(kernel, dtype):
             return "cpu"
@@ -1167,333 +845,8 @@ def _choose_path(name: str, kernel: str | None, fused: bool | None, foreach: boo
 _choose_path._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-def _lp_options(group: dict[str, Any]) -> str:
-    """The low-precision options a group uses that only the reference/foreach paths implement."""
-    used = []
-    if group.get("stochastic_rounding"):
-        used.append("stochastic_rounding=True")
-    precision = group.get("state_precision")
-    if precision in ("bf16", "8bit"):
-        used.append(f"state_precision={precision!r}")
-    return ", ".join(used)
-
-
-def _low_precision(group: dict[str, Any]) -> bool:
-    """Whether a group's step runs :meth:`TigerOptimizer._step_low_precision` (state stored in
-    another dtype than the math, or stochastic rounding)."""
-    if _lp_options(group):
-        return True
-    return group.get("state_precision") == "fp32" and any(p.dtype == torch.float64 for p in group["params"])
-
-
-def _storage_dtype(p: Tensor, precision: str | None) -> torch.dtype:
-    """dtype of the (non-8-bit) state of parameter ``p`` under ``state_precision``."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp32":
-        return torch.complex64 if p.is_complex() else torch.float32
-    return state_dtype(p.dtype)
-
-
-def _check_low_precision_param(name: str, p: Tensor, group: dict[str, Any]) -> None:
-    options = _lp_options(group)
-    if p.is_complex() and (options or p.dtype == torch.complex128 and group.get("state_precision") == "fp32"):
-        raise RuntimeError(f"{name}: complex parameters are not supported with "
-                           f"{options or 'state_precision=fp32 for complex128 parameters'}")
-    if _is_dtensor(p):
-        _shard_offset(p, name)  # placements whose shards are ranges of the flattened tensor
-    if group.get("stochastic_rounding") and p.dtype == torch.float16:
-        raise RuntimeError(f"{name}: stochastic_rounding=True rounds to bf16, not fp16 parameters")
-
-
-def _read_state(state: dict[str, Any], key: str, dtype: torch.dtype) -> Tensor:
-    """State tensor ``key`` in the math ``dtype`` (8-bit decoded; the tensor itself if already so)."""
-    t = state[key]
-    if t.dtype == torch.uint8:
-        if _is_dtensor(t):
-            return _decode_sharded(t, state[key + "_absmax"]).to(dtype)
-        return _lowp.decode_8bit(t, state[key + "_absmax"]).to(dtype)
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-# ----------------------------------------------------------------- low precision on DTensor shards
-# A DTensor's local shard (FSDP2: Shard(0), rows r0..r1 of the parameter) holds the elements
-# o..o+n-1 of the row-major flattened tensor.  Stochastic rounding keys its hash on o+i (the global
-# index), and 8-bit state keeps the whole tensor's 256-element blocks: the codes are sharded like
-# the parameter, the absmax of every block is replicated on every rank (a Replicate DTensor of
-# (nblocks,)), and a block split between two shards is encoded with the maximum of their partial
-# absmax (one all-reduce per step and device mesh).  So sharded training equals one process bit for
-# bit, and a checkpoint's state is the one-process state (DCP reshards it to any world size).
-
-def _shard_offset(t: Tensor, name: str = "tigeropt") -> int:
-    """Global row-major index of the first element of a DTensor's local shard (0 for other tensors).
-
-    The shard must be a range of the flattened tensor: placements Shard(0) (FSDP2, uneven shards
-    included) and Replicate; others (tensor parallel Shard(1), strided shards) raise RuntimeError.
-    """
-    if not _is_dtensor(t):
-        return 0
-    dt = _dtensor_module()
-    placements = t.placements  # type: ignore[attr-defined]
-    if not all(type(pl) is dt.Replicate or (type(pl) is dt.Shard and pl.dim == 0) for pl in placements):
-        raise RuntimeError(f"{name}: stochastic rounding and bf16/8-bit state need DTensor parameters "
-                           f"sharded along dim 0 (FSDP2's default) or replicated, got placements "
-                           f"{placements}: the rounding hash and the 8-bit blocks use the element's index "
-                           "in the whole tensor")
-    if t.dim() == 0:
-        return 0
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh,  # type: ignore[attr-defined]
-                                                      placements)
-    return int(offset[0]) * (t.numel() // t.shape[0] if t.shape[0] else 0)
-
-
-def _replicated(t: Tensor, like: Tensor) -> Tensor:
-    """``t`` (the whole tensor on every rank) as a Replicate DTensor on ``like``'s device mesh."""
-    dt = _dtensor_module()
-    mesh = like.device_mesh  # type: ignore[attr-defined]
-    return dt.DTensor.from_local(t, mesh, [dt.Replicate()] * mesh.ndim, run_check=False)
-
-
-def _decode_sharded(codes: Tensor, absmax: Tensor) -> Tensor:
-    """The fp32 values of sharded 8-bit codes, a DTensor sharded like them."""
-    local, offset = codes.to_local(), _shard_offset(codes)  # type: ignore[attr-defined]
-    first, count = _lowp.covered_blocks(local.numel(), offset)
-    values = _lowp.decode_8bit(local, _local(absmax)[first:first + count], offset)
-    return type(codes).from_local(values, codes.device_mesh, codes.placements,  # type: ignore[attr-defined]
-                                  run_check=False, shape=codes.shape, stride=codes.stride())
-
-
-def _encode_sharded(items: list[tuple[Tensor, Tensor, Tensor, int | None]]) -> None:
-    """Store (codes, absmax, fp32 values, hash key) of sharded 8-bit state: each shard's partial block
-    absmax, one all-reduce (max) per device mesh for the whole tensors' absmax, then every shard
-    encoded with its blocks' absmax (a block split between shards gets the same on both)."""
-    dt = _dtensor_module()
-    by_mesh: dict[Any, list[tuple[Tensor, Tensor, Tensor, int | None]]] = {}
-    for item in items:
-        by_mesh.setdefault(item[1].device_mesh, []).append(item)  # type: ignore[attr-defined]
-    for mesh, group in by_mesh.items():
-        partial = []
-        for codes, absmax, values, _ in group:
-            full = torch.zeros(absmax.shape[0], dtype=torch.float32, device=_local(absmax).device)
-            offset = _shard_offset(codes)
-            first, count = _lowp.covered_blocks(values.numel(), offset)
-            full[first:first + count] = _lowp.block_absmax(values, offset)
-            partial.append(full)
-        reduced = dt.DTensor.from_local(torch.cat(partial), mesh, [dt.Partial("max")] * mesh.ndim,
-                                        run_check=False)
-        whole = reduced.redistribute(mesh, [dt.Replicate()] * mesh.ndim).to_local()
-        start = 0
-        for codes, absmax, values, key in group:
-            nb = absmax.shape[0]
-            blocks = whole[start:start + nb]
-            start += nb
-            offset = _shard_offset(codes)
-            first, count = _lowp.covered_blocks(values.numel(), offset)
-            local = codes.to_local()  # type: ignore[attr-defined]
-            local.copy_(_lowp.encode_8bit(values.reshape(local.shape), key, offset=offset,
-                                          absmax=blocks[first:first + count])[0])
-            _local(absmax).copy_(blocks)
-
-
-def _init_8bit_sharded(p: Tensor, value: float) -> tuple[Tensor, Tensor]:
-    """8-bit state of DTensor ``p`` all equal to ``value``: codes sharded like p, absmax replicated
-    (every block's absmax is |value|: no communication)."""
-    codes = torch.zeros_like(p, dtype=torch.uint8)
-    local, offset = codes.to_local(), _shard_offset(codes)  # type: ignore[attr-defined]
-    whole = torch.full((_lowp.nblocks(p.numel()),), abs(value) if abs(value) < float("inf") else 0.0,
-                       dtype=torch.float32, device=local.device)
-    first, count = _lowp.covered_blocks(local.numel(), offset)
-    full = torch.full(local.shape, value, dtype=torch.float32, device=local.device)
-    local.copy_(_lowp.encode_8bit(full, offset=offset, absmax=whole[first:first + count])[0])
-    return codes, _replicated(whole, p)
-
-
-def _rows_are_blocks(p: Tensor) -> bool:
-    """Whether each 256-element block of ``p``'s flattened tensor lies inside one row (slice along
-    dim 0): rows of a multiple of 256 elements, or at most one row."""
-    return p.dim() == 0 or p.shape[0] <= 1 or p[0].numel() % _lowp.BLOCK == 0
-
-
-def _sync_owned_absmax(codes: Tensor, absmax: Tensor) -> None:
-    """After a rows step on DTensor shards whose boundaries are block boundaries: every rank's
-    replicated absmax takes each block's value from the rank holding the block (an all-reduce max
-    of each rank's own blocks, zero elsewhere)."""
-    dt = _dtensor_module()
-    local = _local(absmax)
-    first, count = _lowp.covered_blocks(codes.to_local().numel(), _shard_offset(codes))  # type: ignore
-    own = torch.zeros_like(local)
-    own[first:first + count] = local[first:first + count]
-    mesh = absmax.device_mesh  # type: ignore[attr-defined]
-    reduced = dt.DTensor.from_local(own, mesh, [dt.Partial("max")] * mesh.ndim, run_check=False)
-    local.copy_(reduced.redistribute(mesh, [dt.Replicate()] * mesh.ndim).to_local())
-
-
-def _as_shard_like(src: Tensor, like: Tensor) -> Tensor:
-    """A checkpoint tensor for a DTensor ``like``: a DTensor as it is; a whole (unsharded) tensor cut to
-    this rank's shard of ``like``'s layout (same shape; a 1-D absmax of other length: replicated)."""
-    if _is_dtensor(src) or not _is_dtensor(like):
-        return src
-    if tuple(src.shape) != tuple(like.shape):
-        return _replicated(src.to(_local(like).device), like)
-    local = like.to_local()  # type: ignore[attr-defined]
-    offset = _shard_offset(like)
-    part = src.reshape(-1)[offset:offset + local.numel()].reshape(local.shape).to(local.device)
-    return type(like).from_local(part, like.device_mesh, like.placements,  # type: ignore[attr-defined]
-                                 run_check=False, shape=like.shape, stride=like.stride())
-
-
-def _key32(seed: int, step: int | Tensor, param_index: int, stream: int) -> Any:
-    """:func:`_lowp.key32`; with ``step`` a tensor (a traced step) an int64 0-d tensor."""
-    if isinstance(step, Tensor):
-        return _lowp.key32_tensor(seed, step, param_index, stream)
-    return _lowp.key32(seed, step, param_index, stream)
-
-
-def _c_lowp() -> Any:
-    """tigeropt._cpu if its library loads (its low-precision stores), else None."""
-    from . import _cpu
-
-    return _cpu if _cpu.available() else None
-
-
-def _fast_sr_bf16(src: Tensor, dst: Tensor, key: int, offset: int = 0) -> bool:
-    """Stochastic rounding into ``dst`` by the C (CPU) or Triton (CUDA) twin of _lowp.round_bf16;
-    False when neither takes the tensors (the caller then runs the torch code).  ``offset``: the
-    global index of the first element (a DTensor shard's; the twins take 0 only so far)."""
-    if offset:
-        return False
-    if src.device.type == "cpu":
-        c = _c_lowp()
-        return c is not None and c.sr_bf16(src, dst, key)
-    if src.device.type == "cuda" and kernels.triton_usable():
-        from .kernels import lowp
-
-        return lowp.sr_bf16(src, dst, key)
-    return False
-
-
-def _write_state(state: dict[str, Any], key: str, work: Tensor, sr_key: int | None, c_store: bool = False,
-                 sharded: list[tuple[Tensor, Tensor, Tensor, int | None]] | None = None) -> None:
-    """Store a working copy into state ``key``: once rounded (stochastically with ``sr_key``); with
-    ``c_store`` by the C twins of the torch code where they take the tensors.  DTensor state is
-    stored shard by shard with global element indices; its 8-bit stores are appended to ``sharded``
-    (for one :func:`_encode_sharded` of the whole step) or, without it, done at once."""
-    t = state[key]
-    if work is t:
-        return
-    if _is_dtensor(t):
-        if t.dtype == torch.uint8:
-            item = (t, state[key + "_absmax"], _local(work), sr_key)
-            _encode_sharded([item]) if sharded is None else sharded.append(item)
-        elif t.dtype == torch.bfloat16 and sr_key is not None:
-            _local(t).copy_(_lowp.round_bf16(_local(work), sr_key, offset=_shard_offset(t)))
-        else:
-            t.copy_(work)
-        return
-    c = _c_lowp() if c_store and t.device.type == "cpu" else None
-    if t.dtype == torch.uint8:
-        if c is None or not c.encode_e4m3(work, t, state[key + "_absmax"], sr_key):
-            codes, absmax = _lowp.encode_8bit(work, sr_key)
-            t.copy_(codes)
-            state[key + "_absmax"].copy_(absmax)
-    elif t.dtype == torch.bfloat16 and sr_key is not None:
-        if not (c_store and _fast_sr_bf16(work, t, sr_key)):
-            t.copy_(_lowp.round_bf16(work, sr_key))
-    else:
-        t.copy_(work)
-
-
-def _convert_state(st: dict[str, Any], key: str, p: Tensor, precision: str | None, shape: tuple[int, ...]
-                   ) -> dict[str, Tensor]:
-    """Checkpoint state ``key`` (float, or 8-bit codes + absmax) as this optimizer stores it.
-
-    Same storage: copied bit-exactly.  Float into "8bit": quantized (round to nearest).  8-bit
-    into float: decoded, then cast (round to nearest).
-    """
-    src = st[key]
-    absmax = st.get(key + "_absmax")
-    if _is_dtensor(p) and shape == tuple(p.shape):
-        return _convert_sharded(key, src, absmax, p, precision)
-    if precision == "8bit":
-        if src.dtype == torch.uint8 and absmax is not None:
-            return {key: src.to(device=p.device, copy=True).reshape(shape),
-                    key + "_absmax": absmax.to(device=p.device, dtype=torch.float32, copy=True)}
-        codes, am = _lowp.encode_8bit(src.to(device=p.device, dtype=torch.float32))
-        return {key: codes, key + "_absmax": am}
-    if src.dtype == torch.uint8 and absmax is not None:
-        src = _lowp.decode_8bit(src.to(p.device), absmax.to(device=p.device, dtype=torch.float32))
-    return {key: src.to(device=p.device, dtype=_storage_dtype(p, precision), copy=True)}
-
-
-def _convert_sharded(key: str, src: Tensor, absmax: Tensor | None, p: Tensor, precision: str | None
-                     ) -> dict[str, Tensor]:
-    """:func:`_convert_state` for a DTensor parameter (state sharded like it, 8-bit absmax replicated);
-    the checkpoint's tensors may be DTensors or whole tensors.  Quantizing all-reduces (collective)."""
-    src = _as_shard_like(src, p)
-    if src.dtype == torch.uint8 and absmax is not None:
-        absmax = _as_shard_like(absmax.to(torch.float32), p)
-        if precision == "8bit":
-            return {key: src.to(device=p.device, copy=True),
-                    key + "_absmax": absmax.to(device=p.device, copy=True)}
-        src = _decode_sharded(src, absmax)
-    if precision == "8bit":
-        codes = torch.zeros_like(p, dtype=torch.uint8)
-        whole = _replicated(torch.zeros(_lowp.nblocks(p.numel()), device=_local(p).device), p)
-        _encode_sharded([(codes, whole, _local(src).to(torch.float32), None)])
-        return {key: codes, key + "_absmax": whole}
-    return {key: src.to(device=p.device, dtype=_storage_dtype(p, precision), copy=True)}
-
-
 def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    module = _dtensor_module()
-    return module is not None and isinstance(t, module.DTensor)
-
-
-def _local(t: Tensor) -> Tensor:
-    """A DTensor's local shard (a view: in-place updates reach the DTensor); other tensors as they are."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
-def _check_whole_rows(p: Tensor) -> None:
-    """Row-wise updates on local shards equal the global update only if each rank holds whole rows."""
-    placements = p.placements  # type: ignore[attr-defined]
-    dt = _dtensor_module()
-    if not all(isinstance(pl, dt.Replicate) or (isinstance(pl, dt.Shard) and pl.dim == 0)
-               for pl in placements):
-        raise RuntimeError("lazy=True and sparse gradients need DTensor parameters sharded along dim 0 "
-                           f"(FSDP2's default) or replicated, got placements {placements}")
-
-
-def _all_finite(grads: list[Tensor]) -> bool:
-    """Whether every gradient is finite, agreed by all ranks for DTensor gradients (FSDP2).
-
-    Each rank holds only its shard, and ``bool()`` of a reduction of a sharded DTensor reads
-    this rank's partial value; one all-reduce (min) per device mesh makes the decision global.
-    """
-    local = [_local(g) for g in grads]
-    flags = [torch.isfinite(g._values() if g.is_sparse else g).all() for g in local]
-    ok = torch.stack([f.to(flags[0].device) for f in flags]).all()
-    meshes = {g.device_mesh: None for g in grads if _is_dtensor(g)}
-    for mesh in meshes:
-        dt = _dtensor_module()
-        partial = [dt.Partial("min")] * mesh.ndim
-        ok = dt.DTensor.from_local(ok.to(torch.int32).reshape(1), mesh, partial).full_tensor()[0].bool()
-    return bool(ok)
-
-
-def global_bool(t: Tensor) -> bool:
-    """``bool(t)`` of a one-element result, the same on every rank when ``t`` is a DTensor.
-
-    A reduction of a sharded DTensor (``isnan(g).any()``) is a *Partial* DTensor whose ``bool()``
-    would read this rank's part only; ``full_tensor()`` all-reduces it first.
-    """
-    return bool(t.full_tensor() if _is_dtensor(t) else t)
 
 
 def _sparse_as_real(g: Tensor) -> Tensor:

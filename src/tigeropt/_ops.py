@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["compiling", "split_lr", "join_lr"]
+__all__ = ["compiling", "split_lr", "join_lr", "to_float"]
 
 
 def compiling() -> bool:
@@ -43,3 +43,8 @@ def split_lr(lr: float | Tensor) -> tuple[float, Tensor | None]:
 def join_lr(lr: float, lr_tensor: Tensor | None) -> float | Tensor:
     """The inverse of :func:`split_lr` (inside an op implementation)."""
     return lr if lr_tensor is None else lr_tensor
+
+
+def to_float(x: float | Tensor) -> float:
+    """A Python float from a number or a one-element tensor (lr may be a tensor)."""
+    return float(x.item()) if isinstance(x, Tensor) else float(x)

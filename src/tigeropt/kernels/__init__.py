@@ -23,9 +23,11 @@ from collections.abc import Callable
 import torch
 
 __all__ = ["triton_usable", "triton_status", "interpreter_enabled", "cpu_fused_usable", "get_impl",
-           "get_rows_impl", "MIN_TRITON"]
+           "get_rows_impl", "MIN_TRITON", "TRITON_DTYPES"]
 
 MIN_TRITON = (3, 0)
+#: parameter dtypes the Triton kernels take (math in fp32); fp64 stays on the foreach path.
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def interpreter_enabled() -> bool:
