@@ -7,7 +7,7 @@ where ``@triton.jit`` makes interpreted functions that cannot be compiled); see
 ``python -m tigeropt.kernels._aot --full`` compiles every variant (optimizer x dtype x alignment x
 flags x arch, and the low-precision variants: about 1,250) and is also run by
 ``pytest -m codegen_full``.  The row kernels (lazy rows, sparse gradients, row-wise Adagrad) have
-their own check, ``tigeropt.kernels._aot_rows`` (same options).
+their own variant source of the same checker, ``tigeropt.kernels._aot_rows`` (same options).
 """
 
 from __future__ import annotations
@@ -31,24 +31,22 @@ from tigeropt import kernels  # noqa: E402
 SRC = str(Path(tigeropt.__file__).resolve().parents[1])
 
 
+def _python(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+    """``python *args`` in a fresh interpreter without TRITON_INTERPRET, this checkout's tigeropt first."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def _aot(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "tigeropt.kernels._aot", *args], env=env,
-                          capture_output=True, text=True, timeout=1800)
-
-
-def _ptxas_available() -> bool:
-    code = "from tigeropt.kernels import _aot; print(bool(_aot.ptxas_paths()))"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    return out.stdout.strip().endswith("True")
+    return _python("-m", "tigeropt.kernels._aot", *args)
 
 
 @pytest.fixture(scope="module")
 def _ptxas() -> None:
-    if not _ptxas_available():
+    from tigeropt.kernels import _aot as aot  # finds the ptxas binaries; compiles nothing
+
+    if not aot.ptxas_paths():
         pytest.skip("triton has no ptxas here (set TRITON_PTXAS_PATH): cannot compile for sm_80/sm_90")
 
 
@@ -70,9 +68,7 @@ def test_the_checker_rejects_the_old_16_bit_tiles(_ptxas: None) -> None:
             "with _common.use_launch_config(_common.LaunchConfig(2048, 8192, 8)):\n"
             "    r = _aot.run([_aot.Variant('tiger', torch.bfloat16)], verbose=False)[0]\n"
             "print('PROBLEMS', r.problems)\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    out = _python("-c", code, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "shared" in out.stdout and "bar.sync" in out.stdout
 
@@ -109,10 +105,7 @@ def test_misaligned_tensor_gets_an_aligned_copy_and_the_others_keep_vector_units
 
 # ------------------------------------------------------------------------------------ row kernels
 def _aot_rows(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "tigeropt.kernels._aot_rows", *args], env=env,
-                          capture_output=True, text=True, timeout=1800)
+    return _python("-m", "tigeropt.kernels._aot_rows", *args)
 
 
 def test_row_kernels_compile_to_vector_loops_without_shared_memory_or_spills(_ptxas: None) -> None:
@@ -135,9 +128,7 @@ def test_the_row_checker_rejects_the_old_row_tile(_ptxas: None) -> None:
             "rows.ROW_BLOCK, rows.ROW_WARPS = 128, 4\n"
             "v = _aot_rows.RowVariant('tiger', torch.float32, True, (('HAS_IDX', True),))\n"
             "print('PROBLEMS', _aot_rows.run([v], verbose=False)[0].problems)\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    out = _python("-c", code, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "narrower than 128 bits" in out.stdout and "shared" in out.stdout
 

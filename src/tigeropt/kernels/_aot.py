@@ -15,6 +15,9 @@ for the parameter dtype.  :func:`check` then reads the generated PTX and the ptx
 
 Used by ``tests/test_codegen.py`` (a representative subset, seconds) and by
 ``python -m tigeropt.kernels._aot --full`` (every optimizer x dtype x alignment x flag x arch).
+This is the one checker of every Triton kernel: a variant source (:class:`VariantBase`) says what
+to compile and what the check allows; the dense step kernels' :class:`Variant` is here, the row
+kernels' (lazy rows, sparse gradients) :class:`tigeropt.kernels._aot_rows.RowVariant` beside it.
 Needs triton with its bundled ptxas (``TRITON_PTXAS_PATH`` overrides); imports nothing from the
 optimizer modules.
 """
@@ -30,13 +33,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["Variant", "variants", "compile_variant", "check", "loop_body", "ptxas_paths", "KERNELS"]
+__all__ = ["Variant", "variants", "compile_variant", "check", "run", "main", "loop_body", "loop_bodies",
+           "ptxas_paths", "KERNELS"]
 
 #: optimizer -> (module, kernel, state pointer args, other pointer args, boolean constexpr flags,
 #: the 8-bit switch of each state pointer)
@@ -58,25 +63,65 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "
 _UNIT_NAMES = {"p_base": "U_P", "g_base": "U_G", "m_base": "U_M", "v_base": "U_V", "s_base": "U_S"}
 _STATE_TYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "8bit": torch.uint8}
 
+#: (kernel, signature, constexprs, the arguments divisible by 16, num_warps): what triton.compile needs
+Source = tuple[Any, dict[str, str], dict[str, Any], list[str], int]
+
 
 @dataclass(frozen=True)
-class Variant:
-    """One compiled form of a kernel: optimizer, parameter dtype, alignment, flags, GPU arch, and the
-    low-precision switches: state precision ("fp32", "bf16", "8bit") and stochastic rounding."""
+class VariantBase:
+    """One compiled form of a kernel: optimizer, parameter dtype, alignment, flags, GPU arch.
+
+    A variant source (:class:`Variant` here, :class:`tigeropt.kernels._aot_rows.RowVariant`) says
+    what to compile (:meth:`source`) and what :func:`check` allows: the bits a loop access needs
+    (:meth:`limits`), every loop or the first one only (``EVERY_LOOP``), shared memory looked for in
+    that loop or anywhere in the kernel (``SHARED_SCOPE``), spills refused from which arch on
+    (``SPILL_ARCH``), and a register cap."""
 
     name: str
     dtype: torch.dtype
     aligned: bool = True
     flags: tuple[tuple[str, bool], ...] = ()
     arch: int = 90
-    state: str = "fp32"
-    sr: bool = False
+
+    WHAT: ClassVar[str] = ""  # "row " for the row kernels: in the command line's texts
+    PREFIX: ClassVar[str] = ""
+    EVERY_LOOP: ClassVar[bool] = False
+    SHARED_SCOPE: ClassVar[str] = "loop"
+    SPILL_ARCH: ClassVar[int] = 90
+    MAX_REGISTERS: ClassVar[int | None] = None
 
     def __str__(self) -> str:
         on = ",".join(k.lower() for k, v in self.flags if v) or "plain"
-        lowp = ("" if self.state == "fp32" else f"-{self.state}") + ("-sr" if self.sr else "")
-        return (f"{self.name}-{_TRITON_TYPES[self.dtype]}{lowp}-{'aligned' if self.aligned else 'misaligned'}"
-                f"-{on}-sm{self.arch}")
+        return (f"{self.PREFIX}{self.name}-{_TRITON_TYPES[self.dtype]}{self._lowp()}"
+                f"-{'aligned' if self.aligned else 'misaligned'}-{on}-sm{self.arch}")
+
+    def _lowp(self) -> str:
+        return ""
+
+    def limits(self) -> tuple[int, int, int]:
+        """(bits a loop access needs, how many 32-bit accesses may stay below that, shared-memory
+        exchanges allowed)."""
+        raise NotImplementedError
+
+    def source(self) -> Source:
+        raise NotImplementedError
+
+    @staticmethod
+    def summary(reports: list[Report]) -> str:
+        """The tail of the command line's last line."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Variant(VariantBase):
+    """A dense step kernel's variant, with the low-precision switches: state precision ("fp32",
+    "bf16", "8bit") and stochastic rounding."""
+
+    state: str = "fp32"
+    sr: bool = False
+
+    def _lowp(self) -> str:
+        return ("" if self.state == "fp32" else f"-{self.state}") + ("-sr" if self.sr else "")
 
     @property
     def states(self) -> tuple[str, ...]:
@@ -88,16 +133,56 @@ class Variant:
     def q8(self) -> bool:
         return "8bit" in self.states
 
+    def limits(self) -> tuple[int, int, int]:
+        """(bits every loop access needs, how many 32-bit accesses may stay below that, shared-memory
+        exchanges allowed).  8-bit state: each q8 role's absmax is one 32-bit load and store per
+        thread and tile, its codes 32-bit accesses with fp32 parameters (4 per thread); the tile's
+        absmax values cross warps once for their store (one 32-bit shared store and load, two
+        barriers), and with fp32 parameters a block's two warps meet once more for its maximum."""
+        q8_roles = sum(st == "8bit" for st in self.states)
+        wide = self.dtype == torch.float32
+        need = 128 if wide and all(st == "fp32" for st in self.states) else 64
+        return need, q8_roles * (4 if wide else 2), q8_roles * (2 if wide else 1)
+
+    def source(self) -> Source:
+        """What to compile for this variant, with the tile configuration shipped for its dtype."""
+        from ._common import launch_config
+
+        fn = _kernel(self.name)
+        _, _, states, others, names, q8_names = KERNELS[self.name]
+        cfg = launch_config(torch.device("cuda"), self.dtype, self.q8, self.states != ("fp32",) * len(states))
+        flags = dict(self.flags)
+        elem = {"p_base": self.dtype, "g_base": self.dtype,
+                **{s: _STATE_TYPES[st] for s, st in zip(states, self.states)}}
+        types = {**_TRITON_TYPES, torch.uint8: "u8"}
+        signature = _signature(fn, {"table": "*i64", "gtab": "*i64", "ktab": "*i64", "work": "*i32",
+                                    "k1": "i32", **{a: f"*{types[t]}" for a, t in elem.items()},
+                                    **{a: "*fp32" for a in (*others, "a_base")}}, flags.get("LR_PTR", False))
+        constexprs: dict[str, Any] = {
+            unit: (16 // torch.empty((), dtype=elem[ptr]).element_size()) if self.aligned else 1
+            for ptr, unit in _UNIT_NAMES.items() if ptr in elem}
+        constexprs.update(NCOLS=(2 + len(states)) * (2 if self.sr or self.q8 else 1), BLOCK=cfg.block,
+                          CHUNK=cfg.chunk, SR=self.sr, KEY_TABLE=False)
+        constexprs.update({q: st == "8bit" for q, st in zip(q8_names, self.states)})
+        constexprs.update({k: bool(flags.get(k, False)) for k in names})
+        # Pointers are 16-byte aligned (the witness bases and the tables), as the JIT specializes them.
+        pointers = [a for a, t in signature.items() if t.startswith("*")]
+        return fn, signature, constexprs, pointers, cfg.num_warps
+
+    @staticmethod
+    def summary(reports: list[Report]) -> str:
+        return f"spills on sm_80: {sum(1 for r in reports if r.variant.arch == 80 and r.spills)}"
+
+
+def flag_sets(names: tuple[str, ...], allowed: Callable[[dict[str, bool]], bool]
+              ) -> list[tuple[tuple[str, bool], ...]]:
+    """Every combination of the boolean constexprs ``names`` that ``allowed`` accepts."""
+    combos = (dict(zip(names, values)) for values in itertools.product((False, True), repeat=len(names)))
+    return [tuple(f.items()) for f in combos if allowed(f)]
+
 
 def _flag_sets(name: str) -> list[tuple[tuple[str, bool], ...]]:
-    names = KERNELS[name][4]
-    out = []
-    for values in itertools.product((False, True), repeat=len(names)):
-        flags = dict(zip(names, values))
-        if flags.get("CLIP") and not flags.get("GLOVE"):
-            continue  # clipping is GloVe-only
-        out.append(tuple(flags.items()))
-    return out
+    return flag_sets(KERNELS[name][4], lambda f: not (f.get("CLIP") and not f.get("GLOVE")))  # CLIP: GloVe
 
 
 def variants(full: bool = False) -> list[Variant]:
@@ -148,61 +233,31 @@ def _kernel(name: str) -> Any:
     return getattr(importlib.import_module(f"tigeropt.kernels.{module}"), attr)
 
 
-def _config(dtype: torch.dtype, q8: bool = False, narrow_state: bool = False) -> Any:
-    from ._common import launch_config
+def _signature(fn: Any, types: dict[str, str], lr_ptr: bool) -> dict[str, str]:
+    """Triton signature of ``fn``: the ``types`` given, ``lr`` a pointer or a float, constexpr for the
+    upper-case arguments, fp32 for the other scalars."""
+    def kind(arg: str) -> str:
+        if arg in types:
+            return types[arg]
+        if arg == "lr":
+            return "*fp32" if lr_ptr else "fp32"
+        return "constexpr" if arg.isupper() else "fp32"
 
-    return launch_config(torch.device("cuda"), dtype, q8, narrow_state)
+    return {arg: kind(arg) for arg in fn.arg_names}
 
 
-def compile_variant(v: Variant) -> tuple[str, str, Any]:
-    """(PTX, ptxas report, config) of variant ``v`` compiled for ``sm_<arch>`` with the shipped tiles."""
+def compile_variant(v: VariantBase) -> tuple[str, str]:
+    """(PTX, ptxas report) of variant ``v`` (or a row variant) compiled for ``sm_<arch>``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = _kernel(v.name)
-    _, _, states, others, _, q8_names = KERNELS[v.name]
-    cfg = _config(v.dtype, v.q8, v.states != ('fp32',) * len(v.states))
-    flags = dict(v.flags)
-    elem = {"p_base": v.dtype, "g_base": v.dtype,
-            **{s: _STATE_TYPES[st] for s, st in zip(states, v.states)}}
-    types = {**_TRITON_TYPES, torch.uint8: "u8"}
-    signature: dict[str, str] = {}
-    constexprs: dict[str, Any] = {}
-    for arg in fn.arg_names:
-        if arg in ("table", "gtab", "ktab"):
-            signature[arg] = "*i64"
-        elif arg == "work":
-            signature[arg] = "*i32"
-        elif arg == "k1":
-            signature[arg] = "i32"
-        elif arg in elem:
-            signature[arg] = f"*{types[elem[arg]]}"
-        elif arg in others or arg == "a_base":
-            signature[arg] = "*fp32"
-        elif arg == "lr":
-            signature[arg] = "*fp32" if flags.get("LR_PTR") else "fp32"
-        elif arg.isupper():
-            signature[arg] = "constexpr"
-        else:
-            signature[arg] = "fp32"
-    for ptr, unit in _UNIT_NAMES.items():
-        if ptr in elem:
-            constexprs[unit] = (16 // torch.empty((), dtype=elem[ptr]).element_size()) if v.aligned else 1
-    lowp = v.sr or v.q8
-    constexprs.update(NCOLS=(2 + len(states)) * (2 if lowp else 1), BLOCK=cfg.block, CHUNK=cfg.chunk,
-                      SR=v.sr, KEY_TABLE=False)
-    for name, st in zip(q8_names, v.states):
-        constexprs[name] = st == "8bit"
-    for name in KERNELS[v.name][4]:
-        constexprs[name] = bool(flags.get(name, False))
-    # Pointers are 16-byte aligned (the witness bases and the tables), as the JIT specializes them.
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items()
-             if t.startswith("*")}
-    src = ASTSource(fn, signature, constexprs, attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", v.arch, 32), options={"num_warps": cfg.num_warps})
+    fn, signature, constexprs, divisible, num_warps = v.source()
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", v.arch, 32), options={"num_warps": num_warps})
     ptx = compiled.asm["ptx"]
-    return ptx, _ptxas_report(ptx), cfg
+    return ptx, _ptxas_report(ptx)
 
 
 def ptxas_paths() -> list[str]:
@@ -224,11 +279,6 @@ def ptxas_paths() -> list[str]:
     return out
 
 
-def ptxas_path() -> str | None:
-    paths = ptxas_paths()
-    return paths[0] if paths else None
-
-
 def _ptxas_report(ptx: str) -> str:
     """``ptxas -v`` on the PTX for its target, with the first ptxas that accepts its PTX version."""
     target = re.search(r"^\.target\s+(\S+)", ptx, re.M)
@@ -239,19 +289,18 @@ def _ptxas_report(ptx: str) -> str:
         src.write_text(ptx)
         for ptxas in ptxas_paths():
             cmd = [ptxas, "-v", f"--gpu-name={arch}", str(src), "-o", str(Path(tmp) / "k.cubin")]
-            out = subprocess.run(cmd,
-                                 capture_output=True, text=True, timeout=120)
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             report = out.stdout + out.stderr
             if out.returncode == 0:
                 return report
     return report
 
 
-def loop_body(ptx: str) -> str:
-    """The PTX of the kernel's full-block loop: from the first label that a later branch jumps back
-    to, through that branch (the kernels have one loop: ``for i in range(n_full)``)."""
+def loop_bodies(ptx: str) -> list[str]:
+    """The PTX of every loop: from a label through a later branch back to it."""
     lines = ptx.splitlines()
     defined: dict[str, int] = {}
+    out = []
     for j, line in enumerate(lines):
         m = re.match(r"^(\$L__BB\d+_\d+):", line)
         if m:
@@ -259,8 +308,17 @@ def loop_body(ptx: str) -> str:
             continue
         m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
         if m and m.group(1) in defined:
-            return "\n".join(lines[defined[m.group(1)]:j + 1])
-    raise ValueError("no loop found in the PTX")
+            out.append("\n".join(lines[defined[m.group(1)]:j + 1]))
+    return out
+
+
+def loop_body(ptx: str) -> str:
+    """The PTX of the kernel's full-block loop, its first loop (the kernels have one loop:
+    ``for i in range(n_full)``)."""
+    bodies = loop_bodies(ptx)
+    if not bodies:
+        raise ValueError("no loop found in the PTX")
+    return bodies[0]
 
 
 _ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[a-z]+)*?)\.(v[248]\.)?([bfsu]\d+)\b")
@@ -276,87 +334,89 @@ def _access_bits(body: str) -> list[tuple[str, int]]:
 
 @dataclass
 class Report:
-    variant: Variant
+    variant: VariantBase
     problems: list[str] = field(default_factory=list)
     accesses: list[tuple[str, int]] = field(default_factory=list)
+    loops: int = 0
     registers: int | None = None
     spills: int | None = None
     seconds: float = 0.0
 
 
-def check(v: Variant, ptx: str, report: str) -> Report:
-    """The codegen properties of the module docstring for variant ``v``."""
+def check(v: VariantBase, ptx: str, report: str) -> Report:
+    """The codegen properties of the module docstring (of :mod:`tigeropt.kernels._aot_rows` for a row
+    variant) for variant ``v``: its loops' global access widths, shared memory, registers, spills."""
     r = Report(v)
-    body = loop_body(ptx)
-    r.accesses = _access_bits(body)
+    bodies = loop_bodies(ptx) if v.EVERY_LOOP else [loop_body(ptx)]
+    where = "loops" if v.EVERY_LOOP else "loop"
+    r.loops = len(bodies)
+    r.accesses = [a for body in bodies for a in _access_bits(body)]
     if not r.accesses:
-        r.problems.append("no global access found in the loop")
-    # 8-bit state: each q8 role's absmax is one 32-bit load and store per thread and tile, its codes
-    # 32-bit accesses with fp32 parameters (4 per thread); the tile's absmax values cross warps once
-    # for their store (one 32-bit shared store and load, two barriers), and with fp32 parameters a
-    # block's two warps meet once more for its maximum
-    q8_roles = sum(st == "8bit" for st in v.states)
-    wide = v.dtype == torch.float32
+        r.problems.append(f"no global access found in the {where}")
+    need, allowed_32, exchanges = v.limits()
     if v.aligned:
-        need = 128 if wide and all(st == "fp32" for st in v.states) else 64
         narrow = [(a, bits) for a, bits in r.accesses if bits < need]
-        allowed_32 = q8_roles * (4 if wide else 2)
         if (any(bits < 32 or (bits < need and bits != 32) for _, bits in narrow)
                 or sum(bits == 32 for _, bits in narrow) > allowed_32):
-            r.problems.append(f"global accesses narrower than {need} bits in the loop: "
+            r.problems.append(f"global accesses narrower than {need} bits in the {where}: "
                               f"{sorted({a for a, _ in narrow})}")
-    shared = {w: len(re.findall(rf"\b{re.escape(w)}\b", body)) for w in ("ld.shared", "st.shared")}
-    barriers = body.count("bar.sync") + body.count("bar.warp") + body.count("barrier")
-    exchanges = q8_roles * (2 if wide else 1)
+    text = bodies[0] if v.SHARED_SCOPE == "loop" else ptx
+    shared = {w: len(re.findall(rf"\b{re.escape(w)}\b", text)) for w in ("ld.shared", "st.shared")}
+    barriers = text.count("bar.sync") + text.count("bar.warp") + text.count("barrier")
     if (shared["ld.shared"] > exchanges or shared["st.shared"] > exchanges or barriers > 2 * exchanges
-            or re.search(r"(ld|st)\.shared\.v", body)):
+            or re.search(r"(ld|st)\.shared\.v", text)):
         for what in ("bar.sync", "bar.warp", "barrier", "ld.shared", "st.shared"):
-            if what in body:
-                r.problems.append(f"{what} in the loop (a layout conversion through shared memory)")
+            if what in text:
+                r.problems.append(f"{what} in the {v.SHARED_SCOPE} (a reduction or layout conversion "
+                                  "through shared memory)")
     spill = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     regs = re.findall(r"Used (\d+) registers", report)
     if regs:
         r.registers = max(map(int, regs))
+        if v.MAX_REGISTERS is not None and r.registers > v.MAX_REGISTERS:
+            r.problems.append(f"{r.registers} registers per thread (> {v.MAX_REGISTERS}: fewer than "
+                              "32 one-warp programs fit an SM)")
     if spill:
         r.spills = max(int(a) + int(b) for a, b in spill)
-        if r.spills and v.arch >= 90:
+        if r.spills and v.arch >= v.SPILL_ARCH:
             r.problems.append(f"{r.spills} bytes of register spills on sm_{v.arch}")
-    elif v.arch >= 90:
+    elif v.arch >= v.SPILL_ARCH:
         r.problems.append("no ptxas report (ptxas not found?)")
     return r
 
 
-def run(vs: list[Variant], verbose: bool = True) -> list[Report]:
+def run(vs: list[VariantBase], verbose: bool = True) -> list[Report]:
     reports = []
     for v in vs:
         t = time.perf_counter()
-        ptx, report, _ = compile_variant(v)
-        r = check(v, ptx, report)
+        r = check(v, *compile_variant(v))
         r.seconds = time.perf_counter() - t
         reports.append(r)
         if verbose:
             widths = sorted({bits for _, bits in r.accesses})
-            print(f"{'ok  ' if not r.problems else 'FAIL'} {v}: loop access bits {widths}, "
+            loops = f"{r.loops} loops, access bits" if v.EVERY_LOOP else "loop access bits"
+            print(f"{'ok  ' if not r.problems else 'FAIL'} {v}: {loops} {widths}, "
                   f"{r.registers} registers, {r.spills} spill bytes ({r.seconds:.1f} s)"
                   + "".join(f"\n      {p}" for p in r.problems), flush=True)
     return reports
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Compile the Triton kernels for sm_80/sm_90 ahead of time "
-                                             "and check the generated code (no GPU needed).")
+def main(argv: list[str] | None = None, kind: type[VariantBase] = Variant,
+         source: Callable[[bool], list[VariantBase]] = variants) -> int:
+    """The command line of a variant source: ``kind`` its variant class, ``source(full)`` its variants."""
+    ap = argparse.ArgumentParser(description=f"Compile the Triton {kind.WHAT}kernels for sm_80/sm_90 ahead "
+                                             "of time and check the generated code (no GPU needed).")
     ap.add_argument("--full", action="store_true", help="every optimizer x dtype x alignment x flag x arch")
     ap.add_argument("--only", default=None, help="regex on the variant name")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
-    vs = variants(full=args.full)
+    vs = source(args.full)
     if args.only:
         vs = [v for v in vs if re.search(args.only, str(v))]
     reports = run(vs)
     bad = [r for r in reports if r.problems]
-    print(f"\n{len(reports)} variants, {len(bad)} with problems, "
-          f"{sum(r.seconds for r in reports):.0f} s; spills on sm_80: "
-          f"{sum(1 for r in reports if r.variant.arch == 80 and r.spills)}")
+    print(f"\n{len(reports)} {kind.WHAT}variants, {len(bad)} with problems, "
+          f"{sum(r.seconds for r in reports):.0f} s; {kind.summary(reports)}")
     return 1 if bad else 0
 
 
