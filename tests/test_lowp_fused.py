@@ -3,7 +3,9 @@
 the reference rule, the stores of :mod:`tigeropt._lowp`), bit for bit.
 
 Stored bits are compared exactly: bf16 parameters and state (NaN included), 8-bit codes and absmax.
-fp32 tensors compare NaN with NaN whatever the payload (neither path specifies NaN payloads).
+fp32 and fp16 tensors compare NaN with NaN whatever the payload, 8-bit NaN codes whatever their sign
+(neither path specifies NaN payloads, and the sign of a NaN computed from NaNs is one; bf16 stores write
+torch's NaN bits).
 AdaX and Adagrad take a square root: the C kernel's is correctly rounded, torch's CPU sqrt (MKL) is
 not always (see tests/test_cpu_fused.py), so their reference runs with a correctly rounded sqrt
 (:func:`exact_sqrt`); everything else is the reference as it is.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -61,8 +64,13 @@ def _same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     if a.dtype == torch.float32:
         both_nan = torch.isnan(a) & torch.isnan(b)
         diff = (a.view(torch.int32) != b.view(torch.int32)) & ~both_nan
-    elif a.dtype in (torch.bfloat16, torch.float16):
+    elif a.dtype == torch.float16:  # stored by conversion from fp32 (which keeps the NaN's sign and payload)
+        both_nan = torch.isnan(a) & torch.isnan(b)
+        diff = (a.view(torch.int16) != b.view(torch.int16)) & ~both_nan
+    elif a.dtype == torch.bfloat16:
         diff = a.view(torch.int16) != b.view(torch.int16)
+    elif a.dtype == torch.uint8:  # 8-bit codes: the NaN codes 0x7f and 0xff alike (a NaN's sign is payload)
+        diff = (a != b) & ~(((a & 0x7F) == 0x7F) & ((b & 0x7F) == 0x7F))
     else:
         diff = a != b
     assert not diff.any(), f"{what}: {int(diff.sum())} elements differ, first at {diff.nonzero()[0].tolist()}"
@@ -90,6 +98,35 @@ def c_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, list[int]]]:
 
     monkeypatch.setattr(_cpu, "lowp_step", spy)
     return calls
+
+
+@pytest.fixture(scope="module")
+def generic_build() -> Any:
+    """The library built without AVX-512, so its low-precision step runs the generic block loop (skipped
+    where the native build already does)."""
+    if not _cpu.lowp_simd():
+        pytest.skip("the native build already runs the generic block loop")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(_cpu, "_FLAG_SETS", (["-march=native", "-mno-avx512f", "-fopenmp"],))
+    try:
+        path = _cpu.build()
+    except RuntimeError as exc:
+        pytest.skip(f"no build without AVX-512 here: {exc}")
+    finally:
+        patch.undo()
+    lib = ctypes.CDLL(str(path))
+    _cpu._declare(lib)
+    assert lib.tigeropt_lowp_simd() == 0
+    return lib
+
+
+@pytest.fixture(params=["native", "generic"])
+def build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with the native library (the AVX-512 block loop where the CPU has it) and with the
+    generic block loop's build."""
+    if request.param == "generic":
+        monkeypatch.setitem(_cpu._state, "lib", request.getfixturevalue("generic_build"))
+    return str(request.param)
 
 
 def _params(shapes: list[tuple[int, ...]], dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
@@ -128,9 +165,9 @@ def _reference(cls: type, params: list[torch.Tensor], steps: int, **kw: Any) -> 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("dtype, prec, sr", SETTINGS, ids=lambda x: str(x).replace("torch.", ""))
 def test_c_step_equals_the_reference(cls: type, dtype: torch.dtype, prec: str, sr: bool,
-                                     c_calls: list[tuple[int, list[int]]]) -> None:
+                                     c_calls: list[tuple[int, list[int]]], build: str) -> None:
     """Default path (the C step) == reference, bit for bit, over odd sizes, a 0-d tensor and non-finite
-    gradients; the C step took every tensor."""
+    gradients; the C step took every tensor (both block loops: ``build``)."""
     if sr and dtype == torch.float16:
         pytest.skip("stochastic rounding rounds to bf16 (fp16 parameters are refused)")
     kw = dict(state_precision=prec, stochastic_rounding=sr, sr_seed=12345, weight_decay=0.1)
@@ -144,9 +181,9 @@ def test_c_step_equals_the_reference(cls: type, dtype: torch.dtype, prec: str, s
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
-def test_options_and_maximize(cls: type, c_calls: list[tuple[int, list[int]]]) -> None:
+def test_options_and_maximize(cls: type, c_calls: list[tuple[int, list[int]]], build: str) -> None:
     """The optimizers' kernel options (AdaX decoupled decay, Adagrad GloVe-style with clipping and
-    lr_decay, maximize) on the C step == reference."""
+    lr_decay, maximize) on the C step == reference (both block loops)."""
     extra = {tigeropt.Tiger: dict(beta=0.9), tigeropt.Lion: dict(betas=(0.8, 0.95)),
              tigeropt.AdaX: dict(decoupled_weight_decay=True, weight_decay=0.05),
              tigeropt.Adagrad: dict(glove=True, grad_clip_value=2.0, lr_decay=0.01)}[cls]
@@ -338,6 +375,55 @@ def test_capturable_with_low_precision_is_refused_with_a_clear_error() -> None:
     assert len(opt.param_groups) == 1
 
 
+# ----------------------------------------------------------------------------- special values
+SPECIAL = [0.0, -0.0, 1e-39, -1e-39, 1e-45, 2.0 ** -126, -(2.0 ** -126) * 0.75, 3.0e38, -3.3e38, 1e30,
+           float("inf"), -float("inf"), float("nan"), 1.0, -1.0, 2.0 ** -133, 1.00390625, -1.01171875]
+
+
+TINY = [1e-39, -3e-40, 2.0 ** -133, 9e-41, 2.0 ** -127, -(2.0 ** -130) * 3]  # bf16 and fp32 subnormals
+
+
+def _with_specials(n: int, gen: torch.Generator, scale: float, shift: int, grad: bool) -> torch.Tensor:
+    """Random normal values with SPECIAL written at positions shift, shift + 5, ... and 256, 261, ...
+    (wrapping); then fixed elements: parameters 150.. subnormal with zero gradients there (p stays
+    subnormal: its stores round subnormals), gradients 170.. subnormal (so is the state)."""
+    x = torch.randn(n, generator=gen) * scale
+    for i, v in enumerate(SPECIAL):
+        x[(shift + 5 * i) % n] = v
+        x[(256 + 5 * i) % n] = v
+    for i, v in enumerate(TINY):
+        x[150 + i] = (0.0 if i % 2 else -0.0) if grad else v
+        x[170 + i] = v
+    return x
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype, prec, sr", SETTINGS, ids=lambda x: str(x).replace("torch.", ""))
+def test_special_values_equal_the_reference(cls: type, dtype: torch.dtype, prec: str, sr: bool,
+                                            c_calls: list[tuple[int, list[int]]], build: str) -> None:
+    """Parameters and gradients holding +-0, fp32/bf16 subnormals (stored state then rounds subnormals),
+    values near the largest float (rounding to inf), +-inf and NaN, ties of the bf16 rounding: the C step
+    (both block loops) == reference, bit for bit, over 3 steps of 300 elements (a full block, a partial
+    one ending in a partial vector)."""
+    if sr and dtype == torch.float16:
+        pytest.skip("stochastic rounding rounds to bf16 (fp16 parameters are refused)")
+    kw = dict(state_precision=prec, stochastic_rounding=sr, sr_seed=77, weight_decay=0.1, lr=0.05)
+    results = []
+    for _ in range(2):
+        gen = torch.Generator().manual_seed(8)
+        p = _with_specials(300, gen, 1.0, 0, grad=False).to(dtype).requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = cls([p], foreach=False, **kw) if not results else cls([p], **kw)
+        with exact_sqrt() if not results else contextlib.nullcontext():
+            for step in range(3):
+                p.grad = _with_specials(300, gen, 10.0 ** -step, 1 + step, grad=True).to(dtype)
+                opt.step()
+        results.append(([p], opt))
+    _compare(*results[0], *results[1])
+    assert c_calls and all(rest == [] for _, rest in c_calls)
+
+
 # ----------------------------------------------------------------------------- the codec inside the kernel
 def _codec_values() -> torch.Tensor:
     """Blocks of 256 whose first element is 448 (scale 1: y = |x|), holding every e4m3 value, the
@@ -362,7 +448,7 @@ def _codec_values() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("sr", [False, True])
-def test_kernel_codec_equals_encode_8bit_on_ties_and_edges(sr: bool) -> None:
+def test_kernel_codec_equals_encode_8bit_on_ties_and_edges(sr: bool, build: str) -> None:
     """Tiger with beta = 0 stores m = g: the kernel's 8-bit codes and absmax of g == _lowp.encode_8bit(g)
     on every e4m3 value, tie and near-tie, the subnormal range, non-finite values (fp32 parameters)."""
     g = _codec_values()

@@ -27,7 +27,9 @@ bf16/fp16 parameters), parameters rounded once, to nearest even, at the store.
 
 Low-precision groups (bf16 parameters with stochastic rounding, bf16 or 8-bit state) take
 :func:`lowp_step`: the same one pass, with the loads (8-bit state decoded per 256-element
-block) and the rounded stores of :mod:`tigeropt._lowp` inside the kernel.
+block) and the rounded stores of :mod:`tigeropt._lowp` inside the kernel.  Where the compiler
+targets AVX-512 with bf16 conversions (:func:`lowp_simd`), a hand-vectorized block loop does
+loads, math and stores 16 elements at a time; elsewhere a generic one; both give the same bits.
 
 The launchers :func:`fused_tiger`, :func:`fused_lion`, :func:`fused_adax` and
 :func:`fused_adagrad` take the arguments of the foreach functions
@@ -197,7 +199,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.restype = None
     lib.tigeropt_steps.argtypes = [i32, vp, i32, vp]
     lib.tigeropt_steps.restype = None
-    for name in ("tigeropt_abi", "tigeropt_has_openmp", "tigeropt_has_f16"):
+    for name in ("tigeropt_abi", "tigeropt_has_openmp", "tigeropt_has_f16", "tigeropt_lowp_simd"):
         getattr(lib, name).restype = i32
         getattr(lib, name).argtypes = []
 
@@ -239,6 +241,14 @@ def status() -> str:
 def available() -> bool:
     """Whether the fused CPU step can run here (builds it on first call; False warns once why)."""
     return _load() is not None
+
+
+def lowp_simd() -> bool:
+    """Whether the low-precision step runs its AVX-512 block loop (the compiler targets AVX-512 with bf16
+    conversions, e.g. ``-march=native`` on Zen 4 or Sapphire Rapids) rather than the generic one; the
+    two give the same bits."""
+    lib = _load()
+    return bool(lib is not None and lib.tigeropt_lowp_simd())
 
 
 def has_openmp() -> bool:

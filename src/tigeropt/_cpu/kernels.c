@@ -1023,7 +1023,408 @@ static void lp_core(const Args *a, int t, float *restrict p, const float *restri
     }
 }
 
+/* ------------------------------------------------------------------ low-precision step, AVX-512
+ * The same block loop written with AVX-512 intrinsics (built when the compiler targets AVX-512 F, BW,
+ * VL, DQ and BF16, e.g. -march=native on Zen 4 or Sapphire Rapids): per block, one pass over 16
+ * elements at a time does the loads (8-bit state decoded), the optimizer's fp32 math and the stores of
+ * the parameters and of fp32/bf16 state; 8-bit state goes to an fp32 block buffer (in L1) with the
+ * block's absmax, and a second pass over the buffer encodes it.  Every operation is the generic
+ * code's, lane by lane, so the bits are the same (tests/test_lowp_fused.py runs both builds):
+ *  - sign(x) as ((x != 0) ? copysign(1, x) : +0) + x*0 with the product and sum in one fma (x*0 is
+ *    exactly +-0 or NaN, so the single rounding changes nothing);
+ *  - bf16 round to nearest even by vcvtneps2bf16, which equals c10's rounding except on NaN and
+ *    fp32 subnormals (it flushes them to zero): lanes holding those take the scalar rounding;
+ *  - the rounding bits' lowbias32 on 16 lanes (vpmulld); for the bf16 stores only bits >> 16 are
+ *    used, which the hash's last step (x ^= x >> 16) does not change, so it is skipped there.
+ * fp16 parameters take the generic code. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__AVX512BF16__)
+#include <immintrin.h>
+#define LP_AVX512 1
+#define LP_GLOVE 5 /* GloVe-style Adagrad: its own block loop */
+
+#define V_I(x) _mm512_set1_epi32((int)(x))
+#define V_F(x) _mm512_set1_ps(x)
+#define AS_I(x) _mm512_castps_si512(x)
+#define AS_F(x) _mm512_castsi512_ps(x)
+
+static inline __m512 v_ld_bf16(const uint16_t *s, __mmask16 m) {
+    return AS_F(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, s)), 16));
+}
+
+/* e4m3fn codes times scale (decode_e4m3_block) */
+static inline __m512 v_ld_e4m3(const uint8_t *s, __mmask16 m, __m512 scale) {
+    __m512i c = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, s));
+    __m512i c7 = _mm512_and_si512(c, V_I(0x7F));
+    __m512i u = AS_I(_mm512_mul_ps(AS_F(_mm512_slli_epi32(c7, 20)), V_F(0x1p120f)));
+    u = _mm512_mask_mov_epi32(u, _mm512_cmpeq_epi32_mask(c7, V_I(0x7F)), V_I(0x7FF00000));
+    u = _mm512_or_si512(u, _mm512_slli_epi32(_mm512_and_si512(c, V_I(0x80)), 24));
+    return _mm512_mul_ps(AS_F(u), scale);
+}
+
+/* sign(x) as SIGN(float, x) gives it (see above) */
+static inline __m512 v_sign(__m512 x) {
+    __m512 zero = _mm512_setzero_ps();
+    __mmask16 nz = _mm512_cmp_ps_mask(x, zero, _CMP_NEQ_OQ);
+    __m512i s = _mm512_maskz_ternarylogic_epi32(nz, AS_I(x), V_I(0x80000000), V_I(0x3F800000), 0xEA);
+    return _mm512_fmadd_ps(x, zero, AS_F(s)); /* (x & sign bit) | 1.0 on the nonzero lanes, else +0 */
+}
+
+static inline __m512i v_lowbias32(__m512i x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, V_I(0x7feb352du));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, V_I(0x846ca68bu));
+    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+/* lowbias32 without its last step: the same bits 16..31 */
+static inline __m512i v_lowbias32_hi16(__m512i x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, V_I(0x7feb352du));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    return _mm512_mullo_epi32(x, V_I(0x846ca68bu));
+}
+
+/* bf16 to nearest even; NaN -> nan */
+static inline void v_st_bf16_rtn(uint16_t *d, __m512 v, __mmask16 m, const int full, uint16_t nan) {
+    __mmask16 special = _mm512_fpclass_ps_mask(v, 0xA1) & m; /* QNaN | SNaN | denormal */
+    __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+    if (full)
+        _mm256_storeu_si256((__m256i *)d, h);
+    else
+        _mm256_mask_storeu_epi16(d, m, h);
+    if (__builtin_expect(special != 0, 0)) {
+        float tmp[16];
+        _mm512_storeu_ps(tmp, v);
+        for (int j = 0; j < 16; j++)
+            if (special >> j & 1) store_bf16_rtn(d + j, tmp + j, 1, nan);
+    }
+}
+
+/* bf16 stochastically with the bits of elements idx (lo32) whose high word is hi */
+static inline void v_st_bf16_sr(uint16_t *d, __m512 v, __mmask16 m, const int full, __m512i idx, __m512i key,
+                                __m512i hi) {
+    __m512i r = v_lowbias32_hi16(_mm512_xor_si512(v_lowbias32(_mm512_xor_si512(idx, key)), hi));
+    __m512i h = _mm512_srli_epi32(_mm512_add_epi32(AS_I(v), _mm512_srli_epi32(r, 16)), 16);
+    h = _mm512_mask_mov_epi32(h, _mm512_fpclass_ps_mask(v, 0x81), V_I(0x7FC0));
+    if (full)
+        _mm256_storeu_si256((__m256i *)d, _mm512_cvtepi32_epi16(h));
+    else
+        _mm256_mask_storeu_epi16(d, m, _mm512_cvtepi32_epi16(h));
+}
+
+/* the largest finite magnitude's bits so far (block_absmax) */
+static inline __m512i v_absmax(__m512i acc, __m512 v, __mmask16 m) {
+    __m512i mag = _mm512_and_si512(AS_I(v), V_I(0x7FFFFFFF));
+    __mmask16 fin = _mm512_cmplt_epi32_mask(mag, V_I(0x7F800000)) & m;
+    return _mm512_mask_max_epi32(acc, fin, acc, mag);
+}
+
+/* encode_e4m3_codes on 16 lanes */
+static inline __attribute__((always_inline)) void v_st_e4m3(uint8_t *c, __m512 x, __mmask16 m, const int full,
+                                                            __m512 div, const int sr, __m512i idx, __m512i key,
+                                                            __m512i hi) {
+    __m512i u = AS_I(x);
+    __m512i sign = _mm512_and_si512(_mm512_srli_epi32(u, 24), V_I(0x80));
+    __m512i mag = _mm512_and_si512(u, V_I(0x7FFFFFFF));
+    __mmask16 nonfinite = _mm512_cmpge_epu32_mask(mag, V_I(0x7F800000));
+    __m512 y = _mm512_div_ps(AS_F(_mm512_maskz_mov_epi32((__mmask16)~nonfinite, mag)), div);
+    __m512i yb = _mm512_min_epi32(AS_I(y), V_I(0x43E00000));
+    __m512 t = _mm512_mul_ps(AS_F(yb), V_F(512.0f));
+    __m512i code_n, code_s;
+    if (sr) {
+        __m512i r = _mm512_srli_epi32(
+            v_lowbias32(_mm512_xor_si512(v_lowbias32(_mm512_xor_si512(idx, key)), hi)), 8);
+        code_n = _mm512_sub_epi32(_mm512_srli_epi32(yb, 20), V_I(960));
+        __mmask16 up = _mm512_cmpgt_epu32_mask(_mm512_slli_epi32(_mm512_and_si512(yb, V_I(0xFFFFF)), 4), r);
+        code_n = _mm512_mask_add_epi32(code_n, up, code_n, V_I(1));
+        __m512i n = _mm512_cvttps_epi32(t);
+        __m512 frac = _mm512_sub_ps(t, _mm512_cvtepi32_ps(n));
+        __mmask16 up_s = _mm512_cmp_ps_mask(frac, _mm512_mul_ps(_mm512_cvtepi32_ps(r), V_F(0x1p-24f)), _CMP_GT_OQ);
+        code_s = _mm512_mask_add_epi32(n, up_s, n, V_I(1));
+    } else {
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(yb, 20), V_I(1));
+        code_n = _mm512_sub_epi32(
+            _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(yb, V_I(0x7FFFF)), lsb), 20), V_I(960));
+        code_s = _mm512_sub_epi32(AS_I(_mm512_add_ps(t, V_F(0x1p23f))), V_I(0x4B000000));
+    }
+    __mmask16 normal = _mm512_cmpge_epi32_mask(yb, V_I(0x3C800000));
+    __m512i code = _mm512_mask_mov_epi32(code_s, normal, code_n);
+    code = _mm512_or_si512(_mm512_mask_mov_epi32(code, nonfinite, _mm512_or_si512(code, V_I(0x7F))), sign);
+    if (full)
+        _mm_storeu_si128((__m128i *)c, _mm512_cvtepi32_epi8(code));
+    else
+        _mm_mask_storeu_epi8(c, m, _mm512_cvtepi32_epi8(code));
+}
+
+typedef struct {
+    int opt, pdt, nst, sr, negate, l2, decoupled, do_clip;
+    int kind[2];
+    uint16_t nan;
+    float c[8]; /* the optimizer's fp32 scalars (lp_core's order) */
+} LpVec;
+
+static inline __mmask16 lane_mask(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
+/* one block (k <= 256 elements at local index i0 of tensor t, element index e0) of optimizer OPT
+   (OPT_* or LP_GLOVE): the loads, math and stores of lp_range */
+/* one vector of 16 elements (mask m; full: all 16, plain loads and stores) at local index e of a block of
+   optimizer OPT (OPT_* or LP_GLOVE) whose state 0 is stored as K0: loads, math, the stores of the parameters
+   and of fp32/bf16 state; 8-bit state to buf (at bi) and its absmax bits to amax */
+static inline __attribute__((always_inline)) void lp_vec_avx512(
+    const LpVec *v, const int OPT, const int K0, const int full, __mmask16 m, char *pbase, const char *gbase,
+    void *const sbase[2], int64_t e, __m512i idx, const float scale[2], float *buf0, float *buf1, __m512i amax[2],
+    __m512i hi, const __m512i keys[3]) {
+    const int nst = OPT == OPT_ADAX ? 2 : 1;
+    const int kind[2] = {K0, v->kind[1]};
+    const float *c = v->c;
+    float *buf[2] = {buf0, buf1};
+    __m512 p, g, s[2];
+#define LD_F32(ptr) (full ? _mm512_loadu_ps(ptr) : _mm512_maskz_loadu_ps(m, ptr))
+#define LD_BF16(ptr)                                                                                     \
+    AS_F(_mm512_slli_epi32(                                                                              \
+        _mm512_cvtepu16_epi32(full ? _mm256_loadu_si256((const __m256i *)(ptr)) : _mm256_maskz_loadu_epi16(m, ptr)), \
+        16))
+    if (v->pdt == DT_F32) {
+        p = LD_F32((const float *)pbase + e);
+        g = LD_F32((const float *)gbase + e);
+    } else {
+        p = LD_BF16((const uint16_t *)pbase + e);
+        g = LD_BF16((const uint16_t *)gbase + e);
+    }
+    if (v->negate) g = AS_F(_mm512_xor_si512(AS_I(g), V_I(0x80000000u)));
+    for (int j = 0; j < nst; j++) {
+        if (kind[j] == SK_F32)
+            s[j] = LD_F32((const float *)sbase[j] + e);
+        else if (kind[j] == SK_BF16)
+            s[j] = LD_BF16((const uint16_t *)sbase[j] + e);
+        else
+            s[j] = v_ld_e4m3((const uint8_t *)sbase[j] + e, m, V_F(scale[j]));
+    }
+#undef LD_F32
+#undef LD_BF16
+    if (OPT == OPT_TIGER) { /* m = beta*m + (1-beta)*g;  p = p - lr*(sign(m) + wd*p) */
+        s[0] = _mm512_fmadd_ps(g, V_F(c[1]), _mm512_mul_ps(s[0], V_F(c[0])));
+        p = _mm512_fmadd_ps(_mm512_fmadd_ps(p, V_F(c[2]), v_sign(s[0])), V_F(c[3]), p);
+    } else if (OPT == OPT_LION) { /* c = b1*m + (1-b1)*g;  p = p*decay - lr*sign(c);  m = b2*m + (1-b2)*g */
+        __m512 u = _mm512_fmadd_ps(g, V_F(c[1]), _mm512_mul_ps(s[0], V_F(c[0])));
+        p = _mm512_fmadd_ps(v_sign(u), V_F(c[5]), _mm512_mul_ps(p, V_F(c[4])));
+        s[0] = _mm512_fmadd_ps(g, V_F(c[3]), _mm512_mul_ps(s[0], V_F(c[2])));
+    } else if (OPT == OPT_ADAX) { /* c: b1 a1 wd decay nlr bhat omb eps_t */
+        if (v->l2) g = _mm512_fmadd_ps(p, V_F(c[2]), g);
+        s[0] = _mm512_fmadd_ps(g, V_F(c[1]), _mm512_mul_ps(s[0], V_F(c[0])));
+        s[1] = _mm512_fmadd_ps(_mm512_mul_ps(V_F(c[6]), g), g, _mm512_mul_ps(s[1], V_F(c[5])));
+        __m512 d = _mm512_add_ps(_mm512_sqrt_ps(s[1]), V_F(c[7]));
+        if (v->decoupled) p = _mm512_mul_ps(p, V_F(c[3]));
+        p = _mm512_add_ps(p, _mm512_div_ps(_mm512_mul_ps(V_F(c[4]), s[0]), d));
+    } else if (OPT == OPT_ADAGRAD) { /* c: wd eps nclr */
+        if (v->l2) g = _mm512_fmadd_ps(p, V_F(c[0]), g);
+        s[0] = _mm512_fmadd_ps(g, g, s[0]);
+        p = _mm512_add_ps(p, _mm512_div_ps(_mm512_mul_ps(V_F(c[2]), g),
+                                           _mm512_add_ps(_mm512_sqrt_ps(s[0]), V_F(c[1]))));
+    } else { /* GloVe, c: wd clip clr */
+        if (v->l2) g = _mm512_fmadd_ps(p, V_F(c[0]), g);
+        if (v->do_clip) {
+            __m512 lo = V_F(-c[1]), up = V_F(c[1]);
+            __mmask16 below = _mm512_cmp_ps_mask(g, lo, _CMP_LT_OQ);
+            __mmask16 above = _mm512_cmp_ps_mask(g, up, _CMP_GT_OQ);
+            g = _mm512_mask_mov_ps(_mm512_mask_mov_ps(g, above, up), below, lo);
+        }
+        __m512 u = _mm512_mul_ps(g, V_F(c[2]));
+        __m512 acc = s[0];
+        p = _mm512_sub_ps(p, _mm512_div_ps(u, _mm512_sqrt_ps(acc)));
+        s[0] = _mm512_fmadd_ps(u, u, acc);
+    }
+    if (v->pdt == DT_F32) {
+        if (full)
+            _mm512_storeu_ps((float *)pbase + e, p);
+        else
+            _mm512_mask_storeu_ps((float *)pbase + e, m, p);
+    } else if (v->sr) {
+        v_st_bf16_sr((uint16_t *)pbase + e, p, m, full, idx, keys[0], hi);
+    } else {
+        v_st_bf16_rtn((uint16_t *)pbase + e, p, m, full, v->nan);
+    }
+    for (int j = 0; j < nst; j++) {
+        if (kind[j] == SK_F32) {
+            if (full)
+                _mm512_storeu_ps((float *)sbase[j] + e, s[j]);
+            else
+                _mm512_mask_storeu_ps((float *)sbase[j] + e, m, s[j]);
+        } else if (kind[j] == SK_BF16) {
+            if (v->sr)
+                v_st_bf16_sr((uint16_t *)sbase[j] + e, s[j], m, full, idx, keys[1 + j], hi);
+            else
+                v_st_bf16_rtn((uint16_t *)sbase[j] + e, s[j], m, full, v->nan);
+        } else {
+            _mm512_store_ps(buf[j], s[j]);
+            amax[j] = v_absmax(amax[j], s[j], m);
+        }
+    }
+}
+
+/* one block (k <= 256 elements at local index i0, element index e0 = lo0 + 2^32 hi32, absmax index blk)
+   of optimizer OPT whose state 0 is stored as K0: lp_range's loads, math and stores */
+static inline __attribute__((always_inline)) void lp_block_avx512(
+    const LpVec *v, const int OPT, const int K0, char *pbase, const char *gbase, void *const sbase[2],
+    float *const ambase[2], int64_t blk, int64_t i0, int64_t k, uint32_t lo0, uint32_t hi32,
+    const uint32_t key32[3]) {
+    const int nst = OPT == OPT_ADAX ? 2 : 1;
+    const int kind[2] = {K0, v->kind[1]};
+    float buf[2][LP_BLOCK] __attribute__((aligned(64)));
+    float scale[2] = {0.0f, 0.0f};
+    for (int j = 0; j < nst; j++)
+        if (kind[j] == SK_8BIT) scale[j] = ambase[j][blk] / 448.0f;
+    __m512i amax[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i hi = V_I(hi32);
+    const __m512i keys[3] = {V_I(key32[0]), V_I(key32[1]), V_I(key32[2])};
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16)
+        lp_vec_avx512(v, OPT, K0, 1, (__mmask16)0xFFFF, pbase, gbase, sbase, i0 + i,
+                      _mm512_add_epi32(V_I(lo0 + (uint32_t)i), iota), scale, buf[0] + i, buf[1] + i, amax, hi, keys);
+    if (i < k)
+        lp_vec_avx512(v, OPT, K0, 0, lane_mask(k - i), pbase, gbase, sbase, i0 + i,
+                      _mm512_add_epi32(V_I(lo0 + (uint32_t)i), iota), scale, buf[0] + i, buf[1] + i, amax, hi, keys);
+    for (int j = 0; j < nst; j++) {
+        if (kind[j] != SK_8BIT) continue;
+        float a = f32_from_bits((uint32_t)_mm512_reduce_max_epi32(amax[j]));
+        ambase[j][blk] = a;
+        float sc = a / 448.0f;
+        __m512 div = V_F(sc > 0.0f ? sc : 1.0f);
+        uint8_t *codes = (uint8_t *)sbase[j] + i0;
+        for (int64_t q = 0; q < k; q += 16) {
+            __m512i idx = _mm512_add_epi32(V_I(lo0 + (uint32_t)q), iota);
+            __m512 x = _mm512_load_ps(buf[j] + q);
+            if (q + 16 > k)
+                v_st_e4m3(codes + q, x, lane_mask(k - q), 0, div, v->sr, idx, keys[1 + j], hi);
+            else if (v->sr)
+                v_st_e4m3(codes + q, x, 0xFFFF, 1, div, 1, idx, keys[1 + j], hi);
+            else
+                v_st_e4m3(codes + q, x, 0xFFFF, 1, div, 0, idx, keys[1 + j], hi);
+        }
+    }
+}
+
+/* the block loop of each optimizer and state-0 storage, each its own function (smaller functions
+   compile much faster than one holding them all) */
+typedef void (*LpBlockFn)(const LpVec *v, char *pbase, const char *gbase, void *const sbase[2],
+                          float *const ambase[2], int64_t blk, int64_t i0, int64_t k, uint32_t lo0, uint32_t hi32,
+                          const uint32_t key32[3]);
+#define LP_DEF_BLOCK(NAME, OPT, K0)                                                                       \
+    static __attribute__((noinline)) void NAME(const LpVec *v, char *pbase, const char *gbase,             \
+                                               void *const sbase[2], float *const ambase[2], int64_t blk,  \
+                                               int64_t i0, int64_t k, uint32_t lo0, uint32_t hi32,        \
+                                               const uint32_t key32[3]) {                                  \
+        lp_block_avx512(v, OPT, K0, pbase, gbase, sbase, ambase, blk, i0, k, lo0, hi32, key32);            \
+    }
+#define LP_DEF_BLOCKS(SUF, OPT)                    \
+    LP_DEF_BLOCK(lp_block_##SUF##_f32, OPT, SK_F32)   \
+    LP_DEF_BLOCK(lp_block_##SUF##_bf16, OPT, SK_BF16) \
+    LP_DEF_BLOCK(lp_block_##SUF##_8bit, OPT, SK_8BIT)
+LP_DEF_BLOCKS(tiger, OPT_TIGER)
+LP_DEF_BLOCKS(lion, OPT_LION)
+LP_DEF_BLOCKS(adax, OPT_ADAX)
+LP_DEF_BLOCKS(adagrad, OPT_ADAGRAD)
+LP_DEF_BLOCKS(glove, LP_GLOVE)
+#undef LP_DEF_BLOCKS
+#undef LP_DEF_BLOCK
+
+static const LpBlockFn lp_blocks[5][3] = {
+    {lp_block_tiger_f32, lp_block_tiger_bf16, lp_block_tiger_8bit},
+    {lp_block_lion_f32, lp_block_lion_bf16, lp_block_lion_8bit},
+    {lp_block_adax_f32, lp_block_adax_bf16, lp_block_adax_8bit},
+    {lp_block_adagrad_f32, lp_block_adagrad_bf16, lp_block_adagrad_8bit},
+    {lp_block_glove_f32, lp_block_glove_bf16, lp_block_glove_8bit},
+};
+
+/* lp_range on AVX-512 (parameters fp32 or bf16) */
+static void lp_range_avx512(const Args *a, int t, int64_t s, int64_t n) {
+    const LpArgs *x = (const LpArgs *)a->ext;
+    const double *h = a->hp;
+    LpVec v;
+    memset(&v, 0, sizeof v);
+    v.opt = x->opt;
+    v.pdt = a->dtype;
+    v.nst = x->opt == OPT_ADAX ? 2 : 1;
+    v.sr = x->sr;
+    v.negate = x->negate;
+    v.kind[0] = x->kind[0];
+    v.kind[1] = v.nst > 1 ? x->kind[1] : SK_F32;
+    v.nan = x->bf16_nan;
+    int opt = x->opt;
+    switch (opt) {
+    case OPT_TIGER:
+        for (int j = 0; j < 4; j++) v.c[j] = (float)h[j];
+        break;
+    case OPT_LION:
+        for (int j = 0; j < 6; j++) v.c[j] = (float)h[j];
+        break;
+    case OPT_ADAX: {
+        const double *q = a->per + 3 * (int64_t)t;
+        float cc[8] = {(float)h[0], (float)h[1], (float)h[2], (float)h[4], (float)h[6],
+                       (float)q[0], (float)q[1], (float)q[2]};
+        memcpy(v.c, cc, sizeof cc);
+        v.l2 = h[3] != 0.0;
+        v.decoupled = h[5] != 0.0;
+        break;
+    }
+    default: {
+        double clr = a->per[t];
+        v.l2 = h[1] != 0.0;
+        if (h[4] != 0.0) {
+            opt = LP_GLOVE;
+            v.c[0] = (float)h[0];
+            v.c[1] = (float)h[5];
+            v.c[2] = (float)clr;
+            v.do_clip = h[6] != 0.0;
+        } else {
+            v.c[0] = (float)h[0];
+            v.c[1] = (float)h[2];
+            v.c[2] = (float)-clr;
+        }
+    }
+    }
+    int64_t off = x->offset ? x->offset[t] : 0;
+    uint32_t key[3];
+    for (uint32_t j = 0; j < 3; j++) key[j] = lp_key(x->seed, x->steps[t], x->pidx[t], j);
+    char *pbase = (char *)a->p[t];
+    const char *gbase = (const char *)a->g[t];
+    void *const sbase[2] = {a->s1[t], v.nst > 1 ? a->s2[t] : NULL};
+    float *const ambase[2] = {x->kind[0] == SK_8BIT ? (float *)x->am[0][t] : NULL,
+                              v.nst > 1 && x->kind[1] == SK_8BIT ? (float *)x->am[1][t] : NULL};
+    LpBlockFn block = lp_blocks[opt == LP_GLOVE ? 4 : opt][v.kind[0]];
+    for (int64_t i0 = s; i0 < s + n;) {
+        uint64_t e0 = (uint64_t)(off + i0);
+        int64_t k = LP_BLOCK - (int64_t)(e0 & (LP_BLOCK - 1));
+        if (k > s + n - i0) k = s + n - i0;
+        int64_t blk = (off + i0) / LP_BLOCK - off / LP_BLOCK;
+        uint32_t lo0 = (uint32_t)e0, hi = (uint32_t)(e0 >> 32);
+        block(&v, pbase, gbase, sbase, ambase, blk, i0, k, lo0, hi, key);
+        i0 += k;
+    }
+}
+#endif /* LP_AVX512 */
+
+/* 1 when the low-precision step runs the AVX-512 block loop, 0 for the generic one */
+int tigeropt_lowp_simd(void) {
+#ifdef LP_AVX512
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 static void lp_range(const Args *a, int t, int64_t s, int64_t n) {
+#ifdef LP_AVX512
+    if (a->dtype != DT_F16) {
+        lp_range_avx512(a, t, s, n);
+        return;
+    }
+#endif
     const LpArgs *x = (const LpArgs *)a->ext;
     int nst = x->opt == OPT_ADAX ? 2 : 1;
     int64_t off = x->offset ? x->offset[t] : 0;
