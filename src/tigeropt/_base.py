@@ -816,11 +816,13 @@ def _choose_path(name: str, kernel: str | None, fused: bool | None, foreach: boo
     A pure function of its arguments, run eagerly even while Dynamo traces a step (it asks the
     kernels package what is available: a build, a Triton import), its result a constant there.
     """
-    if capturable and device.type == "cuda":
-        if not (kernel and fused_ok and dtype in kernels.TRITON_DTYPES and kernels.triton_usable()):
-            raise RuntimeError(f"{name}(capturable=True) needs the fused Triton path "
-                               "for these parameters and options")
+    if capturable and device.type == "cuda" and kernel and fused_ok and dtype in kernels.TRITON_DTYPES \
+            and kernels.triton_usable():
         return "fused"
+    # capturable=True where the Triton step cannot take the group (options it lacks, fp64, no Triton):
+    # the path below, with the step counts on the device.  The constructor refuses capturable=True
+    # with such options, but torch.compile sets it on every group it traces on a GPU (as for
+    # torch.optim.Adam), and a compiled step must not raise for it.
     if fused:
         if not fused_ok:
             raise RuntimeError(f"{name}(fused=True) does not support the options "

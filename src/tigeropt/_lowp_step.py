@@ -75,6 +75,10 @@ class LowPrecisionSteps:
     state_keys: tuple[str, ...]
     state_8bit_keys: tuple[str, ...] | None
     kernel: str | None
+    #: Index of this optimizer's first parameter in the rounding hash (its parameter index): a wrapper
+    #: that steps one optimizer per parameter (``optimizer_in_backward``) sets it to the parameter's
+    #: position, so that the rounding equals one optimizer over all parameters.
+    _param_index_offset: int = 0
 
     def _validate_precision(self, group: dict[str, Any]) -> None:
         """state_precision, stochastic_rounding and sr_seed of a group (part of ``_validate``)."""
@@ -132,7 +136,8 @@ class LowPrecisionSteps:
         name = type(self).__name__
         for p in params:
             check_low_precision_param(name, p, group)
-        index = {id(q): i for i, q in enumerate(q for grp in self.param_groups for q in grp["params"])}
+        index = {id(q): i for i, q in enumerate((q for grp in self.param_groups for q in grp["params"]),
+                                                start=self._param_index_offset)}
         seed, sr = group["sr_seed"], group["stochastic_rounding"]
         if group["lazy"] or any(g.is_sparse for g in grads):
             dense = []

@@ -38,6 +38,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._base import TigerOptimizer
 from ._validate import check_ordered_params
 from .mixed import MixedOptimizer
 
@@ -93,7 +94,9 @@ class OptimizerInBackward(MixedOptimizer):
         self._attach()
 
     def _attach(self) -> None:
-        for p, opt in zip(self._params, self.optimizers):
+        for k, (p, opt) in enumerate(zip(self._params, self.optimizers)):
+            if isinstance(opt, TigerOptimizer):  # the stochastic rounding of one optimizer over all of them
+                opt._param_index_offset = k
             self._handles.append(p.register_post_accumulate_grad_hook(self._hook(opt)))
 
     def _hook(self, opt: Optimizer) -> Callable[[Tensor], None]:
