@@ -46,7 +46,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -125,38 +125,60 @@ def parse_model(name: str) -> dict[str, int]:
     return dict(d_model=d, n_layers=layers, n_heads=heads, context=context)
 
 
-def run_charlm(s: Spec, corpus: demo.CharCorpus, eval_batches: int) -> dict[str, Any]:
-    cfg = parse_model(s.model)
-    torch.manual_seed(s.seed)
-    model = demo.CharTransformer(demo.VOCAB_SIZE, cfg["d_model"], cfg["n_layers"], cfg["n_heads"],
-                                 cfg["context"])
-    opt = build_optimizer(s, model)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, demo.cosine_with_warmup(s.steps))
-    gen = torch.Generator().manual_seed(s.seed)
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int,
+          backward: Callable[[int, torch.Generator], float]) -> tuple[dict[str, float], list[float]]:
+    """The training loop of every run: ``backward(step, gen)`` draws a batch with ``gen`` (seeded with
+    ``seed``), computes its gradients and returns its loss; then the gradients are clipped to norm 1,
+    the optimizer steps (timed) and the cosine schedule moves on.  Returns ({wall_s, opt_ms_per_step},
+    the smoothed loss curve)."""
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, demo.cosine_with_warmup(steps))
+    gen = torch.Generator().manual_seed(seed)
     curve: list[float] = []
     opt_s = 0.0
     start = time.perf_counter()
-    for _ in range(s.steps):
-        x, y = corpus.batch("train", s.batch_size, cfg["context"], gen)
+    for step in range(steps):
         opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for xm, ym in zip(x.chunk(s.accumulation), y.chunk(s.accumulation)):
-            loss = nn.functional.cross_entropy(model(xm).flatten(0, 1), ym.flatten()) / s.accumulation
-            loss.backward()
-            total += loss.item()
+        curve.append(backward(step, gen))
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         t0 = time.perf_counter()
         opt.step()
         opt_s += time.perf_counter() - t0
         sched.step()
-        curve.append(total)
-    wall = time.perf_counter() - start
-    # Fixed evaluation batches (seed 0) whatever the run's seed or batch size: only training varies.
+    return dict(wall_s=time.perf_counter() - start, opt_ms_per_step=1e3 * opt_s / steps), _smooth(curve)
+
+
+def char_model(cfg: dict[str, int], seed: int) -> demo.CharTransformer:
+    """The character transformer of ``parse_model``'s ``cfg``, initialized from ``seed``."""
+    torch.manual_seed(seed)
+    return demo.CharTransformer(demo.VOCAB_SIZE, cfg["d_model"], cfg["n_layers"], cfg["n_heads"],
+                                cfg["context"])
+
+
+def char_losses(model: nn.Module, corpus: demo.CharCorpus, eval_batches: int) -> dict[str, float]:
+    """Train and held-out loss on fixed evaluation batches (seed 0) whatever the run's seed or batch
+    size: only training varies."""
     ev = {split: demo.evaluate(model, corpus, split, batches=n, batch_size=32, seed=0)
           for split, n in (("train", max(1, eval_batches // 4)), ("heldout", eval_batches))}
-    return dict(train_loss=ev["train"], heldout_loss=ev["heldout"], accuracy=None, wall_s=wall,
-                opt_ms_per_step=1e3 * opt_s / s.steps, state_bytes=demo.state_bytes(opt),
-                param_bytes=demo.param_bytes(model), curve=_smooth(curve))
+    return dict(train_loss=ev["train"], heldout_loss=ev["heldout"])
+
+
+def run_charlm(s: Spec, corpus: demo.CharCorpus, eval_batches: int) -> dict[str, Any]:
+    cfg = parse_model(s.model)
+    model = char_model(cfg, s.seed)
+    opt = build_optimizer(s, model)
+
+    def backward(step: int, gen: torch.Generator) -> float:
+        x, y = corpus.batch("train", s.batch_size, cfg["context"], gen)
+        total = 0.0
+        for xm, ym in zip(x.chunk(s.accumulation), y.chunk(s.accumulation)):
+            loss = nn.functional.cross_entropy(model(xm).flatten(0, 1), ym.flatten()) / s.accumulation
+            loss.backward()
+            total += loss.item()
+        return total
+
+    timing, curve = train(model, opt, s.steps, s.seed, backward)
+    return dict(**char_losses(model, corpus, eval_batches), accuracy=None, **timing,
+                state_bytes=demo.state_bytes(opt), param_bytes=demo.param_bytes(model), curve=curve)
 
 
 def load_digits() -> tuple[torch.Tensor, ...] | None:
@@ -188,35 +210,26 @@ def run_digits(s: Spec, data: tuple[torch.Tensor, ...]) -> dict[str, Any]:
     torch.manual_seed(s.seed)
     model = digits_model()
     opt = build_optimizer(s, model)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, demo.cosine_with_warmup(s.steps))
-    gen = torch.Generator().manual_seed(s.seed)
-    curve: list[float] = []
-    opt_s = 0.0
-    start = time.perf_counter()
-    order = torch.randperm(len(y_tr), generator=gen)
-    for step in range(s.steps):
+    order = torch.empty(0, dtype=torch.long)
+
+    def backward(step: int, gen: torch.Generator) -> float:
+        nonlocal order
         i = step % per_epoch
-        if i == 0 and step:
+        if i == 0:  # a new epoch: a new order
             order = torch.randperm(len(y_tr), generator=gen)
         idx = order[i * s.batch_size:(i + 1) * s.batch_size]
         loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        t0 = time.perf_counter()
-        opt.step()
-        opt_s += time.perf_counter() - t0
-        sched.step()
-        curve.append(loss.item())
-    wall = time.perf_counter() - start
+        return loss.item()
+
+    timing, curve = train(model, opt, s.steps, s.seed, backward)
     with torch.no_grad():
         train_loss = float(nn.functional.cross_entropy(model(x_tr), y_tr))
         logits = model(x_te)
         test_loss = float(nn.functional.cross_entropy(logits, y_te))
         acc = float((logits.argmax(1) == y_te).float().mean())
-    return dict(train_loss=train_loss, heldout_loss=test_loss, accuracy=acc, wall_s=wall,
-                opt_ms_per_step=1e3 * opt_s / s.steps, state_bytes=demo.state_bytes(opt),
-                param_bytes=demo.param_bytes(model), curve=_smooth(curve))
+    return dict(train_loss=train_loss, heldout_loss=test_loss, accuracy=acc, **timing,
+                state_bytes=demo.state_bytes(opt), param_bytes=demo.param_bytes(model), curve=curve)
 
 
 def _smooth(curve: list[float], points: int = 100) -> list[float]:
@@ -935,44 +948,30 @@ def run_precision(s: PSpec, corpus: demo.CharCorpus, eval_batches: int) -> dict[
     """Train one row (same init, batches and schedule per seed); held-out loss on an fp32 copy."""
     cfg = parse_model(s.model)
     dtype = PEERS[s.optimizer][2] if s.setting == "peer" else PRECISION_SETTINGS[s.setting][2]
-    torch.manual_seed(s.seed)
-    model = demo.CharTransformer(demo.VOCAB_SIZE, cfg["d_model"], cfg["n_layers"], cfg["n_heads"],
-                                 cfg["context"]).to(dtype)
+    model = char_model(cfg, s.seed).to(dtype)
     opt = build_precision_optimizer(s, model)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, demo.cosine_with_warmup(s.steps))
-    gen = torch.Generator().manual_seed(s.seed)
     tail_from = s.steps - max(1, s.steps // 10)
     snapshot: list[torch.Tensor] = []
-    curve: list[float] = []
-    opt_s = 0.0
-    start = time.perf_counter()
-    for step in range(s.steps):
+
+    def backward(step: int, gen: torch.Generator) -> float:
         if step == tail_from:
-            snapshot = [p.detach().clone() for p in model.parameters()]
+            snapshot[:] = [p.detach().clone() for p in model.parameters()]
         x, y = corpus.batch("train", s.batch_size, cfg["context"], gen)
         loss = nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        t0 = time.perf_counter()
-        opt.step()
-        opt_s += time.perf_counter() - t0
-        sched.step()
-        curve.append(loss.item())
-    wall = time.perf_counter() - start
+        return loss.item()
+
+    timing, curve = train(model, opt, s.steps, s.seed, backward)
     params = list(model.parameters())
     numel = sum(p.numel() for p in params)
     unchanged = sum(int((p.detach() == q).sum()) for p, q in zip(params, snapshot))
     norms = [m.weight.detach() for m in model.modules() if isinstance(m, nn.LayerNorm)]
     at_one = sum(int((w == 1).sum()) for w in norms) / sum(w.numel() for w in norms)
-    evaluated = model.float()  # the final weights, exactly (bf16 -> fp32 is exact)
-    ev = {split: demo.evaluate(evaluated, corpus, split, batches=n, batch_size=32, seed=0)
-          for split, n in (("train", max(1, eval_batches // 4)), ("heldout", eval_batches))}
+    losses = char_losses(model.float(), corpus, eval_batches)  # the final weights: bf16 -> fp32 is exact
     pbytes, sbytes = demo.param_bytes(model.to(dtype)), optimizer_state_bytes(opt)
-    return dict(train_loss=ev["train"], heldout_loss=ev["heldout"], wall_s=wall,
-                opt_ms_per_step=1e3 * opt_s / s.steps, param_bytes=pbytes, state_bytes=sbytes, numel=numel,
+    return dict(**losses, **timing, param_bytes=pbytes, state_bytes=sbytes, numel=numel,
                 bytes_per_param=(pbytes + sbytes) / numel, ln_at_one=at_one, tail_unchanged=unchanged / numel,
-                curve=_smooth(curve))
+                curve=curve)
 
 
 def load_precision(path: Path) -> Records:
