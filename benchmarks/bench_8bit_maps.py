@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,37 +38,30 @@ from tigeropt import demo
 from tigeropt._lowp import BLOCK, decode_8bit, encode_8bit
 
 
-def linear_int8(x: Tensor) -> Tensor:
+def block_scaled(x: Tensor, top: float, code: Callable[[Tensor], Tensor]) -> Tensor:
+    """``code(x / scale) * scale`` over 256-element blocks (zero-padded), scale = the block's absmax
+    / ``top`` (1 for an all-zero block)."""
     flat = x.reshape(-1)
     n = flat.numel()
     nb = -(-n // BLOCK)
     flat = torch.cat([flat, flat.new_zeros(nb * BLOCK - n)]).view(nb, BLOCK)
     absmax = flat.abs().amax(1, keepdim=True)
-    scale = torch.where(absmax > 0, absmax / 127, 1.0)
-    q = torch.round(flat / scale).clamp(-127, 127) * scale
-    return q.reshape(-1)[:n].view_as(x)
+    scale = torch.where(absmax > 0, absmax / top, 1.0)
+    return (code(flat / scale) * scale).reshape(-1)[:n].view_as(x)
+
+
+def linear_int8(x: Tensor) -> Tensor:
+    return block_scaled(x, 127, lambda y: torch.round(y).clamp(-127, 127))
 
 
 def linear_uint8(x: Tensor) -> Tensor:
     """Non-negative state: round(x/absmax*255)."""
-    flat = x.reshape(-1)
-    n = flat.numel()
-    nb = -(-n // BLOCK)
-    flat = torch.cat([flat, flat.new_zeros(nb * BLOCK - n)]).view(nb, BLOCK)
-    absmax = flat.abs().amax(1, keepdim=True)
-    scale = torch.where(absmax > 0, absmax / 255, 1.0)
-    return (torch.round(flat / scale).clamp(0, 255) * scale).reshape(-1)[:n].view_as(x)
+    return block_scaled(x, 255, lambda y: torch.round(y).clamp(0, 255))
 
 
 def e5m2(x: Tensor) -> Tensor:
     """Block-scaled fp8 e5m2 (round to nearest): wider range than e4m3, one mantissa bit less."""
-    flat = x.reshape(-1)
-    n = flat.numel()
-    nb = -(-n // BLOCK)
-    flat = torch.cat([flat, flat.new_zeros(nb * BLOCK - n)]).view(nb, BLOCK)
-    absmax = flat.abs().amax(1, keepdim=True)
-    scale = torch.where(absmax > 0, absmax / 57344, 1.0)
-    return ((flat / scale).to(torch.float8_e5m2).float() * scale).reshape(-1)[:n].view_as(x)
+    return block_scaled(x, 57344, lambda y: y.to(torch.float8_e5m2).float())
 
 
 MAPS = {
