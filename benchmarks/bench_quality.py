@@ -514,14 +514,19 @@ def stages(plan: Plan, records: dict[str, dict[str, Any]]) -> Iterator[tuple[str
 
 
 # --------------------------------------------------------------------------- running
-def load_records(path: Path) -> dict[str, dict[str, Any]]:
-    records: dict[str, dict[str, Any]] = {}
+def load_jsonl(path: Path, key: Callable[[dict[str, Any]], str]) -> Records:
+    """The records of a runs file by ``key(record)``; a later line replaces an earlier one."""
+    records: Records = {}
     if path.exists():
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                records[as_spec(r).key()] = r
+                records[key(r)] = r
     return records
+
+
+def load_records(path: Path) -> Records:
+    return load_jsonl(path, lambda r: as_spec(r).key())
 
 
 def machine() -> str:
@@ -976,13 +981,7 @@ def run_precision(s: PSpec, corpus: demo.CharCorpus, eval_batches: int) -> dict[
 
 def load_precision(path: Path) -> Records:
     """Records by key; a later line replaces an earlier one (a peer's skip note by its run)."""
-    records: Records = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                records[as_pspec(r).key()] = r
-    return records
+    return load_jsonl(path, lambda r: as_pspec(r).key())
 
 
 def _versions() -> dict[str, str]:
