@@ -622,6 +622,17 @@ def _lr_value(lr, LR_PTR: tl.constexpr):
 
 
 @triton.jit
+def _decay_value(lr_v, wd, decay, LR_PTR: tl.constexpr):
+    """1 - lr*wd: from an lr tensor's value, else the host's ``decay`` (computed in float64, as the
+    reference does)."""
+    if LR_PTR:
+        value = 1.0 - lr_v * wd
+    else:
+        value = decay
+    return value
+
+
+@triton.jit
 def _ld(ptr, offs, n, MASKED: tl.constexpr):
     """Load a block as float32 (the tail block masked)."""
     if MASKED:
@@ -687,11 +698,15 @@ def _element_bits(key, e0, offs):
 
 @triton.jit
 def _lowp_item(ktab, k1, t, row, start, K: tl.constexpr, SR: tl.constexpr,
-               KEY_TABLE: tl.constexpr):
+               KEY_TABLE: tl.constexpr, LOWP: tl.constexpr):
     """(first element index, per-tensor key) of this program: the table's lowp columns (after the
     K state offsets: parameter index, element offset) and ``hash(k1 ^ parameter index)``, with
-    k1 = hash(hash(seed) ^ step) the launch's argument or, per tensor, ``ktab[t]``."""
-    e0 = tl.load(row + 3 + K) + start
+    k1 = hash(hash(seed) ^ step) the launch's argument or, per tensor, ``ktab[t]``.  Without
+    ``LOWP`` (no stochastic rounding, no 8-bit state: no lowp columns) ``(start, 0)``."""
+    if LOWP:
+        e0 = tl.load(row + 3 + K) + start
+    else:
+        e0 = start
     if SR:
         if KEY_TABLE:
             k = tl.load(ktab + t).to(tl.uint32)
@@ -701,6 +716,17 @@ def _lowp_item(ktab, k1, t, row, start, K: tl.constexpr, SR: tl.constexpr,
     else:
         kt = tl.full((), 0, tl.uint32)
     return e0, kt
+
+
+@triton.jit
+def _absmax_ptr(a_base, row, COL: tl.constexpr, start, Q8: tl.constexpr):
+    """The absmax of this program's first 256-element block of an 8-bit state whose absmax offset is
+    in table column ``COL``; ``a_base`` (unused) for a float state."""
+    if Q8:
+        ptr = a_base + tl.load(row + COL) + start // 256
+    else:
+        ptr = a_base
+    return ptr
 
 
 @triton.jit

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .._ops import compiling, join_lr, split_lr
 from ._common import (
+    _absmax_ptr,
     _ld,
     _ld_state,
     _lowp_item,
@@ -108,14 +109,8 @@ def _adagrad_kernel(table, work, gtab, p_base, g_base, s_base, a_base, ktab, sca
         clr = factor
     if LR_PTR:
         clr = _lr_value(lr, LR_PTR) * clr
-    if SR or Q8_S:
-        e0, kt = _lowp_item(ktab, k1, t, row, start, 1, SR, KEY_TABLE)
-    else:
-        e0, kt = start, tl.full((), 0, tl.uint32)
-    if Q8_S:
-        sa = a_base + tl.load(row + 5) + start // 256
-    else:
-        sa = a_base
+    e0, kt = _lowp_item(ktab, k1, t, row, start, 1, SR, KEY_TABLE, SR or Q8_S)
+    sa = _absmax_ptr(a_base, row, 5, start, Q8_S)
     n_full = n // BLOCK
     for i in range(n_full):
         offs, rows = _q8_offsets(i, BLOCK, Q8_S)

@@ -27,6 +27,8 @@ from torch import Tensor
 from .._math import adax_scalars, adax_scalars_tensor
 from .._ops import compiling, join_lr, split_lr
 from ._common import (
+    _absmax_ptr,
+    _decay_value,
     _ld,
     _ld_state,
     _lowp_item,
@@ -114,10 +116,7 @@ def _adax_kernel(table, work, gtab, p_base, g_base, m_base, v_base, a_base, ktab
     vp = _tensor_ptr(v_base, tl.load(row + 3), U_V, start)
     gp = _tensor_ptr(g_base, tl.load(gtab + t), U_G, start)
     lr_v = _lr_value(lr, LR_PTR)
-    if LR_PTR:
-        decay_v = 1.0 - lr_v * wd
-    else:
-        decay_v = decay  # 1 - lr*wd computed in float64 on the host, as the reference does
+    decay_v = _decay_value(lr_v, wd, decay, LR_PTR)
     if PER_TENSOR:
         bhat_t = tl.load(scal + 3 * t)
         omb2_t = tl.load(scal + 3 * t + 1)
@@ -126,18 +125,9 @@ def _adax_kernel(table, work, gtab, p_base, g_base, m_base, v_base, a_base, ktab
         bhat_t = bhat
         omb2_t = omb2
         eps_tt = eps_t
-    if SR or Q8_M or Q8_V:
-        e0, kt = _lowp_item(ktab, k1, t, row, start, 2, SR, KEY_TABLE)
-    else:
-        e0, kt = start, tl.full((), 0, tl.uint32)
-    if Q8_M:
-        ma = a_base + tl.load(row + 6) + start // 256
-    else:
-        ma = a_base
-    if Q8_V:
-        va = a_base + tl.load(row + 7) + start // 256
-    else:
-        va = a_base
+    e0, kt = _lowp_item(ktab, k1, t, row, start, 2, SR, KEY_TABLE, SR or Q8_M or Q8_V)
+    ma = _absmax_ptr(a_base, row, 6, start, Q8_M)
+    va = _absmax_ptr(a_base, row, 7, start, Q8_V)
     Q8: tl.constexpr = Q8_M or Q8_V
     n_full = n // BLOCK
     for i in range(n_full):

@@ -21,6 +21,8 @@ from torch import Tensor
 
 from .._ops import compiling, join_lr, split_lr
 from ._common import (
+    _absmax_ptr,
+    _decay_value,
     _ld,
     _ld_state,
     _lowp_item,
@@ -85,18 +87,9 @@ def _lion_kernel(table, work, gtab, p_base, g_base, m_base, a_base, ktab, lr, be
     mp = _tensor_ptr(m_base, tl.load(row + 2), U_M, start)
     gp = _tensor_ptr(g_base, tl.load(gtab + t), U_G, start)
     lr_v = _lr_value(lr, LR_PTR)
-    if LR_PTR:
-        decay_v = 1.0 - lr_v * wd
-    else:
-        decay_v = decay  # 1 - lr*wd computed in float64 on the host, as the reference does
-    if SR or Q8_M:
-        e0, kt = _lowp_item(ktab, k1, t, row, start, 1, SR, KEY_TABLE)
-    else:
-        e0, kt = start, tl.full((), 0, tl.uint32)
-    if Q8_M:
-        ma = a_base + tl.load(row + 5) + start // 256
-    else:
-        ma = a_base
+    decay_v = _decay_value(lr_v, wd, decay, LR_PTR)
+    e0, kt = _lowp_item(ktab, k1, t, row, start, 1, SR, KEY_TABLE, SR or Q8_M)
+    ma = _absmax_ptr(a_base, row, 5, start, Q8_M)
     n_full = n // BLOCK
     for i in range(n_full):
         offs, rows = _q8_offsets(i, BLOCK, Q8_M)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .._ops import compiling, join_lr, split_lr
 from ._common import (
+    _absmax_ptr,
     _ld,
     _ld_state,
     _lowp_item,
@@ -85,14 +86,8 @@ def _tiger_kernel(table, work, gtab, p_base, g_base, m_base, a_base, ktab, lr, b
     mp = _tensor_ptr(m_base, tl.load(row + 2), U_M, start)
     gp = _tensor_ptr(g_base, tl.load(gtab + t), U_G, start)
     lr_v = _lr_value(lr, LR_PTR)
-    if SR or Q8_M:
-        e0, kt = _lowp_item(ktab, k1, t, row, start, 1, SR, KEY_TABLE)
-    else:
-        e0, kt = start, tl.full((), 0, tl.uint32)
-    if Q8_M:
-        ma = a_base + tl.load(row + 5) + start // 256
-    else:
-        ma = a_base
+    e0, kt = _lowp_item(ktab, k1, t, row, start, 1, SR, KEY_TABLE, SR or Q8_M)
+    ma = _absmax_ptr(a_base, row, 5, start, Q8_M)
     n_full = n // BLOCK
     for i in range(n_full):
         offs, rows = _q8_offsets(i, BLOCK, Q8_M)
