@@ -52,6 +52,8 @@ from torch import Tensor, nn
 
 from ._base import TigerOptimizer, global_bool, nan_sign, to_float, working, write_back
 from ._validate import check_betas, check_bool, check_choice, check_int, check_lr, check_number
+from .lazy import EMBEDDING_TYPES
+from .param_groups import NORM_TYPES
 
 __all__ = ["Tiger", "kind_groups"]
 
@@ -218,10 +220,6 @@ class Tiger(TigerOptimizer):
         return hyper
 
 
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase,
-          *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
-
-
 def kind_groups(model: nn.Module, **options: Any) -> list[dict[str, Any]]:
     """Param groups of ``model`` with Tiger's ``kind`` set from the module types.
 
@@ -238,9 +236,9 @@ def kind_groups(model: nn.Module, **options: Any) -> list[dict[str, Any]]:
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            if isinstance(module, EMBEDDING_TYPES):
                 kind = "embedding"
-            elif isinstance(module, _NORMS) and name == "weight":
+            elif isinstance(module, NORM_TYPES) and name == "weight":
                 kind = "norm"
             else:
                 kind = "bias" if p.dim() <= 1 else "dense"
