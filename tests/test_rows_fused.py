@@ -94,7 +94,9 @@ def test_fused_rows_equal_reference(name: str, cls: type, kwargs: dict, dtype: t
 @pytest.mark.parametrize("name,cls,kwargs", [OPTIMIZERS[0], OPTIMIZERS[3], OPTIMIZERS[-1]],
                          ids=["tiger", "adax", "rowwise"])
 def test_fused_rows_two_threads_equal_one(name: str, cls: type, kwargs: dict) -> None:
-    shape = (301, 257)  # > 2 x 32768 elements: the kernel runs on two threads
+    # the sparse steps list ~4100 rows x 520 > 2 x 2^20 elements (the kernel's ROWS_MIN_PER_THREAD):
+    # the kernel runs on two threads
+    shape = (8200, 520)
     grads = sparse_grads(*shape, torch.float32, steps=3, seed=7)
     out = []
     previous = torch.get_num_threads()
@@ -149,3 +151,96 @@ def test_dense_scan_finds_exactly_the_rows_with_a_non_zero(dtype: torch.dtype) -
     changed = (W.detach() != W0).any(dim=1).tolist()
     expected = [True] * len(positions) + [False, True, True, False, False]
     assert changed == expected
+
+
+def _c_sort(idx: torch.Tensor, rows: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    lib = cpu_rows._lib()
+    n = idx.numel()
+    sidx, order = torch.full((n,), -7, dtype=torch.int64), torch.full((n,), -7, dtype=torch.int64)
+    err = lib.tigeropt_rows_sort(idx.data_ptr(), n, rows, sidx.data_ptr(), order.data_ptr())
+    return err, sidx, order
+
+
+@pytest.mark.parametrize("rows", [1, 2, 37, 2048, 2049, 1_000_003, 2**40 + 5, 2**62 + 1])
+def test_c_sort_is_torchs_stable_sort(rows: int) -> None:
+    """The kernel's index sort (radix: 1, 2 or 4 passes by the row count; merge sort when index and
+    position need more than 64 bits: 2^62 rows) against torch.sort(stable=True): duplicates in input
+    order, unsorted input, the first and last row, one entry, none."""
+    gen = torch.Generator().manual_seed(rows % 1000)
+    for n in (0, 1, 2, 5, 1000, 4099):
+        draw = torch.randint(0, min(rows, 2**62), (n,), generator=gen)
+        if rows > 2**40:  # spread over the whole range, not only the low bits
+            draw = draw * (rows // 2**62 + 1) + torch.randint(0, 2**20, (n,), generator=gen)
+            draw = draw.clamp(max=rows - 1)
+        if n >= 5:
+            draw[:3] = draw[n // 2]  # a run of repeats far apart from its other copy
+            draw[3], draw[4] = 0, rows - 1  # first, last
+        err, sidx, order = _c_sort(draw, rows)
+        assert err == 0
+        expected, expected_order = torch.sort(draw, stable=True)
+        assert torch.equal(sidx, expected), (rows, n)
+        assert torch.equal(order, expected_order), (rows, n)
+
+
+def test_c_sort_refuses_out_of_range_before_writing() -> None:
+    for bad in (-1, 10, 2**40):
+        idx = torch.tensor([3, 1, bad, 3])
+        err, sidx, order = _c_sort(idx, 10)
+        assert err == -2
+        assert (sidx == -7).all() and (order == -7).all()
+
+
+@pytest.mark.parametrize("coalesced", [False, True])
+@pytest.mark.parametrize("bad", [-1, 6])
+def test_sparse_row_kernel_refuses_out_of_range_before_any_change(coalesced: bool, bad: int) -> None:
+    """The kernel checks every index (unsorted: all of them; coalesced: the ends) before it updates a
+    row: IndexError naming the index, p and state unchanged (the optimizers check first too:
+    check_sparse_rows; this is the kernel's own guard)."""
+    hyper = dict(lr=0.1, beta=0.9, weight_decay=0.1, maximize=False)
+    p, m = torch.randn(6, 3), torch.randn(6, 3)
+    p0, m0 = p.clone(), m.clone()
+    rows = [bad, 0, 5, 2] if not coalesced else ([bad, 0, 2] if bad < 0 else [0, 2, bad])
+    g = torch.sparse_coo_tensor(torch.tensor([rows]), torch.ones(len(rows), 3), (6, 3),
+                                check_invariants=False, is_coalesced=coalesced)
+    with pytest.raises(IndexError, match=f"row index {bad} out of range for 6 rows"):
+        cpu_rows.fused_rows("tiger", p, g, [m], torch.tensor(1.0), hyper)
+    assert torch.equal(p, p0) and torch.equal(m, m0)
+
+
+@pytest.mark.parametrize("name,cls,kwargs", [OPTIMIZERS[0], OPTIMIZERS[3], OPTIMIZERS[-1]],
+                         ids=["tiger", "adax", "rowwise"])
+def test_repeats_summed_in_groups_match_reference(name: str, cls: type, kwargs: dict) -> None:
+    """Repeated indices are summed when their group of rows is full: groups of only repeats, repeats
+    that cancel (all zero: the row drops out of its group, untouched) next to ones that do not, in
+    every position of a group, many copies of one row, on unsorted input; against the reference
+    (bit for bit for Tiger)."""
+    rows, dim = 40, 70
+    gen = torch.Generator().manual_seed(3)
+    idx, vals = [], []
+    for r in range(0, rows, 3):
+        copies = 1 + r % 4
+        v = torch.randn(copies, dim, generator=gen)
+        if r % 9 == 0:  # cancelling copies (a, -a, a, -a: each partial sum exact) or one zero row
+            a = torch.randn(1, dim, generator=gen)
+            v = torch.cat([a, -a] * (copies // 2)) if copies > 1 else torch.zeros(1, dim)
+        idx += [r] * len(v)
+        vals.append(v)
+    idx += [7] * 9  # many copies of one row
+    vals.append(torch.randn(9, dim, generator=gen))
+    perm = torch.randperm(len(idx), generator=gen)
+    g = torch.sparse_coo_tensor(torch.tensor([idx])[:, perm], torch.cat(vals)[perm], (rows, dim))
+    assert not g.is_coalesced()
+    W_ref, st_ref = _run(cls, kwargs, (rows, dim), torch.float32, [stable_coalesce(g)] * 2, "coalesced",
+                         dict(foreach=False))
+    W_c, st_c = _run(cls, kwargs, (rows, dim), torch.float32, [g] * 2, "uncoalesced", {})
+    if name == "tiger":
+        assert torch.equal(W_c, W_ref)
+        for k in st_ref:
+            assert torch.equal(st_c[k], st_ref[k])
+    else:
+        torch.testing.assert_close(W_c, W_ref, atol=1e-6, rtol=1e-6)
+        for k in st_ref:
+            torch.testing.assert_close(st_c[k], st_ref[k], atol=1e-6, rtol=1e-6)
+    W0 = torch.randn((rows, dim), generator=torch.Generator().manual_seed(1))
+    untouched = [r for r in range(rows) if (r % 3 or r % 9 == 0) and r != 7]
+    assert torch.equal(W_c[untouched], W0[untouched])

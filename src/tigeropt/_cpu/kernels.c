@@ -558,34 +558,37 @@ static RangeFn range_of(int opt) {
     }
 }
 
-/* buf = sum of the gradient rows order[0..m) of g, added in that order in the gradient's dtype
-   (low precision: each sum rounded to nearest even, as torch's coalesce adds rows). */
-static void sum_rows(void *buf, const void *g, const int64_t *order, int64_t m, int64_t D, int dtype,
-                     size_t pe) {
-    memcpy(buf, (const char *)g + (size_t)order[0] * (size_t)D * pe, (size_t)D * pe);
+/* buf[0..len) = sum of elements [o, o+len) of the gradient rows order[0..m) of g (rows of D elements),
+   added in that order in the gradient's dtype (low precision: each sum rounded to nearest even, as
+   torch's coalesce adds rows). */
+static void sum_rows(void *buf, const void *g, const int64_t *order, int64_t m, int64_t D, int64_t o,
+                     int64_t len, int dtype, size_t pe) {
+#define GROW(j) ((const char *)g + ((size_t)order[j] * (size_t)D + (size_t)o) * pe)
+    memcpy(buf, GROW(0), (size_t)len * pe);
     for (int64_t j = 1; j < m; j++) {
-        const char *x = (const char *)g + (size_t)order[j] * (size_t)D * pe;
+        const char *x = GROW(j);
         if (dtype == DT_F32) {
             float *b = (float *)buf;
             const float *y = (const float *)x;
-            for (int64_t i = 0; i < D; i++) b[i] = b[i] + y[i];
+            for (int64_t i = 0; i < len; i++) b[i] = b[i] + y[i];
         } else if (dtype == DT_F64) {
             double *b = (double *)buf;
             const double *y = (const double *)x;
-            for (int64_t i = 0; i < D; i++) b[i] = b[i] + y[i];
+            for (int64_t i = 0; i < len; i++) b[i] = b[i] + y[i];
         } else {
             uint16_t *b = (uint16_t *)buf;
             const uint16_t *y = (const uint16_t *)x;
             float fb[BLOCK], fy[BLOCK];
-            for (int64_t o = 0; o < D; o += BLOCK) {
-                int64_t k = D - o < BLOCK ? D - o : BLOCK;
-                LOWP_LOAD(fb, b + o, k, dtype);
-                LOWP_LOAD(fy, y + o, k, dtype);
+            for (int64_t q = 0; q < len; q += BLOCK) {
+                int64_t k = len - q < BLOCK ? len - q : BLOCK;
+                LOWP_LOAD(fb, b + q, k, dtype);
+                LOWP_LOAD(fy, y + q, k, dtype);
                 for (int64_t i = 0; i < k; i++) fb[i] = fb[i] + fy[i];
-                LOWP_STORE(b + o, fb, k, dtype);
+                LOWP_STORE(b + q, fb, k, dtype);
             }
         }
     }
+#undef GROW
 }
 
 /* Rows of the call, three ways:
@@ -596,16 +599,36 @@ static void sum_rows(void *buf, const void *g, const int64_t *order, int64_t m, 
                                   rows of each run of equal indices are summed first (coalescing in
                                   the kernel, without torch's coalesce pass).
    Scattered rows are bound by memory latency, not bandwidth: the touched rows are updated in groups of
-   ROWS_GROUP, ROWS_CHUNK elements of each row in turn, and the first ROWS_PREFETCH_BYTES of a row's p
-   and state are prefetched when the row joins its group, so that several rows' misses are in flight at
-   once (1M x 512 fp32, 10k rows: -20% CPU time against one row after the other; prefetching the
-   gradient rows, larger groups or chunks gave nothing more).  Each element still gets the dense
-   step's function once: the same bits.
+   ROWS_GROUP, ROWS_CHUNK elements of each row in turn, so that several rows' misses are in flight at
+   once, and the first ROWS_JOIN_BYTES of a row's p and state (and of the gradient rows of a repeated
+   index) are prefetched when the row joins its group.  The rows of a repeated index are summed when
+   its group is full, ROWS_CHUNK elements of each group member in turn (summing them as the row joined
+   read them one after the other: 1M x 512 fp32 with 2.5k repeats among 12.5k entries, 1.8 ms of a
+   9 ms step); a sum that is all zero (cancelling repeats) drops out of the group.  Prefetching later
+   candidates' rows ahead (1-8 rows, 128-512 bytes) was slower, as were larger groups or chunks.
+   Row-wise Adagrad rows are grouped the same way.  Each element still gets the dense step's function
+   once: the same bits.
    Returns the number of rows updated. */
+#ifndef ROWS_GROUP
 #define ROWS_GROUP 4
+#endif
+#ifndef ROWS_CHUNK
 #define ROWS_CHUNK 64
-#define ROWS_PREFETCH_BYTES 128
+#endif
+#ifndef ROWS_JOIN_BYTES
+#define ROWS_JOIN_BYTES 128
+#endif
+#ifndef ROWS_REPEAT_BYTES
+#define ROWS_REPEAT_BYTES 128
+#endif
 #define ROWS_BLOCK 16 /* candidate rows per scheduling block (the threads' unit of work) */
+
+/* (inline macro: GCC drops a call to a function that only prefetches) */
+#define PREFETCH_LINES(ptr, bytes, rw)                                                            \
+    do {                                                                                          \
+        const char *pf_ = (const char *)(ptr);                                                    \
+        for (size_t off_ = 0; off_ < (bytes); off_ += 64) __builtin_prefetch(pf_ + off_, rw, 3);  \
+    } while (0)
 
 int64_t tigeropt_rows(int opt, int dtype, void *p, const void *g, void *s1, void *s2, int64_t nrows,
                       int64_t D, const int64_t *idx, const int64_t *order, int64_t nidx, int all_rows,
@@ -627,6 +650,10 @@ int64_t tigeropt_rows(int opt, int dtype, void *p, const void *g, void *s1, void
     }
     size_t pe = dtype == DT_F64 ? 8 : (dtype == DT_F32 ? 4 : 2);
     size_t se = dtype == DT_F64 ? 8 : 4;
+    size_t prow = (size_t)D * pe, srow = opt == OPT_ROWWISE ? se : (size_t)D * se;
+    size_t join_p = prow < ROWS_JOIN_BYTES ? prow : ROWS_JOIN_BYTES;
+    size_t join_s = srow < ROWS_JOIN_BYTES ? srow : ROWS_JOIN_BYTES;
+    size_t join_g = prow < ROWS_REPEAT_BYTES ? prow : ROWS_REPEAT_BYTES;
     RangeFn fn = range_of(opt);
     int64_t total = (idx != NULL ? nidx : n) * D;
     int nt = nthreads < 1 ? 1 : nthreads;
@@ -643,70 +670,185 @@ int64_t tigeropt_rows(int opt, int dtype, void *p, const void *g, void *s1, void
     {
         char *buf = NULL; /* ROWS_GROUP summed gradient rows (repeated sparse indices) */
         void *pp[ROWS_GROUP], *gp[ROWS_GROUP], *m1[ROWS_GROUP], *m2[ROWS_GROUP];
+        int64_t rk[ROWS_GROUP], rm[ROWS_GROUP]; /* a repeated index's entries: first, count (else 0) */
         Args a[ROWS_GROUP];
+        if (seg != NULL && seg[n] > n) { /* repeats: room for a group's sums */
+            buf = (char *)malloc((size_t)ROWS_GROUP * prow);
+            if (buf == NULL) failed++;
+        }
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
         for (int64_t b = 0; b < nblocks; b++) {
+            if (seg != NULL && seg[n] > n && buf == NULL) continue; /* out of memory: report, change nothing */
             int64_t kend = (b + 1) * ROWS_BLOCK < n ? (b + 1) * ROWS_BLOCK : n;
-            int cnt = 0;
+            int cnt = 0, nrep = 0;
             for (int64_t k = b * ROWS_BLOCK; k < kend || cnt > 0;) {
                 if (k < kend) { /* the next candidate row: join the group if touched */
                     int64_t r;
                     const char *gr;
+                    rm[cnt] = 0;
                     if (seg != NULL) {
                         int64_t k0 = seg[k], m = seg[k + 1] - seg[k];
                         r = idx[k0];
                         if (m == 1) {
-                            gr = (const char *)g + (size_t)order[k0] * (size_t)D * pe;
-                        } else {
-                            if (buf == NULL) buf = (char *)malloc((size_t)ROWS_GROUP * (size_t)D * pe);
-                            if (buf == NULL) {
-                                failed++;
-                                k++;
-                                continue;
-                            }
-                            gr = buf + (size_t)cnt * (size_t)D * pe;
-                            sum_rows((void *)gr, g, order + k0, m, D, dtype, pe);
+                            gr = (const char *)g + (size_t)order[k0] * prow;
+                        } else { /* summed when the group is full */
+                            gr = buf + (size_t)cnt * prow;
+                            rk[cnt] = k0;
+                            rm[cnt] = m;
+                            nrep++;
+                            for (int64_t j = 0; j < m; j++)
+                                PREFETCH_LINES((const char *)g + (size_t)order[k0 + j] * prow, join_g, 0);
                         }
                     } else {
                         r = idx != NULL ? idx[k] : k;
-                        gr = (const char *)g + (size_t)k * (size_t)D * pe;
+                        gr = (const char *)g + (size_t)k * prow;
                     }
                     k++;
-                    if (!all_rows && !row_nonzero(gr, D, dtype)) continue;
-                    void *pr = (char *)p + (size_t)r * (size_t)D * pe;
-                    updated++;
-                    if (opt == OPT_ROWWISE) {
-                        rowwise_row(dtype, pr, gr, (char *)s1 + (size_t)r * se, D, hp, per);
-                        continue;
-                    }
-                    pp[cnt] = pr;
+                    if (rm[cnt] == 0 && !all_rows && !row_nonzero(gr, D, dtype)) continue;
+                    pp[cnt] = (char *)p + (size_t)r * prow;
                     gp[cnt] = (void *)gr;
-                    m1[cnt] = s1 != NULL ? (char *)s1 + (size_t)r * (size_t)D * se : NULL;
-                    m2[cnt] = s2 != NULL ? (char *)s2 + (size_t)r * (size_t)D * se : NULL;
-                    /* (inline: GCC drops a call to a function that only prefetches) */
-                    for (size_t off = 0; off < ROWS_PREFETCH_BYTES && off < (size_t)D * pe; off += 64) {
-                        __builtin_prefetch((const char *)pr + off, 1, 3);
-                        if (m1[cnt] != NULL) __builtin_prefetch((const char *)m1[cnt] + off, 1, 3);
-                        if (m2[cnt] != NULL) __builtin_prefetch((const char *)m2[cnt] + off, 1, 3);
-                    }
-                    Args aj = {dtype, &pp[cnt], &gp[cnt], &m1[cnt], &m2[cnt], hp, per, 0};
+                    m1[cnt] = s1 != NULL ? (char *)s1 + (size_t)r * srow : NULL;
+                    m2[cnt] = s2 != NULL ? (char *)s2 + (size_t)r * srow : NULL;
+                    PREFETCH_LINES(pp[cnt], join_p, 1);
+                    if (m1[cnt] != NULL) PREFETCH_LINES(m1[cnt], join_s, 1);
+                    if (m2[cnt] != NULL) PREFETCH_LINES(m2[cnt], join_s, 1);
+                    Args aj = {dtype, &pp[cnt], &gp[cnt], &m1[cnt], &m2[cnt], hp, per, 0, NULL};
                     a[cnt] = aj;
                     if (++cnt < ROWS_GROUP) continue;
                 }
-                /* a full group, or the block's last touched rows: update them interleaved */
-                for (int64_t o = 0; o < D; o += ROWS_CHUNK) {
-                    int64_t len = D - o < ROWS_CHUNK ? D - o : ROWS_CHUNK;
-                    for (int j = 0; j < cnt; j++) fn(&a[j], 0, o, len);
+                /* a full group, or the block's last touched rows: sum the repeated indices' rows,
+                   drop the sums that are all zero, update the rest */
+                int act[ROWS_GROUP], nact = 0;
+                if (nrep > 0)
+                    for (int64_t o = 0; o < D; o += ROWS_CHUNK) {
+                        int64_t len = D - o < ROWS_CHUNK ? D - o : ROWS_CHUNK;
+                        for (int j = 0; j < cnt; j++)
+                            if (rm[j] > 0)
+                                sum_rows((char *)gp[j] + (size_t)o * pe, g, order + rk[j], rm[j], D, o, len,
+                                         dtype, pe);
+                    }
+                for (int j = 0; j < cnt; j++)
+                    if (rm[j] == 0 || row_nonzero(gp[j], D, dtype)) act[nact++] = j;
+                updated += nact;
+                if (opt == OPT_ROWWISE) {
+                    for (int i = 0; i < nact; i++) {
+                        int j = act[i];
+                        rowwise_row(dtype, pp[j], gp[j], m1[j], D, hp, per);
+                    }
+                } else {
+                    for (int64_t o = 0; o < D; o += ROWS_CHUNK) { /* interleaved */
+                        int64_t len = D - o < ROWS_CHUNK ? D - o : ROWS_CHUNK;
+                        for (int i = 0; i < nact; i++) fn(&a[act[i]], 0, o, len);
+                    }
                 }
                 cnt = 0;
+                nrep = 0;
             }
         }
         free(buf);
     }
     free(seg);
     return failed ? -1 : updated;
+}
+
+/* Stable sort of an uncoalesced sparse gradient's row indices, in C: sidx = idx sorted, order = the
+   positions in idx of the sorted entries, equal indices in the order they appear (what
+   torch.sort(idx, stable=True) gives).  Least-significant-digit radix sort (ROWS_SORT_BITS-bit digits,
+   as many passes as the row count needs: 2 for a million rows) of idx[k] << pb | k, pb the bits of
+   the largest position; when index and position do not fit in 64 bits together (over 2^44 rows for a
+   million entries), a bottom-up merge sort of the positions.  Returns 0; -2 when an index is outside
+   [0, nrows) (nothing written); -1 out of memory. */
+#define ROWS_SORT_BITS 11
+static int bits_for(uint64_t x) { /* bits needed to write x (>= 1) */
+    int b = 1;
+    while (b < 64 && (x >> b) != 0) b++;
+    return b;
+}
+
+static int merge_sort_rows(const int64_t *idx, int64_t n, int64_t *sidx, int64_t *order) {
+    int64_t *t = (int64_t *)malloc((size_t)n * sizeof(int64_t));
+    if (t == NULL) return -1;
+    int64_t *x = order, *y = t;
+    for (int64_t k = 0; k < n; k++) x[k] = k;
+    for (int64_t w = 1; w < n; w *= 2) {
+        for (int64_t lo = 0; lo < n; lo += 2 * w) {
+            int64_t mid = lo + w < n ? lo + w : n, hi = lo + 2 * w < n ? lo + 2 * w : n;
+            int64_t i = lo, j = mid, o = lo;
+            while (i < mid && j < hi) y[o++] = idx[x[j]] < idx[x[i]] ? x[j++] : x[i++]; /* ties: left */
+            while (i < mid) y[o++] = x[i++];
+            while (j < hi) y[o++] = x[j++];
+        }
+        int64_t *z = x;
+        x = y;
+        y = z;
+    }
+    if (x != order) memcpy(order, x, (size_t)n * sizeof(int64_t));
+    free(t);
+    for (int64_t k = 0; k < n; k++) sidx[k] = idx[order[k]];
+    return 0;
+}
+
+int tigeropt_rows_sort(const int64_t *idx, int64_t n, int64_t nrows, int64_t *sidx, int64_t *order) {
+    if (n <= 0) return 0;
+    for (int64_t k = 0; k < n; k++)
+        if (idx[k] < 0 || idx[k] >= nrows) return -2;
+    int pb = bits_for((uint64_t)(n - 1)), kb = bits_for((uint64_t)(nrows - 1));
+    if (pb + kb > 64) return merge_sort_rows(idx, n, sidx, order);
+    uint64_t *a = (uint64_t *)sidx, *t = (uint64_t *)order; /* ping-pong in the outputs */
+    for (int64_t k = 0; k < n; k++) a[k] = (uint64_t)idx[k] << pb | (uint64_t)k;
+    int passes = (kb + ROWS_SORT_BITS - 1) / ROWS_SORT_BITS;
+    size_t nb = (size_t)1 << ROWS_SORT_BITS;
+    int64_t *hist = (int64_t *)calloc((size_t)passes * nb, sizeof(int64_t));
+    if (hist == NULL) return -1;
+    for (int64_t k = 0; k < n; k++)
+        for (int d = 0; d < passes; d++) hist[d * nb + ((a[k] >> (pb + d * ROWS_SORT_BITS)) & (nb - 1))]++;
+    for (int d = 0; d < passes; d++) {
+        int64_t *h = hist + d * nb, sum = 0;
+        int shift = pb + d * ROWS_SORT_BITS;
+        if (h[(a[0] >> shift) & (nb - 1)] == n) continue; /* one digit value: already in order */
+        for (size_t j = 0; j < nb; j++) {
+            int64_t c = h[j];
+            h[j] = sum;
+            sum += c;
+        }
+        for (int64_t k = 0; k < n; k++) t[h[(a[k] >> shift) & (nb - 1)]++] = a[k];
+        uint64_t *x = a;
+        a = t;
+        t = x;
+    }
+    free(hist);
+    uint64_t mask = pb == 64 ? ~(uint64_t)0 : (((uint64_t)1 << pb) - 1);
+    for (int64_t k = 0; k < n; k++) { /* a is sidx or order: read each entry once, write both */
+        uint64_t v = a[k];
+        sidx[k] = (int64_t)(v >> pb);
+        order[k] = (int64_t)(v & mask);
+    }
+    return 0;
+}
+
+/* A sparse COO gradient's row update in one call: idx[0..nidx) its row indices as given (any order,
+   repeats), g its values.  coalesced != 0: idx sorted and unique (the rows are updated as given);
+   otherwise the indices are sorted here (tigeropt_rows_sort) and repeats summed in the order they
+   appear.  Returns tigeropt_rows's count, or tigeropt_rows_sort's error (-2, -1) before any row
+   changes. */
+int64_t tigeropt_rows_sparse(int opt, int dtype, void *p, const void *g, void *s1, void *s2, int64_t nrows,
+                             int64_t D, const int64_t *idx, int64_t nidx, int coalesced, const double *hp,
+                             const double *per, int nthreads) {
+    if (nidx <= 0) return 0;
+    if (coalesced) {
+        if (idx[0] < 0 || idx[nidx - 1] >= nrows) return -2;
+        return tigeropt_rows(opt, dtype, p, g, s1, s2, nrows, D, idx, NULL, nidx, 0, hp, per, nthreads);
+    }
+    int64_t *scratch = (int64_t *)malloc((size_t)nidx * 2 * sizeof(int64_t));
+    if (scratch == NULL) return -1;
+    int err = tigeropt_rows_sort(idx, nidx, nrows, scratch, scratch + nidx);
+    int64_t done = err != 0 ? err
+                            : tigeropt_rows(opt, dtype, p, g, s1, s2, nrows, D, scratch, scratch + nidx, nidx,
+                                            0, hp, per, nthreads);
+    free(scratch);
+    return done;
 }
 
 /* ------------------------------------------------------------------ step counts

@@ -5,10 +5,11 @@ a non-zero gradient, in one pass: the gradient is read once (a dense gradient's 
 for a non-zero in the same pass, stopping at the first one), and p and the state of each touched
 row are read once and written once.  Rows are slices along dim 0 of a contiguous parameter.
 
-* sparse COO gradient (``nn.Embedding(sparse=True)``): the kernel takes the indices (stably
-  sorted by torch when the gradient is not coalesced: a small int64 sort) and the values, and
-  sums the rows of repeated indices itself, in that order (torch's coalesce costs a pass over
-  all values and most of a sparse step);
+* sparse COO gradient (``nn.Embedding(sparse=True)``): ``tigeropt_rows_sparse`` takes the indices
+  as they are and the values; when the gradient is not coalesced it checks and stably sorts the
+  indices itself (a radix sort: 2 passes for a million rows; torch's sort cost more than half a
+  millisecond per call) and sums the rows of repeated indices in the order they appear (torch's
+  coalesce costs a pass over all values and most of a sparse step);
 * dense gradient of a ``lazy=True`` group: the kernel scans every row;
 * row-wise Adagrad's dense step: every row, with the accumulator indexed by row.
 
@@ -45,6 +46,10 @@ def _lib() -> Any:
         vp, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         lib.tigeropt_rows.argtypes = [i32, i32, vp, vp, vp, vp, i64, i64, vp, vp, i64, i32, vp, vp, i32]
         lib.tigeropt_rows.restype = i64
+        lib.tigeropt_rows_sparse.argtypes = [i32, i32, vp, vp, vp, vp, i64, i64, vp, i64, i32, vp, vp, i32]
+        lib.tigeropt_rows_sparse.restype = i64
+        lib.tigeropt_rows_sort.argtypes = [vp, i64, i64, vp, vp]
+        lib.tigeropt_rows_sort.restype = i32
         _declared.add(id(lib))
     return lib
 
@@ -63,6 +68,16 @@ def kernel_args(name: str, step: float, hyper: dict[str, Any]) -> tuple[int, lis
         return None
     hp, per, _ = args
     return (_ROWWISE if rowwise else OPTS[name]), hp, list(per(array("d", [step]))) if per is not None else []
+
+
+def _ptrs(states: list[Tensor]) -> tuple[int | None, int | None]:
+    """The state pointers of the kernel (s1, s2; None where the optimizer has fewer)."""
+    return (states[0].data_ptr() if states else None, states[1].data_ptr() if len(states) > 1 else None)
+
+
+def _hyper_ptrs(hp: list[float], per: list[float]) -> tuple[Any, Any]:
+    """hp and per as C double arrays (ctypes passes them by pointer)."""
+    return (ctypes.c_double * len(hp))(*hp), (ctypes.c_double * max(1, len(per)))(*(per or [0.0]))
 
 
 def _ok(t: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
@@ -100,8 +115,6 @@ def fused_rows(name: str, p: Tensor, g: Tensor, states: list[Tensor], step: Tens
     state_shape = (rows,) if opt == _ROWWISE else shape
     if not all(_ok(s, sd, state_shape) for s in states):
         return False
-    idx_ptr = order_ptr = None
-    nidx = 0
     if g.is_sparse:
         if all_rows or g.sparse_dim() != 1 or tuple(g.shape) != shape or g.dtype is not dtype:
             return False
@@ -110,33 +123,27 @@ def fused_rows(name: str, p: Tensor, g: Tensor, states: list[Tensor], step: Tens
             return False
         if indices.dtype is not torch.int64:
             indices = indices.to(torch.int64)
-        order = None
-        if not g.is_coalesced():  # duplicates are summed in the kernel, in a stable sort's order
-            indices, order = torch.sort(indices, stable=True)
         indices = indices.contiguous()
         values = values.contiguous()
         nidx = indices.numel()
-        if nidx:  # sorted: the ends bound every index
-            lo, hi = int(indices[0]), int(indices[-1])
-            if lo < 0 or hi >= rows:
-                raise IndexError(f"sparse gradient row index {lo if lo < 0 else hi} out of range for {rows} "
-                                 "rows")
-        idx_ptr = indices.data_ptr()
-        order_ptr = order.data_ptr() if order is not None else None
-        gdata = values
+        if rows == 0 or p.numel() == 0 or nidx == 0:
+            return True
+        coalesced = g.is_coalesced()
+        done = lib.tigeropt_rows_sparse(opt, code, p.data_ptr(), values.data_ptr(), *_ptrs(states), rows,
+                                        p.numel() // rows, indices.data_ptr(), nidx, int(coalesced),
+                                        *_hyper_ptrs(hp, per), torch.get_num_threads())
+        if done == -2:  # the kernel checks every index before it changes anything
+            lo, hi = torch.aminmax(indices)
+            bad = int(lo) if int(lo) < 0 else int(hi)
+            raise IndexError(f"sparse gradient row index {bad} out of range for {rows} rows")
     else:
         if not _ok(g, dtype, shape):
             return False
-        gdata = g
-    if rows == 0 or p.numel() == 0 or (g.is_sparse and nidx == 0):
-        return True
-    D = p.numel() // rows
-    s1 = states[0].data_ptr() if states else None
-    s2 = states[1].data_ptr() if len(states) > 1 else None
-    hp_arr, per_arr = array("d", hp), array("d", per or [0.0])
-    hp_ptr, per_ptr = hp_arr.buffer_info()[0], per_arr.buffer_info()[0]
-    done = lib.tigeropt_rows(opt, code, p.data_ptr(), gdata.data_ptr(), s1, s2, rows, D, idx_ptr, order_ptr,
-                             nidx, int(all_rows), hp_ptr, per_ptr, torch.get_num_threads())
+        if rows == 0 or p.numel() == 0:
+            return True
+        done = lib.tigeropt_rows(opt, code, p.data_ptr(), g.data_ptr(), *_ptrs(states), rows,
+                                 p.numel() // rows, None, None, 0, int(all_rows), *_hyper_ptrs(hp, per),
+                                 torch.get_num_threads())
     if done < 0:
         raise MemoryError("tigeropt: the fused row kernel could not allocate its buffers")
     try:  # writes through raw pointers: tell autograd the tensors changed, as an in-place op would
