@@ -173,3 +173,78 @@ def test_nan_and_inf_land_alike_on_every_path_and_precision(cls: type, kw: dict[
             for a, b in zip(got, ref):
                 for x, y in zip(_nonfinite_pattern(a), _nonfinite_pattern(b)):
                     assert torch.equal(x, y), (path, dtype, prec, a, b)
+
+
+# ------------------------------------------------------------------ malformed checkpoints load nothing
+def _deep(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return (x.dtype, tuple(x.shape), x.detach().clone())
+    if isinstance(x, dict):
+        return {(id(k) if isinstance(k, torch.Tensor) else k): _deep(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_deep(v) for v in x]
+    return x
+
+
+def _deep_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, tuple) and len(a) == 3 and isinstance(a[2], torch.Tensor):
+        return isinstance(b, tuple) and a[:2] == b[:2] and torch.equal(a[2], b[2])
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_deep_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_deep_equal, a, b))
+    return bool(a == b)
+
+
+def _everything(opt: torch.optim.Optimizer) -> Any:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return _deep({"groups": opt.param_groups, "defaults": opt.defaults, "params": params,
+                  "state": [dict(opt.state[p]) if p in opt.state else None for p in params]})
+
+
+def _set(where: str, key: str, value: Any) -> Any:
+    def change(sd: dict[str, Any], keys: tuple[str, ...]) -> None:
+        target = sd if where == "top" else sd["state"][1] if where == "state" else sd["param_groups"][0]
+        target[key if key != "KEY" else keys[0]] = value(sd) if callable(value) else value
+    return change
+
+
+_MALFORMED = {
+    "step str": (_set("state", "step", "7"), TypeError),
+    "step list": (_set("state", "step", [1.0]), TypeError),
+    "step None": (_set("state", "step", None), ValueError),
+    "step nan": (_set("state", "step", torch.tensor(math.nan)), ValueError),
+    "step negative": (_set("state", "step", -2.0), ValueError),
+    "step two elements": (_set("state", "step", torch.tensor([1.0, 2.0])), ValueError),
+    "state value a list": (_set("state", "KEY", [0.0] * 12), TypeError),
+    "state value complex": (_set("state", "KEY", lambda sd: torch.zeros(
+        sd["state"][1][next(iter(k for k in sd["state"][1] if k != "step"))].shape, dtype=torch.complex64)),
+        ValueError),
+    "state not a dict": (_set("top", "state", [1, 2]), TypeError),
+    "a parameter's state not a dict": (lambda sd, keys: sd["state"].__setitem__(1, 5.0), TypeError),
+    "group without params": (lambda sd, keys: sd["param_groups"][0].pop("params"), TypeError),
+}
+
+
+@pytest.mark.parametrize("case", list(_MALFORMED))
+@pytest.mark.parametrize("cls,kw", OPTS, ids=OPT_IDS)
+def test_malformed_checkpoint_is_refused_with_the_documented_error_and_loads_nothing(
+        cls: type, kw: dict[str, Any], case: str) -> None:
+    """A step count that is not a number raised after torch's loader had already replaced the param
+    groups and state (the optimizer half loaded, then a ValueError/TypeError from float()); step None,
+    NaN, negative or a two-element tensor loaded silently (the next step crashed or computed garbage);
+    a list or a complex tensor as state, a state that is not a dict, a group without params raised
+    AttributeError/KeyError or were cast silently.  Now TypeError/ValueError, and nothing changes."""
+    change, error = _MALFORMED[case]
+    ps = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3, 4))]
+    opt = cls(ps, **kw)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    change(sd, cls.state_keys)
+    before = _everything(opt)
+    with pytest.raises(error, match="load_state_dict"):
+        opt.load_state_dict(sd)
+    assert _deep_equal(_everything(opt), before)
+    opt.step()  # still usable

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import operator
 from array import array
 from collections.abc import Callable, Iterable
@@ -649,7 +650,15 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
             raise TypeError(f"{name}: expected a dict with 'state' and 'param_groups' (an optimizer's "
                             f"state_dict()), got {type(state_dict).__name__}")
-        saved_groups = state_dict["param_groups"]
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(saved_state, dict):
+            raise TypeError(f"{name}: the checkpoint's 'state' must be a dict, got "
+                            f"{type(saved_state).__name__}")
+        if not (isinstance(saved_groups, (list, tuple))
+                and all(isinstance(g, dict) and isinstance(g.get("params"), (list, tuple))
+                        for g in saved_groups)):
+            raise TypeError(f"{name}: the checkpoint's 'param_groups' must be a list of dicts, each with a "
+                            "'params' list")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"{name}: the checkpoint has {len(saved_groups)} param groups, this optimizer "
                              f"{len(self.param_groups)}")
@@ -680,6 +689,7 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
             if pid not in id_map:
                 continue
             p, group = id_map[pid]
+            _check_saved_state(name, pid, st, p, self.state_keys)
             extra = sorted(k for k in st if k != "step" and k not in self.state_keys
                            and not (k.endswith("_absmax") and k[:-7] in self.state_keys))
             if extra:
@@ -710,6 +720,42 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{name}: param group {i} of the checkpoint: {exc}") from None
         return saved_groups
+
+
+def _check_saved_state(name: str, pid: Any, st: Any, p: Tensor, keys: tuple[str, ...]) -> None:
+    """The types of one parameter's checkpoint state: a dict holding a step count (a finite number >= 0,
+    or a one-element tensor of one) and, for each state key, a floating tensor (complex for a complex
+    parameter), or uint8 8-bit codes beside a floating ``<key>_absmax``."""
+    if not isinstance(st, dict):
+        raise TypeError(f"{name}: the state of parameter {pid} must be a dict, got {type(st).__name__}")
+    if any(k in st for k in keys) and st.get("step") is None:
+        raise ValueError(f"{name}: the state of parameter {pid} lacks 'step' (has {sorted(st)})")
+    step = st.get("step")
+    if step is not None:
+        if isinstance(step, Tensor):
+            if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
+                raise ValueError(f"{name}: 'step' of parameter {pid} must be a one-element real tensor, got "
+                                 f"shape {tuple(step.shape)} and dtype {step.dtype}")
+            value = float(step.detach().to("cpu", torch.float64))
+        elif isinstance(step, (int, float)) and not isinstance(step, bool):
+            value = float(step)
+        else:
+            raise TypeError(f"{name}: 'step' of parameter {pid} must be a number or a one-element tensor, "
+                            f"got {type(step).__name__} ({step!r})")
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name}: 'step' of parameter {pid} must be a finite number >= 0, got {value!r}")
+    for k in (*keys, *(key + "_absmax" for key in keys)):
+        t = st.get(k)
+        if t is None and k not in keys:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: state {k!r} of parameter {pid} must be a tensor, got "
+                            f"{type(t).__name__}")
+        codes = k in keys and t.dtype == torch.uint8
+        if not (codes or t.is_floating_point() or (t.is_complex() and p.is_complex() and k in keys)):
+            raise ValueError(f"{name}: state {k!r} of parameter {pid} has dtype {t.dtype}, expected a "
+                             f"floating{' or complex' if p.is_complex() else ''} tensor"
+                             + (" (or uint8 8-bit codes)" if k in keys else ""))
 
 
 #: Hyperparameter names of torch.optim's optimizers that tigeropt's do not all share: a checkpoint
