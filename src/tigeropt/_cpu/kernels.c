@@ -1194,14 +1194,24 @@ static inline __m512 v_ld_bf16(const uint16_t *s, __mmask16 m) {
     return AS_F(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, s)), 16));
 }
 
-/* e4m3fn codes times scale (decode_e4m3_block) */
-static inline __m512 v_ld_e4m3(const uint8_t *s, __mmask16 m, __m512 scale) {
-    __m512i c = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, s));
+/* e4m3fn codes times the block's scale, as decode_e4m3_block computes them: the code's 7 magnitude bits at
+   bit 20 of an fp32 (the code's value times 2^-120, exact), the NaN code's 0x7ff00000, the sign on top,
+   times s120 = scale * 2^120 when that is finite (the same exact product as value * scale, rounded once),
+   else times 2^120 and then scale */
+static inline __m512 v_ld_e4m3(const uint8_t *s, __mmask16 m, const int full, int fold, __m512 s120,
+                               __m512 scale) {
+    __m128i b = full ? _mm_loadu_si128((const __m128i *)s) : _mm_maskz_loadu_epi8(m, s);
+    __m512i c = _mm512_cvtepi8_epi32(b); /* sign-extended: bit 31 is the code's sign */
     __m512i c7 = _mm512_and_si512(c, V_I(0x7F));
-    __m512i u = AS_I(_mm512_mul_ps(AS_F(_mm512_slli_epi32(c7, 20)), V_F(0x1p120f)));
-    u = _mm512_mask_mov_epi32(u, _mm512_cmpeq_epi32_mask(c7, V_I(0x7F)), V_I(0x7FF00000));
-    u = _mm512_or_si512(u, _mm512_slli_epi32(_mm512_and_si512(c, V_I(0x80)), 24));
-    return _mm512_mul_ps(AS_F(u), scale);
+    __mmask16 nan = _mm512_cmpeq_epi32_mask(c7, V_I(0x7F));
+    __m512i u = _mm512_slli_epi32(c7, 20);
+    if (!fold) {
+        u = AS_I(_mm512_mul_ps(AS_F(u), V_F(0x1p120f)));
+        s120 = scale;
+    }
+    u = _mm512_mask_mov_epi32(u, nan, V_I(0x7FF00000));
+    u = _mm512_ternarylogic_epi32(u, c, V_I(0x80000000), 0xF8); /* u | (c & sign bit) */
+    return _mm512_mul_ps(AS_F(u), s120);
 }
 
 /* sign(x) as SIGN(float, x) gives it (see above) */
@@ -1256,49 +1266,53 @@ static inline void v_st_bf16_sr(uint16_t *d, __m512 v, __mmask16 m, const int fu
         _mm256_mask_storeu_epi16(d, m, _mm512_cvtepi32_epi16(h));
 }
 
-/* the largest finite magnitude's bits so far (block_absmax) */
+/* the largest magnitude's bits so far, non-finite ones included (the block's absmax is redone without them
+   in the rare block that holds one) */
 static inline __m512i v_absmax(__m512i acc, __m512 v, __mmask16 m) {
-    __m512i mag = _mm512_and_si512(AS_I(v), V_I(0x7FFFFFFF));
-    __mmask16 fin = _mm512_cmplt_epi32_mask(mag, V_I(0x7F800000)) & m;
-    return _mm512_mask_max_epi32(acc, fin, acc, mag);
+    return _mm512_mask_max_epu32(acc, m, acc, _mm512_and_si512(AS_I(v), V_I(0x7FFFFFFF)));
 }
 
-/* encode_e4m3_codes on 16 lanes */
+/* encode_e4m3_codes on 16 lanes, with fewer operations and the same low 8 bits of each code: a non-finite x
+   is divided as it is (y clamps to 448, a code <= 0x7e, then 0x7f is or-ed in); the subnormal range's
+   rounding to nearest is y + 2^14 rounded at its unit 2^-9 (the grid of t + 2^23, scaled by 2^-9), whose
+   low byte is the code; the normal range's rebias (- 960 << 20) is folded into the rounding constant. */
 static inline __attribute__((always_inline)) void v_st_e4m3(uint8_t *c, __m512 x, __mmask16 m, const int full,
                                                             __m512 div, const int sr, __m512i idx, __m512i key,
                                                             __m512i hi) {
     __m512i u = AS_I(x);
-    __m512i sign = _mm512_and_si512(_mm512_srli_epi32(u, 24), V_I(0x80));
     __m512i mag = _mm512_and_si512(u, V_I(0x7FFFFFFF));
     __mmask16 nonfinite = _mm512_cmpge_epu32_mask(mag, V_I(0x7F800000));
-    __m512 y = _mm512_div_ps(AS_F(_mm512_maskz_mov_epi32((__mmask16)~nonfinite, mag)), div);
-    __m512i yb = _mm512_min_epi32(AS_I(y), V_I(0x43E00000));
-    __m512 t = _mm512_mul_ps(AS_F(yb), V_F(512.0f));
+    __m512i yb = _mm512_min_epi32(AS_I(_mm512_div_ps(AS_F(mag), div)), V_I(0x43E00000)); /* min(y, 448) */
     __m512i code_n, code_s;
     if (sr) {
         __m512i r = _mm512_srli_epi32(
             v_lowbias32(_mm512_xor_si512(v_lowbias32(_mm512_xor_si512(idx, key)), hi)), 8);
-        code_n = _mm512_sub_epi32(_mm512_srli_epi32(yb, 20), V_I(960));
-        __mmask16 up = _mm512_cmpgt_epu32_mask(_mm512_slli_epi32(_mm512_and_si512(yb, V_I(0xFFFFF)), 4), r);
+        code_n = _mm512_srli_epi32(_mm512_sub_epi32(yb, V_I(960 << 20)), 20);
+        __mmask16 up = _mm512_cmpgt_epu32_mask(_mm512_srli_epi32(_mm512_slli_epi32(yb, 12), 8), r);
         code_n = _mm512_mask_add_epi32(code_n, up, code_n, V_I(1));
+        __m512 t = _mm512_mul_ps(AS_F(yb), V_F(512.0f));
         __m512i n = _mm512_cvttps_epi32(t);
         __m512 frac = _mm512_sub_ps(t, _mm512_cvtepi32_ps(n));
         __mmask16 up_s = _mm512_cmp_ps_mask(frac, _mm512_mul_ps(_mm512_cvtepi32_ps(r), V_F(0x1p-24f)), _CMP_GT_OQ);
         code_s = _mm512_mask_add_epi32(n, up_s, n, V_I(1));
     } else {
         __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(yb, 20), V_I(1));
-        code_n = _mm512_sub_epi32(
-            _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(yb, V_I(0x7FFFF)), lsb), 20), V_I(960));
-        code_s = _mm512_sub_epi32(AS_I(_mm512_add_ps(t, V_F(0x1p23f))), V_I(0x4B000000));
+        code_n = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(yb, V_I(0x7FFFF - (960 << 20))), lsb), 20);
+        code_s = AS_I(_mm512_add_ps(AS_F(yb), V_F(0x1p14f)));
     }
-    __mmask16 normal = _mm512_cmpge_epi32_mask(yb, V_I(0x3C800000));
-    __m512i code = _mm512_mask_mov_epi32(code_s, normal, code_n);
-    code = _mm512_or_si512(_mm512_mask_mov_epi32(code, nonfinite, _mm512_or_si512(code, V_I(0x7F))), sign);
+    __m512i code = _mm512_mask_mov_epi32(code_s, _mm512_cmpge_epi32_mask(yb, V_I(0x3C800000)), code_n);
+    code = _mm512_ternarylogic_epi32(code, _mm512_srli_epi32(u, 24), V_I(0x80), 0xF8); /* code | sign */
+    code = _mm512_mask_or_epi32(code, nonfinite, code, V_I(0x7F));
     if (full)
         _mm_storeu_si128((__m128i *)c, _mm512_cvtepi32_epi8(code));
     else
         _mm_mask_storeu_epi8(c, m, _mm512_cvtepi32_epi8(code));
 }
+
+typedef struct { /* decoding 8-bit state 0 and 1 of a block (v_ld_e4m3) */
+    float scale[2], s120[2];
+    int fold[2];
+} LpDec;
 
 typedef struct {
     int opt, pdt, nst, sr, negate, l2, decoupled, do_clip;
@@ -1318,7 +1332,7 @@ static inline __mmask16 lane_mask(int64_t left) {
    and of fp32/bf16 state; 8-bit state to buf (at bi) and its absmax bits to amax */
 static inline __attribute__((always_inline)) void lp_vec_avx512(
     const LpVec *v, const int OPT, const int K0, const int full, __mmask16 m, char *pbase, const char *gbase,
-    void *const sbase[2], int64_t e, __m512i idx, const float scale[2], float *buf0, float *buf1, __m512i amax[2],
+    void *const sbase[2], int64_t e, __m512i idx, const LpDec *dec, float *buf0, float *buf1, __m512i amax[2],
     __m512i hi, const __m512i keys[3]) {
     const int nst = OPT == OPT_ADAX ? 2 : 1;
     const int kind[2] = {K0, v->kind[1]};
@@ -1344,7 +1358,8 @@ static inline __attribute__((always_inline)) void lp_vec_avx512(
         else if (kind[j] == SK_BF16)
             s[j] = LD_BF16((const uint16_t *)sbase[j] + e);
         else
-            s[j] = v_ld_e4m3((const uint8_t *)sbase[j] + e, m, V_F(scale[j]));
+            s[j] = v_ld_e4m3((const uint8_t *)sbase[j] + e, m, full, dec->fold[j], V_F(dec->s120[j]),
+                             V_F(dec->scale[j]));
     }
 #undef LD_F32
 #undef LD_BF16
@@ -1417,9 +1432,13 @@ static inline __attribute__((always_inline)) void lp_block_avx512(
     const int nst = OPT == OPT_ADAX ? 2 : 1;
     const int kind[2] = {K0, v->kind[1]};
     float buf[2][LP_BLOCK] __attribute__((aligned(64)));
-    float scale[2] = {0.0f, 0.0f};
+    LpDec dec = {{0.0f, 0.0f}, {0.0f, 0.0f}, {1, 1}};
     for (int j = 0; j < nst; j++)
-        if (kind[j] == SK_8BIT) scale[j] = ambase[j][blk] / 448.0f;
+        if (kind[j] == SK_8BIT) {
+            dec.scale[j] = ambase[j][blk] / 448.0f;
+            dec.s120[j] = dec.scale[j] * 0x1p120f;
+            dec.fold[j] = dec.s120[j] < INFINITY;
+        }
     __m512i amax[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i hi = V_I(hi32);
@@ -1427,13 +1446,14 @@ static inline __attribute__((always_inline)) void lp_block_avx512(
     int64_t i = 0;
     for (; i + 16 <= k; i += 16)
         lp_vec_avx512(v, OPT, K0, 1, (__mmask16)0xFFFF, pbase, gbase, sbase, i0 + i,
-                      _mm512_add_epi32(V_I(lo0 + (uint32_t)i), iota), scale, buf[0] + i, buf[1] + i, amax, hi, keys);
+                      _mm512_add_epi32(V_I(lo0 + (uint32_t)i), iota), &dec, buf[0] + i, buf[1] + i, amax, hi, keys);
     if (i < k)
         lp_vec_avx512(v, OPT, K0, 0, lane_mask(k - i), pbase, gbase, sbase, i0 + i,
-                      _mm512_add_epi32(V_I(lo0 + (uint32_t)i), iota), scale, buf[0] + i, buf[1] + i, amax, hi, keys);
+                      _mm512_add_epi32(V_I(lo0 + (uint32_t)i), iota), &dec, buf[0] + i, buf[1] + i, amax, hi, keys);
     for (int j = 0; j < nst; j++) {
         if (kind[j] != SK_8BIT) continue;
-        float a = f32_from_bits((uint32_t)_mm512_reduce_max_epi32(amax[j]));
+        uint32_t ab = (uint32_t)_mm512_reduce_max_epu32(amax[j]);
+        float a = ab < 0x7F800000u ? f32_from_bits(ab) : block_absmax(buf[j], k); /* inf/NaN: without them */
         ambase[j][blk] = a;
         float sc = a / 448.0f;
         __m512 div = V_F(sc > 0.0f ? sc : 1.0f);
