@@ -36,11 +36,14 @@ and triton on CUDA); bitsandbytes Lion/Adagrad 32-bit; pytorch_optimizer Lion/Ti
 installed, otherwise listed as skipped with the reason.
 
 Precision rows (``--precision``, instead of the rows above; default layout ``flat4m``, one tensor of
-4M elements, on CPU, ``gpt2`` on CUDA): per optimizer, the default path with fp32 parameters and
-state; bf16 parameters rounded to nearest with fp32, bf16 and 8-bit state; bf16 parameters with
-stochastic rounding and fp32, bf16 and 8-bit state.  The table gives each row's time relative to
-the same parameters with fp32 state and to fp32 parameters and state, and the bytes per parameter
-the step moves; the target checked: bf16 and 8-bit state no slower than fp32 state.
+4M elements, on CPU, ``gpt2`` on CUDA; ``flat64m``, one tensor of 64M elements, needs about 3 GB
+per optimizer: pick some with ``--only``): per optimizer, the default path with fp32 parameters
+and state; bf16 parameters rounded to nearest with fp32, bf16 and 8-bit state; bf16 parameters
+with stochastic rounding and fp32, bf16 and 8-bit state.  The table gives each row's time relative
+to the same parameters with fp32 state and to fp32 parameters and state, the bytes per parameter
+the step moves, and the time those bytes take at the bandwidth the fp32 row reached ("at fp32
+GB/s": a row far above it is bound by its arithmetic, not by memory); the target checked: bf16
+and 8-bit state no slower than fp32 state.
 
 Prints the tables and the speed targets checked (tigeropt's fused steps against torch's fused
 AdamW/Adagrad and the copy bandwidth).  With ``--out DIR`` (e.g. ``benchmarks/results``) it also
@@ -101,9 +104,12 @@ def layout_shapes(name: str, small_size: int) -> list[tuple[int, ...]]:
         return [(64,)] * 2000
     if name == "flat4m":  # --precision on CPU
         return [(4 * 2**20,)]
+    if name == "flat64m":  # --precision on CPU, 16x more memory per row
+        return [(64 * 2**20,)]
     if name == "tiny":  # --quick
         return [(1000,), (33, 17), (4096,)] * 4
-    raise ValueError(f"Invalid layout: {name!r} (one of cpu24m, gpt2, 1b, host, small, small-flat, flat4m)")
+    raise ValueError(f"Invalid layout: {name!r} (one of cpu24m, gpt2, 1b, host, small, small-flat, flat4m, "
+                     "flat64m)")
 
 
 def layout_copies(layout: str, nparams: int, min_bytes: int) -> int:
@@ -291,8 +297,8 @@ def precision_table(layout: str, nparams: int, results: list[Result]) -> list[st
     """The precision rows with their time relative to fp32 state (same parameters) and to fp32."""
     lines = [f"### {layout}: {nparams / 1e6:.1f}M parameters, low-precision settings", "",
              "| optimizer | parameters | state | ms/step | min ms | vs fp32 state | vs fp32 params+state "
-             "| bytes/param | GB/s | path |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| bytes/param | GB/s | at fp32 GB/s | path |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         if r.row.group == "copy" or r.ms is None:
             continue
@@ -303,8 +309,13 @@ def precision_table(layout: str, nparams: int, results: list[Result]) -> list[st
         gbs = r.row.bytes_per_param * nparams / (r.ms * 1e-3) / 1e9
         rel = f"{r.ms / same_params:.2f}x" if same_params else "-"
         rel32 = f"{r.ms / fp32:.2f}x" if fp32 else "-"
+        fp32_bytes = next(x.row.bytes_per_param for x in results
+                          if x.row.label == f"tigeropt {r.row.group} [fp32 | fp32]")
+        floor = fmt(r.row.bytes_per_param / fp32_bytes * fp32) if fp32 else "-"
         lines.append(f"| {r.row.group} | {params} | {state} | {fmt(r.ms)} | {fmt(min(r.ms_all))} | {rel} | "
-                     f"{rel32} | {r.row.bytes_per_param} | {fmt(gbs, 1)} | {r.note} |")
+                     f"{rel32} | {r.row.bytes_per_param} | {fmt(gbs, 1)} | {floor} | {r.note} |")
+    lines += ["", "at fp32 GB/s: the ms this row's bytes take at the fp32 row's bandwidth (its memory time "
+              "if it streamed as fast; well below ms/step: the row's arithmetic bounds it)"]
     return lines
 
 
@@ -836,7 +847,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n## Targets\n" + "\n".join(targets), flush=True)
     if args.out is not None and not args.no_write:
         args.out.mkdir(parents=True, exist_ok=True)
-        md = args.out / f"{date}-{slug}{'-precision' if args.precision else ''}.md"
+        tag = "-precision" if args.precision else ""
+        if args.precision and args.layouts:  # not the default layout: say which, so files do not collide
+            tag += "-" + "-".join(layouts)
+        md = args.out / f"{date}-{slug}{tag}.md"
         png_note = write_png(md.with_suffix(".png"), by_layout, desc)
         md.write_text(text + f"\n{png_note}\n")
         print(f"wrote {md} ({png_note})")
