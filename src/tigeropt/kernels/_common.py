@@ -51,6 +51,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import triton
@@ -273,10 +274,34 @@ class Launch:
     keep: list[Tensor] = field(default_factory=list)  # working copies the tables point into
     ncols: int = 0  # table columns
     amax_base: Tensor | None = None  # fp32 witness: base of the absmax offsets (8-bit state)
+    lowp: "LowPrecision | None" = None
 
     @property
     def grid(self) -> tuple[int]:
         return (self.n_work,)
+
+    def pointers(self) -> tuple[Tensor | None, ...]:
+        """The kernels' leading arguments: table, work, gtab, the witnesses (param, grad, states...),
+        the absmax witness and the key table (the table when the launch has none)."""
+        ktab = self.lowp.ktab if self.lowp is not None else None
+        return (self.table, self.work, self.gtab, *self.bases, self.amax_base,
+                self.table if ktab is None else ktab)
+
+    @property
+    def k1(self) -> int:
+        """The kernels' ``k1`` argument (:class:`LowPrecision`)."""
+        return self.lowp.k1 if self.lowp is not None else 0
+
+    def meta(self, *states: str) -> dict[str, Any]:
+        """The constexprs of every kernel for state roles ``states`` (their suffixes, e.g. "M", "V"):
+        ``NCOLS``, the units ``U_P``, ``U_G``, ``U_<state>``, ``SR``, ``Q8_<state>``, ``KEY_TABLE``, the
+        tile and ``num_warps``."""
+        lowp, cfg = self.lowp, self.config
+        return dict(NCOLS=self.ncols, **{f"U_{r}": u for r, u in zip(("P", "G", *states), self.units)},
+                    SR=lowp is not None and lowp.sr,
+                    **{f"Q8_{s}": lowp is not None and lowp.q8[i] for i, s in enumerate(states)},
+                    KEY_TABLE=lowp is not None and lowp.ktab is not None, BLOCK=cfg.block, CHUNK=cfg.chunk,
+                    num_warps=cfg.num_warps)
 
     def finish(self) -> None:
         """Copy working copies back into the tensors they stand for (non-dense inputs only)."""
@@ -460,7 +485,7 @@ def prepare(params: Sequence[Tensor], grads: Sequence[Tensor],
                   config=config, round_bf16=params[0].dtype == torch.bfloat16, write_back=write_back,
                   keep=list(grads) if copied_grads else [],
                   ncols=(2 + len(states)) * (2 if lowp is not None else 1),
-                  amax_base=_witness(device, torch.float32))
+                  amax_base=_witness(device, torch.float32), lowp=lowp)
 
 
 def _local(tensors: Sequence[Tensor]) -> list[Tensor]:

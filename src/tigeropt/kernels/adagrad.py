@@ -170,17 +170,11 @@ def fused_adagrad(params: list[Tensor], grads: list[Tensor], state_sums: list[Te
             else:
                 scal = per_tensor_table([lr_f / (1 + (s - 1) * lr_decay) for s in steps], device)
                 per_tensor = True
-    cfg = launch.config
-    u_p, u_g, u_s = launch.units
     clip = grad_clip_value is not None and bool(glove)
-    on = lowp is not None
     _adagrad_kernel[launch.grid](
-        launch.table, launch.work, launch.gtab, *launch.bases, launch.amax_base,
-        lowp.ktab if on and lowp.ktab is not None else launch.table, scal, lr_arg, float(factor),
-        float(weight_decay), float(eps), float(grad_clip_value) if clip else 0.0, lowp.k1 if on else 0,
-        NCOLS=launch.ncols, U_P=u_p, U_G=u_g, U_S=u_s, MAXIMIZE=bool(maximize), GLOVE=bool(glove), CLIP=clip,
-        PER_TENSOR=per_tensor, LR_PTR=lr_ptr, SR=on and lowp.sr, Q8_S=on and lowp.q8[0],
-        KEY_TABLE=on and lowp.ktab is not None, BLOCK=cfg.block, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
+        *launch.pointers(), scal, lr_arg, float(factor), float(weight_decay), float(eps),
+        float(grad_clip_value) if clip else 0.0, launch.k1, MAXIMIZE=bool(maximize), GLOVE=bool(glove),
+        CLIP=clip, PER_TENSOR=per_tensor, LR_PTR=lr_ptr, **launch.meta("S"))
     launch.finish()
 
 

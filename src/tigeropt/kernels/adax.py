@@ -186,19 +186,12 @@ def fused_adax(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
         else:
             scal = per_tensor_table([adax_scalars(s, beta2, eps) for s in steps], device)
     lr_arg, lr_ptr = lr_argument(lr, device)
-    cfg = launch.config
-    u_p, u_g, u_m, u_v = launch.units
     b1 = float(beta1)
-    on = lowp is not None
     _adax_kernel[launch.grid](
-        launch.table, launch.work, launch.gtab, *launch.bases, launch.amax_base,
-        lowp.ktab if on and lowp.ktab is not None else launch.table, scal, lr_arg, b1, 1.0 - b1, float(bhat),
-        float(omb2), float(eps_t), float(weight_decay),
-        0.0 if lr_ptr else 1.0 - float(lr_arg) * float(weight_decay), lowp.k1 if on else 0,
-        NCOLS=launch.ncols, U_P=u_p, U_G=u_g, U_M=u_m, U_V=u_v, MAXIMIZE=bool(maximize),
-        DECOUPLED=bool(decoupled_weight_decay), PER_TENSOR=per_tensor, LR_PTR=lr_ptr,
-        SR=on and lowp.sr, Q8_M=on and lowp.q8[0], Q8_V=on and lowp.q8[1],
-        KEY_TABLE=on and lowp.ktab is not None, BLOCK=cfg.block, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
+        *launch.pointers(), scal, lr_arg, b1, 1.0 - b1, float(bhat), float(omb2), float(eps_t),
+        float(weight_decay), 0.0 if lr_ptr else 1.0 - float(lr_arg) * float(weight_decay), launch.k1,
+        MAXIMIZE=bool(maximize), DECOUPLED=bool(decoupled_weight_decay), PER_TENSOR=per_tensor, LR_PTR=lr_ptr,
+        **launch.meta("M", "V"))
     launch.finish()
 
 

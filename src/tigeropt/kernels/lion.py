@@ -126,18 +126,10 @@ def fused_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
     if launch is None:
         return
     lr_arg, lr_ptr = lr_argument(lr, params[0].device)
-    cfg = launch.config
-    u_p, u_g, u_m = launch.units
     b1, b2 = float(beta1), float(beta2)
     decay = 0.0 if lr_ptr else 1.0 - float(lr_arg) * float(weight_decay)
-    on = lowp is not None
-    _lion_kernel[launch.grid](
-        launch.table, launch.work, launch.gtab, *launch.bases, launch.amax_base,
-        lowp.ktab if on and lowp.ktab is not None else launch.table, lr_arg, b1, 1.0 - b1, b2, 1.0 - b2,
-        float(weight_decay), decay, lowp.k1 if on else 0,
-        NCOLS=launch.ncols, U_P=u_p, U_G=u_g, U_M=u_m, MAXIMIZE=bool(maximize), LR_PTR=lr_ptr,
-        SR=on and lowp.sr, Q8_M=on and lowp.q8[0], KEY_TABLE=on and lowp.ktab is not None,
-        BLOCK=cfg.block, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
+    _lion_kernel[launch.grid](*launch.pointers(), lr_arg, b1, 1.0 - b1, b2, 1.0 - b2, float(weight_decay),
+                              decay, launch.k1, MAXIMIZE=bool(maximize), LR_PTR=lr_ptr, **launch.meta("M"))
     launch.finish()
 
 

@@ -126,16 +126,9 @@ def fused_tiger(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     if launch is None:
         return
     lr_arg, lr_ptr = lr_argument(lr, params[0].device)
-    cfg = launch.config
-    u_p, u_g, u_m = launch.units
-    on = lowp is not None
-    _tiger_kernel[launch.grid](
-        launch.table, launch.work, launch.gtab, *launch.bases, launch.amax_base,
-        lowp.ktab if on and lowp.ktab is not None else launch.table, lr_arg, float(beta), 1.0 - float(beta),
-        float(weight_decay), lowp.k1 if on else 0,
-        NCOLS=launch.ncols, U_P=u_p, U_G=u_g, U_M=u_m, MAXIMIZE=bool(maximize), LR_PTR=lr_ptr,
-        SR=on and lowp.sr, Q8_M=on and lowp.q8[0],
-        KEY_TABLE=on and lowp.ktab is not None, BLOCK=cfg.block, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
+    b = float(beta)
+    _tiger_kernel[launch.grid](*launch.pointers(), lr_arg, b, 1.0 - b, float(weight_decay), launch.k1,
+                               MAXIMIZE=bool(maximize), LR_PTR=lr_ptr, **launch.meta("M"))
     launch.finish()
 
 
