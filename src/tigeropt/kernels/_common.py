@@ -58,12 +58,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import TRITON_DTYPES
+
 __all__ = ["LaunchConfig", "launch_config", "use_launch_config", "Launch", "prepare", "lr_argument",
            "step_values", "per_tensor_table", "check_not_capturing_host_steps", "SUPPORTED_DTYPES",
            "clear_cache", "LowPrecision", "low_precision", "Q8_BLOCK"]
 
 #: Parameter dtypes the kernels take (math is always fp32; state is fp32, bf16 or 8-bit).
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = TRITON_DTYPES
 #: Elements per 8-bit block (one fp32 absmax each): tigeropt._lowp.BLOCK.
 Q8_BLOCK = 256
 _ALIGN = 16  # bytes: one 128-bit vector access
