@@ -87,16 +87,25 @@ def _compare(pa: list[torch.Tensor], opt_a: Any, pb: list[torch.Tensor], opt_b: 
 
 @pytest.fixture
 def c_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, list[int]]]:
-    """Records (number of tensors given, indices handed back) of every call of the C step."""
+    """Records (number of tensors given, indices handed back) of every call of the C step: of
+    ``lowp_step``, and of a cached step plan's launch (``LowpStepPlan.run``: all its tensors)."""
     calls: list[tuple[int, list[int]]] = []
     real = _cpu.lowp_step
+    real_run = _cpu.LowpStepPlan.run
 
     def spy(name: str, params: list[torch.Tensor], *args: Any, **kwargs: Any) -> list[int]:
         rest = real(name, params, *args, **kwargs)
         calls.append((len(params), rest))
         return rest
 
+    def run_spy(plan: Any, grads: list[torch.Tensor], hyper: dict[str, Any]) -> bool:
+        ran = real_run(plan, grads, hyper)
+        if ran:
+            calls.append((plan.n, []))
+        return ran
+
     monkeypatch.setattr(_cpu, "lowp_step", spy)
+    monkeypatch.setattr(_cpu.LowpStepPlan, "run", run_spy)
     return calls
 
 

@@ -1,7 +1,11 @@
 """Cached step plans: every change that makes a plan stale must be seen (a stale plan is silent).
 
 Each test runs an optimizer (plans on) next to a twin whose plans are switched off, applies the same
-change to both mid-training, and requires bit-identical parameters and state afterwards.
+change to both mid-training, and requires bit-identical parameters and state afterwards.  Low-precision
+groups (bf16 parameters with stochastic rounding, bf16 state, 8-bit state) are planned too on the
+default CPU path (the fused C low-precision step with its pointer tables) and face the same changes,
+plus those that only they see (the rounding seed, parameters added to an earlier group: the hash
+keys' parameter indices).
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ OPTIMIZERS: list[tuple[str, type, dict[str, Any]]] = [
     ("adagrad", tigeropt.Adagrad, dict(lr=0.1, lr_decay=0.01)),
 ]
 PATHS = {"default": {}, "foreach": dict(foreach=True), "reference": dict(foreach=False)}
+#: low-precision settings (bf16 parameters), planned on the default path
+LOWP = {"bf16_sr": dict(stochastic_rounding=True, sr_seed=11),
+        "bf16_state": dict(state_precision="bf16"),
+        "8bit_sr": dict(state_precision="8bit", stochastic_rounding=True, sr_seed=12)}
 
 
 def _unplanned(cls: type) -> type:
@@ -29,10 +37,15 @@ def _unplanned(cls: type) -> type:
     return type(f"Unplanned{cls.__name__}", (cls,), {"_build_plan": lambda self, *args: None})
 
 
-def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+def _params(seed: int = 0, dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
     shapes = [(5, 3), (7,), (300,), (2, 3, 4), (1,)]
-    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+
+
+def _filled(t: torch.Tensor, value: float) -> torch.Tensor:
+    """A new tensor like ``t`` holding ``value`` (8-bit codes: the code 0x38, 1.0 times the absmax)."""
+    return torch.full_like(t, 0x38) if t.dtype == torch.uint8 else torch.full_like(t, value)
 
 
 def _grads(params: list[torch.nn.Parameter], step: int) -> None:
@@ -42,8 +55,9 @@ def _grads(params: list[torch.nn.Parameter], step: int) -> None:
 
 
 def _run(cls: type, kwargs: dict[str, Any], change: Callable[[torch.optim.Optimizer, list], None],
-         steps: int = 6, at: int = 3) -> tuple[torch.optim.Optimizer, list]:
-    params = _params()
+         steps: int = 6, at: int = 3, dtype: torch.dtype = torch.float32
+         ) -> tuple[torch.optim.Optimizer, list]:
+    params = _params(dtype=dtype)
     opt = cls(params, **kwargs)
     for i in range(steps):
         if i == at:
@@ -66,11 +80,15 @@ def _same(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> None:
 
 def _add_group(opt: torch.optim.Optimizer, params: list) -> None:
     opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(40, generator=torch.Generator()
-                                                                    .manual_seed(7)))], "lr": 0.003})
+                                                                    .manual_seed(7)).to(params[0].dtype))],
+                         "lr": 0.003})
+
+
+_LOADED = ("lr", "state_precision", "stochastic_rounding", "sr_seed")
 
 
 def _load_checkpoint(opt: torch.optim.Optimizer, params: list) -> None:
-    other = type(opt)(_params(seed=3), **{k: opt.defaults[k] for k in ("lr",)})
+    other = type(opt)(_params(seed=3, dtype=params[0].dtype), **{k: opt.defaults[k] for k in _LOADED})
     _grads([p for p in other.param_groups[0]["params"]], 50)
     other.step()
     other.step()
@@ -78,6 +96,9 @@ def _load_checkpoint(opt: torch.optim.Optimizer, params: list) -> None:
 
 
 def _change_dtype(opt: torch.optim.Optimizer, params: list) -> None:
+    if params[2].dtype == torch.bfloat16:  # a low-precision group: the state keeps its storage
+        params[2].data = params[2].data.to(torch.float32)
+        return
     params[2].data = params[2].data.to(torch.float64)
     for key, t in list(opt.state[params[2]].items()):
         if key != "step":
@@ -96,12 +117,24 @@ def _replace_data(opt: torch.optim.Optimizer, params: list) -> None:
 
 def _replace_state(opt: torch.optim.Optimizer, params: list) -> None:
     key = opt.state_keys[0]
-    opt.state[params[0]][key] = torch.full_like(opt.state[params[0]][key], 0.5)
+    opt.state[params[0]][key] = _filled(opt.state[params[0]][key], 0.5)
 
 
 def _replace_state_dict(opt: torch.optim.Optimizer, params: list) -> None:
-    opt.state[params[3]] = {k: (v.clone() * 0 + 0.25 if k != "step" else v.clone())
+    opt.state[params[3]] = {k: (_filled(v, 0.25) if k != "step" else v.clone())
                             for k, v in opt.state[params[3]].items()}
+
+
+def _replace_absmax(opt: torch.optim.Optimizer, params: list) -> None:
+    key = opt.state_keys[0] + "_absmax"
+    if key in opt.state[params[0]]:
+        opt.state[params[0]][key] = opt.state[params[0]][key] * 2
+    else:
+        _replace_state(opt, params)
+
+
+def _change_seed(opt: torch.optim.Optimizer, params: list) -> None:
+    opt.param_groups[0]["sr_seed"] += 1
 
 
 def _reset_step(opt: torch.optim.Optimizer, params: list) -> None:
@@ -120,6 +153,8 @@ CHANGES = {"add_param_group": _add_group, "load_state_dict": _load_checkpoint, "
            "replace_param": _replace_param, "replace_data": _replace_data, "replace_state": _replace_state,
            "replace_state_dict": _replace_state_dict, "reset_step": _reset_step,
            "toggle_foreach": _toggle_foreach}
+#: changes that only low-precision plans must see (besides those above)
+LOWP_CHANGES = {"replace_absmax": _replace_absmax, "change_seed": _change_seed}
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
@@ -134,6 +169,51 @@ def test_changes_mid_training_are_seen(name: str, cls: type, kwargs: dict[str, A
     plain, _ = _run(_unplanned(cls), kw, CHANGES[change])
     _same(planned, plain)
     assert planned._plans, "the planned optimizer used no plan: the test would check nothing"
+
+
+def _lowp_planned(opt: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer holds a low-precision plan (its one bucket is the C low-precision step)."""
+    return any(b.impl is None and type(b.cpu).__name__ == "LowpStepPlan"
+               for plan in opt._plans.values() for b in plan.buckets)
+
+
+@pytest.mark.parametrize("change", [*CHANGES, *LOWP_CHANGES])
+@pytest.mark.parametrize("precision", list(LOWP))
+@pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])
+def test_changes_mid_training_are_seen_by_low_precision_plans(name: str, cls: type, kwargs: dict[str, Any],
+                                                              precision: str, change: str) -> None:
+    """bf16 parameters with stochastic rounding / bf16 state / 8-bit state on the default path: every
+    change above, and a new rounding seed or absmax tensor, gives the bits of the unplanned optimizer."""
+    if not _cpu.available():
+        pytest.skip(_cpu.status())
+    kw = dict(kwargs, **LOWP[precision])
+    fn = {**CHANGES, **LOWP_CHANGES}[change]
+    planned, _ = _run(cls, kw, fn, dtype=torch.bfloat16)
+    plain, _ = _run(_unplanned(cls), kw, fn, dtype=torch.bfloat16)
+    _same(planned, plain)
+    assert _lowp_planned(planned), "no low-precision plan was used: the test would check nothing"
+    assert not _lowp_planned(plain)
+
+
+@pytest.mark.parametrize("precision", list(LOWP))
+def test_low_precision_plan_sees_parameters_added_to_an_earlier_group(precision: str) -> None:
+    """The rounding hash keys on each parameter's global index (param_groups order): a parameter
+    appended to group 0 shifts group 1's indices, which its plan must notice (the new parameter has
+    no gradient, so no new state invalidates the plans on the way)."""
+    if not _cpu.available():
+        pytest.skip(_cpu.status())
+    results = []
+    for c in (tigeropt.Tiger, _unplanned(tigeropt.Tiger)):
+        params = _params(dtype=torch.bfloat16)
+        opt = c([{"params": params[:2]}, {"params": params[2:]}], lr=0.01, **LOWP[precision])
+        for i in range(6):
+            if i == 3:
+                opt.param_groups[0]["params"].append(torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16)))
+            _grads(params, i)
+            opt.step()
+        results.append(opt)
+    _same(*results)
+    assert _lowp_planned(results[0])
 
 
 @pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])

@@ -318,7 +318,7 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
             plan = plans.get(i) if plans else None
             if plan is None:
                 self._step_group(group, i if plans is not None else None)
-            elif not self._step_planned(group, plan):
+            elif not self._step_planned(group, plan, i):
                 self._check_sparse_grads([group])
                 self._step_group(group, i)
         if plans is not None:
@@ -362,13 +362,16 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
     def _plan_flags(self, group: dict[str, Any]) -> tuple[Any, ...]:
         return (group["fused"], group["foreach"], group["capturable"], group["lazy"], group["on_nonfinite"],
                 self._fused_ok(group), torch.get_default_dtype(), group.get("state_precision"),
-                group.get("stochastic_rounding"))
+                group.get("stochastic_rounding"), group.get("sr_seed"))
 
-    def _step_planned(self, group: dict[str, Any], plan: _GroupPlan) -> bool:
-        """One step of ``group`` with its plan; False (nothing changed) when the plan does not fit."""
+    def _step_planned(self, group: dict[str, Any], plan: _GroupPlan, index: int | None = None) -> bool:
+        """One step of ``group`` (number ``index``) with its plan; False (nothing changed) when the plan
+        does not fit."""
         params = group["params"]
         if len(params) != plan.n or not all(map(_is, params, plan.group_params)):
             return False
+        if plan.first is not None and (index is None or self._first_index(index) != plan.first):
+            return False  # parameters added to or removed from an earlier group: other hash keys
         grads = [p.grad for p in params]
         nones = tuple(itertools.compress(range(plan.n), map(_is, grads, itertools.repeat(None))))
         if nones != plan.nones:
@@ -402,14 +405,20 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
             gb = grads if b.idx is None else [grads[i] for i in b.idx]
             if b.cpu is not None and b.cpu.run(gb, hyper):
                 continue
+            if b.impl is None:  # a low-precision plan (its only bucket) that did not run: nothing changed
+                return False
             torch._foreach_add_(b.steps, 1)
             b.impl(b.lists[0], gb, *b.lists[1:], b.steps, **hyper)
         return True
 
     def _build_plan(self, group: dict[str, Any], index: int, params: list[Tensor],
-                    buckets: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]],
-                    paths: dict[tuple[torch.device, torch.dtype], str]) -> None:
-        """Record this step's buckets as the group's plan (called after a plain step of the group)."""
+                    buckets: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] | None = None,
+                    paths: dict[tuple[torch.device, torch.dtype], str] | None = None) -> None:
+        """Record this step's buckets as the group's plan (called after a plain step of the group;
+        without buckets, after the low-precision step: :meth:`_build_lowp_plan`)."""
+        if buckets is None or paths is None:
+            self._build_lowp_plan(group, index, params)
+            return
         group_params = list(group["params"])
         pos = {id(p): i for i, p in enumerate(params)}
         planned = []
@@ -432,6 +441,34 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
             n=len(group_params), group_params=group_params, params=params,
             nones=tuple(i for i, p in enumerate(group_params) if id(p) not in with_grad),
             p_ptrs=_ptrs(params), flags=self._plan_flags(group), buckets=planned)
+
+    def _build_lowp_plan(self, group: dict[str, Any], index: int, params: list[Tensor]) -> None:
+        """Record a low-precision group's plan (after a plain step of the group): one bucket, the fused
+        C low-precision step with its pointer tables (:meth:`_lowp_c_plan`), where it took the group
+        whole; other low-precision groups are not planned.  Besides the usual checks, the plan holds
+        the global index of the group's first parameter (the hash keys' parameter indices follow it)."""
+        first = self._first_index(index)
+        cpu_plan = self._lowp_c_plan(group, params, first)
+        if cpu_plan is None:
+            return
+        group_params = list(group["params"])
+        state_dicts = [self.state[p] for p in params]
+        keys = [*self.state_keys,
+                *(k + "_absmax" for k in self.state_keys if k + "_absmax" in state_dicts[0])]
+        checked = tuple([st[k] for st in state_dicts] for k in (*keys, "step"))
+        with_grad = {id(p) for p in params}
+        bucket = _Bucket(idx=None, impl=None, lists=[params, *checked[:len(self.state_keys)]],
+                         steps=checked[-1], cpu=cpu_plan, state_dicts=state_dicts, keys=(*keys, "step"),
+                         checked=checked, ptrs=tuple(map(_ptrs, checked)))
+        self._plans[index] = _GroupPlan(
+            n=len(group_params), group_params=group_params, params=params,
+            nones=tuple(i for i, p in enumerate(group_params) if id(p) not in with_grad),
+            p_ptrs=_ptrs(params), flags=self._plan_flags(group), buckets=[bucket], first=first)
+
+    def _first_index(self, index: int) -> int:
+        """The global index (param_groups order, as in the state_dict) of group ``index``'s first
+        parameter."""
+        return self._param_index_offset + sum(len(g["params"]) for g in self.param_groups[:index])
 
     def _init_group(self, group: dict[str, Any]) -> None:
         """Create the missing state of the group's parameters that have gradients.
@@ -465,6 +502,8 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
         hyper = self._hyper(group)
         if low_precision(group):
             self._step_low_precision(group, params, grads, hyper)
+            if plan_index is not None and not lazy:
+                self._build_plan(group, plan_index, params)
             return
 
         buckets: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
@@ -834,7 +873,7 @@ class _Bucket:
     """One (device, dtype) bucket of a group plan."""
 
     idx: list[int] | None  # positions of its tensors among the group's params with gradients (None: all)
-    impl: Impl
+    impl: Impl | None  # None: a low-precision plan (its C plan is the only way it runs)
     lists: list[list[Tensor]]  # params, then one list per state key
     steps: list[Tensor]
     cpu: Any  # tigeropt._cpu.StepPlan, or None
@@ -853,6 +892,7 @@ class _GroupPlan:
     p_ptrs: array
     flags: tuple[Any, ...]
     buckets: list[_Bucket]
+    first: int | None = None  # low-precision plans: global index of the group's first parameter
 
 
 def _choose_path(name: str, kernel: str | None, fused: bool | None, foreach: bool | None, capturable: bool,

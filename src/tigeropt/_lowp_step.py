@@ -191,6 +191,30 @@ class LowPrecisionSteps:
             if sharded:
                 encode_sharded(sharded)
 
+    def _lowp_c_plan(self, group: dict[str, Any], params: list[Tensor], first: int) -> Any:
+        """The fused C step of this low-precision group's ``params`` (those with gradients) as a
+        :class:`tigeropt._cpu.LowpStepPlan` for the cached step plans, or None: only where the step
+        just taken ran them all in one C launch (default path, CPU, dense gradients, not lazy, no
+        DTensor; one parameter dtype and one storage per state key).  ``first``: the global index
+        (param_groups order) of the group's first parameter, whence the hash keys' parameter indices."""
+        if (self.kernel is None or group["fused"] is not None or group["foreach"] is not None or group["lazy"]
+                or compiling() or not params):
+            return None
+        for p in params:
+            if p.device.type != "cpu" or p.grad is None or p.grad.is_sparse or is_dtensor(p):
+                return None
+        c = _c_lowp()
+        if c is None:
+            return None
+        pos = {id(q): i for i, q in enumerate(group["params"])}
+        states = [self.state[p] for p in params]
+        keys = self.state_keys
+        return c.LowpStepPlan.build(self.kernel, params, [[st[k] for st in states] for k in keys],
+                                    [[st.get(k + "_absmax") for st in states] for k in keys],
+                                    [st["step"] for st in states],
+                                    param_index=[first + pos[id(p)] for p in params],
+                                    seed=group["sr_seed"], stochastic_rounding=group["stochastic_rounding"])
+
     def _step_low_precision_c(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                               hyper: dict[str, Any], index: dict[int, int], js: list[int]) -> list[int]:
         """The low-precision step of CPU tensors in the fused C kernel (one pass: load, fp32 math,

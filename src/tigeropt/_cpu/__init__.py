@@ -68,7 +68,8 @@ from .._math import adax_scalars
 from .._ops import compiling, join_lr, split_lr
 
 __all__ = ["supports", "available", "status", "build", "cache_dir", "fused_tiger", "fused_lion",
-           "fused_adax", "fused_adagrad", "StepPlan", "SOURCE", "NAMES", "lowp_step", "lowp_absmax_len"]
+           "fused_adax", "fused_adagrad", "StepPlan", "SOURCE", "NAMES", "lowp_step", "lowp_absmax_len",
+           "LowpStepPlan"]
 
 SOURCE = Path(__file__).with_name("kernels.c")
 NAMES = ("tiger", "lion", "adax", "adagrad")
@@ -908,3 +909,99 @@ def lowp_step(name: str, params: Sequence[Tensor], grads: Sequence[Tensor],
         except RuntimeError:  # inference tensors have no version counter
             pass
     return sorted(other)
+
+
+class LowpStepPlan:
+    """:func:`lowp_step` of one fixed list of tensors, its pointer tables built once (the cached step
+    plans of the optimizer base, for groups with low-precision state or stochastic rounding).
+
+    :meth:`build` takes what :func:`lowp_step` takes but the gradients and the hyperparameters, and
+    returns None unless the kernel takes every tensor in one launch (one parameter dtype, one storage
+    per state key: the usual group); :meth:`run` then reads only the gradients each step: it checks
+    that they fit (dense, contiguous, the parameters' sizes), increments the step counts in C and
+    launches the kernel, bit for bit :func:`lowp_step`.  As for :class:`StepPlan`, the caller owns
+    invalidation (the tensors it holds must stay the ones in use, at the addresses it recorded).
+    """
+
+    def __init__(self, name: str, lib: Any, kinds: tuple[int, ...], params: list[Tensor],
+                 states: list[list[Tensor]], absmax: list[list[Tensor | None]], steps: list[Tensor],
+                 param_index: Sequence[int], offsets: Sequence[int], seed: int, stochastic_rounding: bool
+                 ) -> None:
+        self.name = name
+        self.n = n = len(params)
+        self.fn = lib.tigeropt_lowp_step
+        self.steps_fn = lib.tigeropt_steps
+        self.opt = _OPT_CODES[name]
+        self.code, self.k1 = kinds[0], kinds[1]
+        self.k2 = kinds[2] if len(states) > 1 else 0
+        self.two = len(states) > 1
+        self.p_ptrs = _ptrs(params)
+        self.s_ptrs = [_ptrs(s) for s in states]
+        self.a_ptrs = [_ptrs(a) if k == 2 else None for a, k in zip(absmax, kinds[1:])]  # type: ignore[arg-type]
+        self.numel = array("q", map(Tensor.numel, params))
+        self.offsets = array("q", [int(o) for o in offsets])
+        self.pidx = array("q", param_index)
+        self.step_ptrs = _ptrs(steps)
+        self.step_code = _STEP_CODES[steps[0].dtype]
+        self.values = array("d", bytes(8 * n))
+        self.sr = int(stochastic_rounding)
+        self.seed = seed & 0xFFFFFFFF
+        self.bf16_nan = _torch_bf16_nan()
+        self.bump = [*params, *(t for s in states for t in s),
+                     *(a for am in absmax for a in am if a is not None)]
+        self.keep = (params, states, absmax, steps)  # the plan's pointers stay valid while it lives
+
+    @staticmethod
+    def build(name: str, params: list[Tensor], states: list[list[Tensor]], absmax: list[list[Tensor | None]],
+              steps: list[Tensor], *, param_index: Sequence[int], seed: int, stochastic_rounding: bool,
+              offsets: Sequence[int] | None = None) -> LowpStepPlan | None:
+        lib = _lowp_step_lib()
+        if lib is None or not params or name not in _OPT_CODES:
+            return None
+        offs = [0] * len(params) if offsets is None else [int(o) for o in offsets]
+        f16 = bool(lib.tigeropt_has_f16())
+        kinds = _lowp_uniform(params, params, states, absmax, offs, f16)  # the params stand in for the grads
+        if kinds is None or (stochastic_rounding and kinds[0] == 3):
+            return None
+        sd = steps[0].dtype
+        if sd not in _STEP_DTYPES or not all(type(s) in _PLAIN and s.dtype is sd and s.is_cpu
+                                             and s.numel() == 1 and s.is_contiguous() for s in steps):
+            return None
+        return LowpStepPlan(name, lib, kinds, params, states, absmax, steps, param_index, offs, seed,
+                            stochastic_rounding)
+
+    def fits(self, grads: list[Tensor]) -> bool:
+        """Whether the kernel takes these gradients (dense, contiguous, the parameters' sizes; their
+        dtype is the parameters', which autograd enforces)."""
+        try:
+            if not all(map(Tensor.is_contiguous, grads)):
+                return False
+        except RuntimeError:  # a sparse gradient
+            return False
+        return array("q", map(Tensor.numel, grads)) == self.numel
+
+    def run(self, grads: list[Tensor], hyper: dict[str, Any]) -> bool:
+        """One step (step counts included); False (nothing done) when the options or gradients do not fit."""
+        args = _kernel_args(self.name, hyper)
+        if args is None or not self.fits(grads):
+            return False
+        hp, per, _ = args
+        values = self.values
+        self.steps_fn(self.n, _addr(self.step_ptrs), self.step_code, _addr(values))
+        per_arr = per(values) if per is not None else None
+        hp_arr = array("d", hp)
+        g_ptrs = _ptrs(grads)  # (held in a name: the C call reads it)
+        a1, a2 = self.a_ptrs[0], self.a_ptrs[1] if self.two else None
+        rc = self.fn(self.opt, self.n, self.code, _addr(self.p_ptrs), _addr(g_ptrs), _addr(self.s_ptrs[0]),
+                     _addr(a1) if a1 is not None else None, _addr(self.s_ptrs[1]) if self.two else None,
+                     _addr(a2) if a2 is not None else None, self.k1, self.k2, self.sr, self.seed,
+                     _addr(self.numel), _addr(self.offsets), _addr(self.pidx), _addr(values), _addr(hp_arr),
+                     _addr(per_arr) if per_arr is not None else None, self.bf16_nan, torch.get_num_threads())
+        if rc != 0:  # not expected (checked at build): undo the step counts
+            torch._foreach_sub_(list(self.keep[3]), 1)
+            return False
+        try:
+            torch.autograd.graph.increment_version(self.bump)
+        except RuntimeError:  # inference tensors have no version counter
+            pass
+        return True
