@@ -852,8 +852,8 @@ class PrecisionPlan:
         (("lion",), ("bf16-rtn", "bf16-sr"), (1, 2, 3)),
         (("lion",), ("fp32", "bf16-sr-8bit"), (1, 2)),
         (("lion",), ("bf16-rtn", "bf16-sr"), tuple(range(4, 8))),
-        (("tiger",), ("bf16-rtn", "bf16-sr"), tuple(range(8, 16))),
         (("tiger", "lion"), ("bf16-sr-bf16",), (1, 2)),
+        (("tiger",), ("bf16-rtn", "bf16-sr"), tuple(range(8, 16))),
         (("lion",), ("bf16-rtn", "bf16-sr"), tuple(range(8, 16))),
     )
     peers: bool = True
