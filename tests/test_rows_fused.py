@@ -15,7 +15,7 @@ import pytest
 import torch
 from rows_cases import IDS, OPTIMIZERS, sparse_grads, stable_coalesce
 
-from tigeropt import Tiger, _cpu
+from tigeropt import Adagrad, Tiger, _cpu
 from tigeropt._cpu import rows as cpu_rows
 
 if _cpu._find_compiler() is None or not _cpu.available():
@@ -244,3 +244,22 @@ def test_repeats_summed_in_groups_match_reference(name: str, cls: type, kwargs: 
     W0 = torch.randn((rows, dim), generator=torch.Generator().manual_seed(1))
     untouched = [r for r in range(rows) if (r % 3 or r % 9 == 0) and r != 7]
     assert torch.equal(W_c[untouched], W0[untouched])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_rowwise_interleaved_rows_equal_the_dense_step_bitwise(dtype: torch.dtype) -> None:
+    """Row-wise Adagrad: the lazy rows (a group's rows summed and updated 64 elements of each in turn) and
+    the dense step (every row, one after the other) give the same bits when every row is touched: the
+    interleaved partial sums are the one-pass sums (517 elements: 8 chunks and a tail)."""
+    shape = (37, 517)
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(shape, generator=gen).to(dtype) for _ in range(3)]
+    out = []
+    for lazy in (True, False):
+        W = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+        opt = Adagrad([W], lr=0.1, lr_decay=0.2, initial_accumulator_value=0.3, rowwise=True, lazy=lazy)
+        for g in grads:
+            W.grad = g
+            opt.step()
+        out.append((W.detach().clone(), opt.state[W]["sum"].clone()))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
