@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 from typing import Any
 
@@ -248,3 +249,233 @@ def test_malformed_checkpoint_is_refused_with_the_documented_error_and_loads_not
         opt.load_state_dict(sd)
     assert _deep_equal(_everything(opt), before)
     opt.step()  # still usable
+
+
+# ------------------------------------------------------------------ state_precision changed between steps
+_CHANGES = [(cls, a, b) for cls in (Tiger, Lion, AdaX, Adagrad)
+            for a, b in [("8bit", None), ("8bit", "bf16"), (None, "8bit"), ("bf16", None)]
+            if not (cls is Adagrad and "bf16" in (a, b))]  # Adagrad's "8bit" sum is bf16
+
+
+@pytest.mark.parametrize("cls,before,after", _CHANGES,
+                         ids=[f"{c.__name__}-{a}-to-{b}" for c, a, b in _CHANGES])
+@pytest.mark.parametrize("path", ["foreach", "default"])
+def test_state_precision_changed_between_steps_converts_the_state_like_a_checkpoint(
+        cls: type, before: str | None, after: str | None, path: str) -> None:
+    """``group["state_precision"] = ...`` between steps (to save memory mid-run, or to undo that):
+    8-bit codes then met float math (RuntimeError "result type Float can't be cast to ... Byte", or the
+    fused kernels' TypeError) and float state stayed float under "8bit"/"bf16" (no memory saved,
+    silently).  Now the next step converts it, as loading a checkpoint into an optimizer of the new
+    precision does: the two continue bit for bit alike."""
+    def grads(p: torch.Tensor, k: int) -> None:
+        p.grad = torch.randn(2, 256, generator=torch.Generator().manual_seed(k)).bfloat16()
+
+    p = nn.Parameter(torch.randn(2, 256, generator=torch.Generator().manual_seed(0)).bfloat16())
+    opt = cls([p], lr=0.01, state_precision=before, **PATHS[path])
+    for k in range(2):
+        grads(p, k)
+        opt.step()
+    q = nn.Parameter(p.detach().clone())
+    twin = cls([q], lr=0.01, state_precision=after, **PATHS[path])
+    twin.load_state_dict(opt.state_dict())  # the documented conversion
+    opt.param_groups[0]["state_precision"] = after
+    for k in range(2, 4):
+        grads(p, k)
+        opt.step()
+        grads(q, k)
+        twin.step()
+    assert torch.equal(p, q)
+    assert opt.state[p].keys() == twin.state[q].keys()
+    for key, value in twin.state[q].items():
+        assert value.dtype == opt.state[p][key].dtype and torch.equal(opt.state[p][key], value), key
+
+
+# ------------------------------------------------------------------ LazyOptimizer over 8-bit state
+@pytest.mark.parametrize("sr", [False, True], ids=["rtn", "sr"])
+@pytest.mark.parametrize("cls", [Tiger, Lion], ids=lambda c: c.__name__)  # AdaX: L2 decay on the 1st step
+def test_lazy_optimizer_over_8bit_state_keeps_untouched_rows_and_equals_the_native_lazy_step(
+        cls: type, sr: bool) -> None:
+    """LazyOptimizer restored the untouched rows' 8-bit codes but not their blocks' absmax: with rows
+    of 512 elements (two blocks a row) a row left alone had its momentum rescaled by whatever the
+    wrapped step wrote into the absmax (exp_avg off by 0.02 in one step).  Now the untouched
+    rows' absmax is restored with their codes: the result equals the optimizer's own lazy=True step."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(8, 512, generator=gen).bfloat16()
+    grads = []
+    for k in range(4):
+        g = torch.zeros(8, 512)
+        g[[k, 5]] = torch.randn(2, 512, generator=gen) * (100.0 if k == 3 else 1.0)
+        grads.append(g.bfloat16())
+    wrapped_p, native_p = nn.Parameter(base.clone()), nn.Parameter(base.clone())
+    kw = dict(lr=0.01, state_precision="8bit", stochastic_rounding=sr)
+    wrapped = tigeropt.LazyOptimizer(cls([wrapped_p], **kw), [wrapped_p])
+    native = cls([native_p], lazy=True, **kw)
+    for g in grads:
+        wrapped_p.grad, native_p.grad = g.clone(), g.clone()
+        wrapped.step()
+        native.step()
+    assert torch.equal(wrapped_p, native_p)
+    for key, value in native.state[native_p].items():
+        assert torch.equal(wrapped.state[wrapped_p][key], value), key
+
+
+def test_lazy_optimizer_refuses_8bit_state_whose_blocks_span_rows_before_anything_changes() -> None:
+    """Rows of 64 elements share a block: untouched rows cannot keep their 8-bit state (their momentum
+    jumped by up to 3 when a touched neighbour raised the block's absmax).  ValueError at the first
+    step, as the optimizer's own lazy=True refuses such shapes, and nothing changes."""
+    emb = nn.Embedding(8, 64)
+    opt = tigeropt.LazyOptimizer(Tiger(emb.parameters(), lr=0.01, state_precision="8bit"), [emb])
+    emb(torch.tensor([1, 2])).sum().backward()
+    sparse_like = emb.weight.grad.clone()
+    before = emb.weight.detach().clone()
+    with pytest.raises(ValueError, match="256-element blocks"):
+        opt.step()
+    assert torch.equal(emb.weight, before) and not opt.state[emb.weight]
+    assert torch.equal(emb.weight.grad, sparse_like)
+
+
+# ------------------------------------------------------------------ complex parameters + low precision
+_COMPLEX_REFUSED = [(torch.complex64, dict(state_precision="bf16")),
+                    (torch.complex64, dict(state_precision="8bit")),
+                    (torch.complex64, dict(stochastic_rounding=True)),
+                    (torch.complex128, dict(state_precision="fp32"))]
+
+
+@pytest.mark.parametrize("dtype,options", _COMPLEX_REFUSED,
+                         ids=[f"{d}-{next(iter(o.values()))}" for d, o in _COMPLEX_REFUSED])
+def test_complex_parameters_with_low_precision_options_are_refused_up_front(
+        dtype: torch.dtype, options: dict[str, Any]) -> None:
+    """An impossible combination fails in the constructor (README, "Bad input"): complex parameters with
+    low-precision options were accepted there and raised RuntimeError at the first step.  Now a
+    ValueError naming the option from the constructor, add_param_group and load_state_dict."""
+    name = next(iter(options))
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        Tiger([torch.zeros(3, dtype=dtype, requires_grad=True)], **options)
+    opt = Tiger([torch.zeros(3, requires_grad=True)])
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        opt.add_param_group({"params": [torch.zeros(3, dtype=dtype, requires_grad=True)], **options})
+    assert len(opt.param_groups) == 1
+    mixed = [torch.zeros(3, dtype=dtype, requires_grad=True)]
+    plain = Tiger(mixed)
+    sd = plain.state_dict()
+    sd["param_groups"][0].update(options)
+    if name == "stochastic_rounding":  # the loading optimizer's own precision, the checkpoint's rounding
+        with pytest.raises(ValueError, match=f"Invalid {name}"):
+            Tiger(mixed).load_state_dict(sd)
+
+
+# ------------------------------------------------------------------ row-wise Adagrad: rows of no element
+def test_rowwise_adagrad_rows_of_no_element_keep_a_finite_accumulator_on_every_path() -> None:
+    """A (rows, 0) table (an embedding of width 0, e.g. a config sweep's edge): the reference and
+    foreach paths (and the Triton path's dense step, which runs the reference) added mean(g^2) = 0/0 =
+    NaN to every row's accumulator, the fused C step and lazy rows 0."""
+    for path, flags in PATHS.items():
+        for lazy in (False, True):
+            p = torch.zeros(5, 0, requires_grad=True)
+            opt = Adagrad([p], lr=0.1, rowwise=True, lazy=lazy, **flags)
+            for _ in range(2):
+                p.grad = torch.ones(5, 0)
+                opt.step()
+            assert torch.equal(opt.state[p]["sum"], torch.zeros(5)), (path, lazy)
+
+
+def test_rowwise_flag_of_a_wrong_type_is_a_type_error() -> None:
+    """rowwise=1 raised ValueError; every other bool flag raises TypeError naming the argument."""
+    with pytest.raises(TypeError, match="Invalid type for rowwise"):
+        Adagrad([torch.zeros(2, 2, requires_grad=True)], rowwise=1)
+
+
+# ------------------------------------------------------------------ tigeropt.param_groups: wrong types
+_PG_WRONG_TYPES = {"lr_scale": dict(lr_scale=[("crf", 2.0)]), "rules": dict(rules={"match": "crf"}),
+                   "rules[0]": dict(rules=["crf"]),
+                   "rules[0]['extra']": dict(rules=[{"match": "0", "extra": 5}]),
+                   "names": dict(names=1), "strict": dict(strict="no"),
+                   "block_pattern": dict(block_pattern=5, layer_decay=0.5), "no_decay": dict(no_decay=5),
+                   "embeddings": dict(embeddings=5, layer_decay=0.5)}
+
+
+@pytest.mark.parametrize("name", list(_PG_WRONG_TYPES))
+def test_param_groups_helper_names_the_argument_of_a_wrong_type(name: str) -> None:
+    """A wrong type is a TypeError naming the argument: lr_scale/rules/extra of a wrong type and
+    no_decay=5 raised ValueError, names=1 and strict='no' were accepted, block_pattern=5 raised re's
+    TypeError naming nothing."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+    with pytest.raises(TypeError, match=f"Invalid type for {re.escape(name)}:"):
+        tigeropt.param_groups(model, lr=0.1, **_PG_WRONG_TYPES[name])
+
+
+# ------------------------------------------------------------------ load_state_dict hooks
+@pytest.mark.parametrize("cls,kw", OPTS[:4] + [(Tiger, dict(lr=0.01, state_precision="8bit"))],
+                         ids=[*OPT_IDS[:4], "tiger-8bit"])
+def test_load_state_dict_hooks_run_as_torch_runs_them(cls: type, kw: dict[str, Any]) -> None:
+    """torch.optim runs load_state_dict pre hooks first and loads what they return, and post hooks at
+    the end.  tigeropt checked the checkpoint before the pre hooks ran (a hook that migrates an old
+    checkpoint, renaming a state key, could not rescue it: "holds ['momentum'], which ... does not
+    keep"), loaded the state from the dict the hooks had replaced (groups from the hooks' dict, state
+    from the caller's), and ran the post hooks before converting the state (what they changed was
+    overwritten)."""
+    p = nn.Parameter(torch.randn(4, 300))
+    opt = cls([p], **kw)
+    p.grad = torch.randn(4, 300)
+    opt.step()
+    key = cls.state_keys[0]
+    old = copy.deepcopy(opt.state_dict())
+    old["state"][0]["momentum"] = old["state"][0].pop(key)  # an old checkpoint's name for it
+    old["state"][0].pop(key + "_absmax", None)
+    old["state"][0]["momentum"] = torch.zeros(4, 300) + 0.25
+    calls = []
+
+    def migrate(o: torch.optim.Optimizer, sd: dict[str, Any]) -> dict[str, Any]:
+        calls.append("pre")
+        sd = copy.deepcopy(sd)
+        sd["state"][0][key] = sd["state"][0].pop("momentum")
+        sd["param_groups"][0]["lr"] = 0.5
+        return sd
+
+    def after(o: torch.optim.Optimizer) -> None:
+        calls.append("post")
+        assert o.state[p]["step"].item() == 1.0
+        o.state[p]["step"].fill_(7.0)
+
+    loader = cls([p], **kw)
+    loader.register_load_state_dict_pre_hook(migrate)
+    loader.register_load_state_dict_post_hook(after)
+    loader.load_state_dict(old)
+    assert calls == ["pre", "post"]
+    assert loader.param_groups[0]["lr"] == 0.5 and loader.state[p]["step"].item() == 7.0
+    state = loader.state[p]
+    codes = state[key].dtype == torch.uint8
+    values = tigeropt._lowp.decode_8bit(state[key], state[key + "_absmax"]) if codes else state[key]
+    assert torch.equal(values.float(), torch.full((4, 300), 0.25))
+
+
+# ------------------------------------------------------------------ optimizer_in_backward.add_param_group
+@pytest.mark.parametrize("cls", [Tiger, AdaX], ids=lambda c: c.__name__)
+def test_optimizer_in_backward_add_param_group_steps_the_new_parameters_in_backward(cls: type) -> None:
+    """Unfreezing a layer mid-run (``opt.add_param_group({"params": head.parameters(), "lr": ...})``):
+    OptimizerInBackward inherited MixedOptimizer's add_param_group, which put the new parameters into
+    the first parameter's inner optimizer: no hook of their own, stepped whenever that parameter's hook
+    ran, with whatever gradient they held then, their gradients never freed (so accumulated over
+    backward calls).  Now each gets its own optimizer and hook: the run equals a plain optimizer's."""
+    def run(in_backward: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        body, head = nn.Linear(4, 4), nn.Linear(4, 1)
+        head.requires_grad_(False)
+        opt: Any = (tigeropt.optimizer_in_backward(body.parameters(), cls, lr=0.01) if in_backward
+                    else cls(body.parameters(), lr=0.01))
+        gen = torch.Generator().manual_seed(1)
+        for k in range(4):
+            if k == 2:
+                head.requires_grad_(True)
+                opt.add_param_group({"params": list(head.parameters()), "lr": 0.05})
+            if not in_backward:
+                opt.zero_grad()
+            head(torch.tanh(body(torch.randn(3, 4, generator=gen)))).square().mean().backward()
+            if not in_backward:
+                opt.step()
+            else:
+                assert all(p.grad is None for p in [*body.parameters(), *head.parameters()])
+        return [p.detach().clone() for p in [*body.parameters(), *head.parameters()]]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)

@@ -244,7 +244,7 @@ def test_rowwise_needs_real_2d_parameters(shape: tuple, dtype: torch.dtype) -> N
 def test_rowwise_with_glove_is_an_error() -> None:
     with pytest.raises(ValueError, match="rowwise.*glove"):
         Adagrad([torch.zeros(3, 4, requires_grad=True)], rowwise=True, glove=True)
-    with pytest.raises(ValueError, match="rowwise"):
+    with pytest.raises(TypeError, match="rowwise"):  # a wrong type: TypeError, as for every bool flag
         Adagrad([torch.zeros(3, 4, requires_grad=True)], rowwise="yes")  # type: ignore[arg-type]
 
 

@@ -63,6 +63,7 @@ import itertools
 import math
 import operator
 from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -483,12 +484,33 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p, group))
+                else:
+                    self._match_state_precision(p, state, group)
                 if not (group["lazy"] or p.grad.is_sparse):
                     kinds.add((p.device, p.real.dtype if p.is_complex() else p.dtype))
         for device, dtype in kinds:  # look the fused launchers up now: a traced step only reads them
             path = self._path(group, device, dtype)
             if path in ("fused", "cpu"):
                 self._impl(path)
+
+    def _match_state_precision(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Store ``p``'s state as the group's ``state_precision`` says.  A ``state_precision`` changed
+        by hand between steps (``group["state_precision"] = "8bit"``) converts the state at the next
+        step as ``load_state_dict`` converts a checkpoint (quantized into "8bit", decoded out of it,
+        cast otherwise); before, 8-bit codes met float math (an obscure error) and float state
+        stayed float under "8bit"/"bf16" (no memory saved, silently)."""
+        precision = group.get("state_precision")
+        for key in self.state_keys:
+            t = state.get(key)
+            if not isinstance(t, Tensor):
+                continue
+            key_precision = self._key_precision(key, precision)
+            stored = "8bit" if t.dtype == torch.uint8 else t.dtype
+            if stored == ("8bit" if key_precision == "8bit" else storage_dtype(p, key_precision)):
+                continue
+            converted = convert_state(dict(state), key, p, key_precision, self._state_shape(key, p, group))
+            state.pop(key + "_absmax", None)
+            state.update(converted)
 
     def _step_group(self, group: dict[str, Any], plan_index: int | None = None) -> None:
         params = [p for p in group["params"] if p.grad is not None]
@@ -656,9 +678,25 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
         a checkpoint into the optimizer's own state dict, so a float checkpoint loaded into an
         "8bit" optimizer arrives with the optimizer's old absmax beside it.
         """
+        # torch's load-state-dict hooks run around the whole load, as torch's loader runs them: the pre
+        # hooks first (what they return is what is checked and loaded, state included), the post hooks
+        # once the state is converted; torch's loader below runs with none (it would run them again,
+        # the post hooks before the state conversion that follows it)
+        pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        post_hooks = self._optimizer_load_state_dict_post_hooks
+        state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
+        for pre_hook in list(pre_hooks.values()):
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         groups = self._check_state_dict(state_dict)
         flags = [{k: g.get(k) for k in LOADER_OPTIONS} for g in self.param_groups]
-        super().load_state_dict(state_dict)
+        self._optimizer_load_state_dict_pre_hooks = self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         for group, own in zip(self.param_groups, flags):
             for key, value in self.defaults.items():  # a torch.optim.Adagrad checkpoint lacks our options
                 if key != "differentiable":  # torch's __setstate__ adds it to defaults
@@ -682,6 +720,8 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
                 device = p.device if self._group_of(p).get("capturable") else "cpu"
                 mine["step"] = step.to(device=device, dtype=_scalar_dtype(), copy=True)
         self._drop_plans()  # the plans hold the replaced state tensors
+        for post_hook in list(post_hooks.values()):
+            post_hook(self)
 
     def _check_state_dict(self, state_dict: Any) -> list[dict[str, Any]]:
         """Raise unless ``state_dict`` loads into this optimizer; changes nothing.  Returns its groups."""

@@ -102,6 +102,13 @@ class LowPrecisionSteps:
                         f"for bit; parameter {i} of shape {tuple(p.shape)} has rows of {p[0].numel()} "
                         "elements: use rows of a multiple of 256 elements, or put it in a group with "
                         "state_precision='bf16' or lazy=False)")
+        complex_params = [p.dtype for p in params if p.is_complex()]
+        options = lp_options(group)
+        if complex_params and (options or (precision == "fp32" and torch.complex128 in complex_params)):
+            name = "stochastic_rounding" if sr else "state_precision"
+            raise ValueError(f"Invalid {name}: {sr if sr else precision!r} (complex parameters are not "
+                             f"supported with {options or 'state_precision=fp32 for complex128 parameters'}; "
+                             "put them in a group without these options)")
         if sr and params:
             if any(p.dtype == torch.float16 for p in params):
                 raise ValueError("Invalid stochastic_rounding: True (rounds to bf16; this group holds fp16 "

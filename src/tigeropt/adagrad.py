@@ -132,8 +132,9 @@ def _multi_tensor_adagrad(params: list[Tensor], grads: list[Tensor], state_sums:
 
 
 def row_mean_square(g: Tensor) -> Tensor:
-    """Mean of g^2 over each row of a 2-D ``g``, summed in float64 and rounded once to g's dtype."""
-    return g.to(torch.float64).square().sum(dim=1).div_(g.shape[1]).to(g.dtype)
+    """Mean of g^2 over each row of a 2-D ``g``, summed in float64 and rounded once to g's dtype (0 for
+    rows of no element, as the fused kernels give, not 0/0)."""
+    return g.to(torch.float64).square().sum(dim=1).div_(max(g.shape[1], 1)).to(g.dtype)
 
 
 class Adagrad(TigerOptimizer):
@@ -204,7 +205,7 @@ class Adagrad(TigerOptimizer):
             check(clip is None, "grad_clip_value", clip, "only used with glove=True")
             check(not group["skip_nonfinite_rows"], "skip_nonfinite_rows", True, "only used with glove=True")
         rowwise = group.setdefault("rowwise", False)
-        check(isinstance(rowwise, bool), "rowwise", rowwise, "must be a bool")
+        check_bool("rowwise", rowwise)
         if rowwise:
             check(not group["glove"], "rowwise", rowwise,
                   "not combined with glove=True: choose GloVe-style or row-wise Adagrad")

@@ -68,9 +68,18 @@ class OptimizerInBackward(MixedOptimizer):
             raise ValueError("optimizer_in_backward got an empty parameter list")
         if not isinstance(groups[0], dict):
             groups = [{"params": groups}]
+        self._factory = (optimizer_class, kwargs)
+        self._params, inner = self._build(groups, set())
+        super().__init__(inner)
+        self._handles: list[Any] = []
+        self._attach()
+
+    def _build(self, groups: list[dict[str, Any]], held: set[int]) -> tuple[list[Tensor], list[Optimizer]]:
+        """The parameters of ``groups`` (checked; none of them in ``held``) and one new optimizer each."""
+        optimizer_class, kwargs = self._factory
+        params: list[Tensor] = []
         inner: list[Optimizer] = []
-        self._params: list[Tensor] = []
-        seen: set[int] = set()
+        seen = set(held)
         for group in groups:
             ps = group["params"]
             check_ordered_params(ps)
@@ -87,17 +96,34 @@ class OptimizerInBackward(MixedOptimizer):
                     raise ValueError("optimizer_in_backward: parameters must be leaf tensors with "
                                      f"requires_grad=True (shape {tuple(p.shape)})")
                 seen.add(id(p))
-                self._params.append(p)
+                params.append(p)
                 inner.append(optimizer_class([{"params": [p], **options}], **kwargs))
-        super().__init__(inner)
-        self._handles: list[Any] = []
-        self._attach()
+        return params, inner
 
-    def _attach(self) -> None:
+    def _attach(self, start: int = 0) -> None:
         for k, (p, opt) in enumerate(zip(self._params, self.optimizers)):
+            if k < start:
+                continue
             if isinstance(opt, TigerOptimizer):  # the stochastic rounding of one optimizer over all of them
                 opt._param_index_offset = k
             self._handles.append(p.register_post_accumulate_grad_hook(self._hook(opt)))
+
+    def add_param_group(self, param_group: dict[str, Any], optimizer: Any = None) -> None:
+        """Add a param group (``params`` and its options): like the constructor's groups, one new
+        optimizer per parameter, stepped by its own hook.  (MixedOptimizer's ``add_param_group`` put
+        the parameters into an existing per-parameter optimizer: they were stepped by another
+        parameter's hook, with whatever gradient they held then, and their gradients never freed.)"""
+        if optimizer is not None:
+            raise TypeError("OptimizerInBackward.add_param_group takes no optimizer: each parameter gets "
+                            "its own")
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params, inner = self._build([param_group], {id(p) for p in self._params})
+        start = len(self._params)
+        self._params.extend(params)
+        self.optimizers.extend(inner)
+        if self.attached:
+            self._attach(start)
 
     def _hook(self, opt: Optimizer) -> Callable[[Tensor], None]:
         def hook(p: Tensor) -> None:
@@ -128,7 +154,7 @@ class OptimizerInBackward(MixedOptimizer):
 
     def _own_state(self) -> dict[str, Any]:
         return {"optimizers": self.optimizers, "defaults": self.defaults, "_params": self._params,
-                "_handles": []}
+                "_handles": [], "_factory": self._factory}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

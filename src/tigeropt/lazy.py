@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from . import _lowp
 from ._base import TigerOptimizer, check_sparse_rows, touched_rows
 
 __all__ = ["LazyOptimizer", "embedding_weights"]
@@ -166,7 +167,10 @@ class LazyOptimizer(_WrapperOptimizer):
       ``momentum_buffer``; Adagrad's ``sum``; ...) and every per-row statistic:
       a tensor whose dim 0 has the parameter's rows and whose other dims are 1 or
       the parameter's (``tigeropt.Adagrad(rowwise=True)``'s ``sum`` of shape
-      ``(rows,)``; Adafactor's ``row_var``, ``(rows, 1)``).  Other state is left as
+      ``(rows,)``; Adafactor's ``row_var``, ``(rows, 1)``); 8-bit state
+      (``state_precision="8bit"``) with the absmax of the rows' 256-element blocks,
+      which needs rows of a multiple of 256 elements (other shapes: ``ValueError`` at
+      the step, before anything changes).  Other state is left as
       the wrapped optimizer leaves it: scalars such as the per-tensor ``step``
       counter, and statistics across rows (Adafactor's ``col_var``).
     * Step count: torch's optimizers keep one ``step`` per tensor and it keeps
@@ -315,6 +319,7 @@ class LazyOptimizer(_WrapperOptimizer):
         with torch.no_grad():
             lazy = [p for p in self._lazy_params() if p.grad is not None]
             self._check_sparse_rows(lazy)
+            self._check_8bit_rows(lazy)
             saved = [self._snapshot(p) for p in lazy]
         try:
             self.optimizer.step()
@@ -329,6 +334,26 @@ class LazyOptimizer(_WrapperOptimizer):
         (densifying it would index outside the table)."""
         pairs = [(p, p.grad) for p in params if p.grad is not None and p.grad.is_sparse]
         check_sparse_rows("LazyOptimizer", pairs, self.param_groups)
+
+    def _check_8bit_rows(self, params: list[Tensor]) -> None:
+        """ValueError, before anything changes, for 8-bit state (codes + a per-256-element-block absmax,
+        tigeropt's ``state_precision="8bit"``) of a lazy parameter whose blocks are not whole rows: an
+        untouched row sharing a block with a touched one would keep its codes but get the block's new
+        absmax, i.e. other state values."""
+        opt = self.optimizer
+        for p in params:
+            if _rows_are_blocks(p):
+                continue
+            state = opt.state.get(p, {})
+            will_be_8bit = (isinstance(opt, TigerOptimizer) and opt.state_8bit_keys != ()
+                            and any(g.get("state_precision") == "8bit" and any(q is p for q in g["params"])
+                                    for g in opt.param_groups))
+            if will_be_8bit or any(_is_8bit_codes(k, v, state) for k, v in state.items()):
+                raise ValueError(
+                    f"LazyOptimizer: 8-bit state of a parameter of shape {tuple(p.shape)}: rows of "
+                    f"{p[0].numel()} elements share 256-element blocks (one absmax each), so untouched rows "
+                    "cannot keep their state; use rows of a multiple of 256 elements or "
+                    "state_precision='bf16' for this parameter")
 
     def _snapshot(self, p: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, dict[str, Tensor]]:
         grad = p.grad
@@ -345,8 +370,12 @@ class LazyOptimizer(_WrapperOptimizer):
         if untouched.numel() == 0:
             return p, sparse_grad, None, {}
         rows = {"": rows_of(p).index_select(0, untouched)}
-        for key, value in self.optimizer.state.get(p, {}).items():
-            if _per_row_state(key, value, p):
+        state = self.optimizer.state.get(p, {})
+        for key, value in state.items():
+            if _is_8bit_codes(key[:-7], state.get(key[:-7]), state) and key.endswith("_absmax"):
+                # the absmax of the untouched rows' blocks (whole rows: _check_8bit_rows), with their codes
+                rows[key] = value.index_select(0, _row_blocks(p, untouched).to(value.device))
+            elif _per_row_state(key, value, p):
                 rows[key] = rows_of(value).index_select(0, untouched.to(value.device))
         return p, sparse_grad, untouched, rows
 
@@ -357,7 +386,9 @@ class LazyOptimizer(_WrapperOptimizer):
             rows_of = _rows_view(p)
             for key, saved in rows.items():
                 target = p if key == "" else state.get(key)
-                if target is p or _per_row_state(key, target, p):
+                if key.endswith("_absmax") and _is_8bit_codes(key[:-7], state.get(key[:-7]), state):
+                    target.index_copy_(0, _row_blocks(p, untouched).to(target.device), saved)
+                elif target is p or _per_row_state(key, target, p):
                     rows_of(target).index_copy_(0, untouched.to(target.device), saved.to(target.dtype))
         if sparse_grad is not None:
             p.grad = sparse_grad
@@ -366,6 +397,25 @@ class LazyOptimizer(_WrapperOptimizer):
 def _rows_view(p: Tensor) -> Callable[[Tensor], Tensor]:
     """Tensors of ``p``'s shape as rows: themselves, or a one-row view for a 0-d ``p``."""
     return (lambda t: t) if p.dim() else (lambda t: t.view(1))
+
+
+def _is_8bit_codes(key: str, value: Any, state: dict[str, Any]) -> bool:
+    """Whether state ``key`` is 8-bit codes with a per-block ``<key>_absmax`` beside it."""
+    return isinstance(value, Tensor) and value.dtype == torch.uint8 and isinstance(state.get(key + "_absmax"),
+                                                                                    Tensor)
+
+
+def _rows_are_blocks(p: Tensor) -> bool:
+    """Whether each 256-element block of ``p``'s state lies inside one row (or p has at most one row)."""
+    return p.dim() == 0 or p.shape[0] <= 1 or p[0].numel() % _lowp.BLOCK == 0
+
+
+def _row_blocks(p: Tensor, rows: Tensor) -> Tensor:
+    """Indices of the 8-bit blocks of ``rows`` (rows that are whole blocks, or the only row)."""
+    if p.dim() == 0 or p.shape[0] <= 1:
+        return torch.arange(_lowp.nblocks(p.numel()), device=rows.device)
+    per_row = p[0].numel() // _lowp.BLOCK
+    return (rows[:, None] * per_row + torch.arange(per_row, device=rows.device)).reshape(-1)
 
 
 def _per_row_state(key: str, value: Any, p: Tensor) -> bool:

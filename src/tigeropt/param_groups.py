@@ -66,7 +66,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._validate import check_int, check_number
+from ._validate import check_bool, check_int, check_number
 
 __all__ = ["param_groups", "describe", "ParamGroups", "DEFAULT", "DEFAULT_NO_DECAY", "DEFAULT_EMBEDDINGS",
            "DEFAULT_BLOCK_PATTERN", "NORM_TYPES", "BIAS_PATTERN"]
@@ -178,7 +178,8 @@ def _match_list(value: Any, default: tuple[Match, ...], what: str) -> list[tuple
     elif isinstance(value, Iterable):
         items = list(value)
     else:
-        raise ValueError(f"Invalid {what}: {value!r} (a match, a sequence of matches, DEFAULT or None)")
+        raise TypeError(f"Invalid type for {what}: expected a match, a sequence of matches, DEFAULT or None, "
+                        f"got {type(value).__name__} ({value!r})")
     return [(m, any(m is d for d in default)) for m in items]
 
 
@@ -274,6 +275,14 @@ def param_groups(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Invalid type for model: expected an nn.Module, got {type(model).__name__}")
+    check_bool("names", names)
+    check_bool("strict", strict)
+    if block_pattern is not None and not isinstance(block_pattern, (str, re.Pattern)):
+        raise TypeError(f"Invalid type for block_pattern: expected a regex (str) or None, got "
+                        f"{type(block_pattern).__name__} ({block_pattern!r})")
+    if rules is not None and not isinstance(rules, (list, tuple)):
+        raise TypeError(f"Invalid type for rules: expected a list of dicts, got {type(rules).__name__} "
+                        f"({rules!r})")
     lr = _check_number(lr, "lr")
     weight_decay = _check_number(weight_decay, "weight_decay")
     if layer_decay is not None:
@@ -288,7 +297,8 @@ def param_groups(
     scales: list[tuple[Callable[[_Alias, Tensor], bool], float]] = []
     if lr_scale is not None:
         if not isinstance(lr_scale, Mapping):
-            raise ValueError(f"Invalid lr_scale: {lr_scale!r} (must be a mapping {{match: factor}})")
+            raise TypeError(f"Invalid type for lr_scale: expected a mapping {{match: factor}}, got "
+                            f"{type(lr_scale).__name__} ({lr_scale!r})")
         for m, factor in lr_scale.items():
             pred = _compile(m, "lr_scale key")
             scales.append((pred, _check_number(factor, f"lr_scale[{m!r}]")))
@@ -296,7 +306,10 @@ def param_groups(
 
     compiled_rules: list[tuple[Callable[[_Alias, Tensor], bool], dict[str, Any]]] = []
     for k, rule in enumerate(rules or ()):
-        if not isinstance(rule, Mapping) or "match" not in rule:
+        if not isinstance(rule, Mapping):
+            raise TypeError(f"Invalid type for rules[{k}]: expected a dict with a 'match' key, got "
+                            f"{type(rule).__name__} ({rule!r})")
+        if "match" not in rule:
             raise ValueError(f"Invalid rules[{k}]: {rule!r} (must be a dict with a 'match' key)")
         unknown = sorted(set(rule) - set(_RULE_KEYS))
         if unknown:
@@ -309,7 +322,10 @@ def param_groups(
         if "weight_decay" in rule:
             r["weight_decay"] = _check_number(rule["weight_decay"], f"rules[{k}]['weight_decay']")
         extra = rule.get("extra", {})
-        if not isinstance(extra, Mapping) or any(key in _STANDARD_KEYS for key in extra):
+        if not isinstance(extra, Mapping):
+            raise TypeError(f"Invalid type for rules[{k}]['extra']: expected a dict, got "
+                            f"{type(extra).__name__} ({extra!r})")
+        if any(key in _STANDARD_KEYS for key in extra):
             raise ValueError(f"Invalid rules[{k}]['extra']: {extra!r} (must be a dict without the keys "
                              f"{list(_STANDARD_KEYS)}; use the rule's own 'lr'/'weight_decay')")
         r["extra"] = dict(extra)
