@@ -43,7 +43,9 @@ with stochastic rounding and fp32, bf16 and 8-bit state.  The table gives each r
 to the same parameters with fp32 state and to fp32 parameters and state, the bytes per parameter
 the step moves, and the time those bytes take at the bandwidth the fp32 row reached ("at fp32
 GB/s": a row far above it is bound by its arithmetic, not by memory); the target checked: bf16
-and 8-bit state no slower than fp32 state.
+and 8-bit state no slower than fp32 state.  On Linux, ``THP_MEM_ALLOC_ENABLE=1`` (read by torch's
+CPU allocator) backs large tensors with transparent huge pages: large steps then spend less time on
+TLB misses (the run's header says so and its file name ends in ``-thp``).
 
 Prints the tables and the speed targets checked (tigeropt's fused steps against torch's fused
 AdamW/Adagrad and the copy bandwidth).  With ``--out DIR`` (e.g. ``benchmarks/results``) it also
@@ -76,6 +78,7 @@ from torch import Tensor
 import tigeropt
 
 RESULTS = Path(__file__).resolve().parent / "results"
+THP = os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"  # torch's CPU allocator then madvises huge pages
 
 
 # --------------------------------------------------------------------------------------------- layouts
@@ -835,6 +838,9 @@ def main(argv: list[str] | None = None) -> int:
     if cpu:
         header.append(f"- torch threads: {threads}; load average at start {fmt(load[0] if load else None)}, "
                       f"at end {fmt(load_end[0] if load_end else None)} (other processes share the cores)")
+    if THP:
+        header.append("- THP_MEM_ALLOC_ENABLE=1: torch's CPU allocator asks for transparent huge pages "
+                      "(fewer TLB misses on large tensors)")
     body = []
     for layout, (nparams, results) in by_layout.items():
         body += [""] + (precision_table(layout, nparams, results) if args.precision else
@@ -850,6 +856,8 @@ def main(argv: list[str] | None = None) -> int:
         tag = "-precision" if args.precision else ""
         if args.precision and args.layouts:  # not the default layout: say which, so files do not collide
             tag += "-" + "-".join(layouts)
+        if THP:
+            tag += "-thp"
         md = args.out / f"{date}-{slug}{tag}.md"
         png_note = write_png(md.with_suffix(".png"), by_layout, desc)
         md.write_text(text + f"\n{png_note}\n")
