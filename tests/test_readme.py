@@ -70,3 +70,11 @@ def test_readme_block(code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     torch.manual_seed(0)
     with contextlib.redirect_stdout(io.StringIO()):
         exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
+
+
+def test_every_public_name_is_in_the_readme() -> None:
+    import tigeropt
+
+    text = README.read_text()
+    missing = [name for name in tigeropt.__all__ if f"`{name}" not in text and f"{name}(" not in text]
+    assert not missing, f"public names not documented in README.md: {missing}"
