@@ -16,7 +16,9 @@ Scenarios, each on a small MLP whose 7-row weight is split unevenly (4/3) by FSD
   decide the same on every rank (whole-tensor semantics).
 * ``lazy=True`` (touched rows only) on an FSDP2-sharded embedding.
 * Low precision (bf16 parameters with stochastic rounding, bf16 and 8-bit state) under FSDP2:
-  bit for bit the parameters and state of one process, DCP resume with 2 ranks and with 1 rank.
+  bit for bit the parameters and state of one process, DCP resume with 2 ranks and with 1 rank;
+  on the default path the shards go through the fused C step (blocks split between shards: the
+  torch code and the all-reduce).
   The model computes in fp64 from bf16 parameters (FSDP2's ``param_dtype=float64``, gradients
   reduced in fp64 and rounded to bf16 once, as one process rounds its fp64 gradient), so the
   gradients are the same bits; the rounding hash takes global element indices and the 8-bit
@@ -79,6 +81,8 @@ LOWP: dict[str, tuple[type, dict[str, Any]]] = {
     "adax_8bit": (AdaX, dict(lr=1e-2, state_precision="8bit")),
     "adagrad_bf16": (Adagrad, dict(lr=1e-1, state_precision="bf16")),
     "adax_bf16": (AdaX, dict(lr=1e-2, state_precision="bf16")),
+    # whole-tensor RMS: not for the kernels (nor for the torch code on a shard's split blocks)
+    "tiger_lr_scaling_8bit": (Tiger, dict(lr=1e-2, lr_scaling=True, state_precision="8bit")),
 }
 LOWP_PATHS = {"tiger_8bit": ["default", "reference"]}  # others: the default path
 LOWP_CHECKPOINTED = ["lion_bf16", "tiger_8bit", "adax_8bit"]
@@ -363,12 +367,28 @@ def _scenarios(rank: int, world: int, outdir: str) -> dict[str, Callable[[], Any
                  checkpoint_id=ckpt)
         return _dcp_resume(cls, kw, ckpt, rank, world)
 
-    def fsdp_lowp(name: str, pname: str) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    def fsdp_lowp(name: str, pname: str) -> tuple[list[Tensor], list[dict[str, Tensor]], int]:
+        """(parameters, state, number of shards the fused C kernel took with their global offsets)."""
+        from tigeropt import _cpu
+
         kind = _lowp_kind(name)
         model = _fsdp(_lowp_model(kind=kind))
         opt = _lowp_optimizer(model, name, pname)
-        _train(model, opt, range(STEPS), kind=kind, rank=rank, world=world)
-        return _full(model), _full_state(model, opt)
+        taken = []
+        real = _cpu.lowp_step
+
+        def spy(opt_name: str, params: list[Tensor], *args: Any, **kwargs: Any) -> list[int]:
+            rest = real(opt_name, params, *args, **kwargs)
+            if kwargs.get("offsets") is not None:
+                taken.append(len(params) - len(rest))
+            return rest
+
+        _cpu.lowp_step = spy
+        try:
+            _train(model, opt, range(STEPS), kind=kind, rank=rank, world=world)
+        finally:
+            _cpu.lowp_step = real
+        return _full(model), _full_state(model, opt), sum(taken)
 
     def fsdp_lowp_checkpoint(name: str) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
         model = _fsdp(_lowp_model())
@@ -623,7 +643,12 @@ def test_fsdp2_low_precision_equals_one_process_bitwise(results: dict[str, Any],
     assert state[key].dtype == {None: torch.float32, "bf16": torch.bfloat16, "8bit": torch.uint8}[precision]
     if precision == "8bit":  # blocks split between the ranks' shards hold non-zero codes on both sides
         assert state[key].reshape(-1)[299].item() != 0 and state[key].reshape(-1)[300].item() != 0
-    _assert_bitwise(_get(results, f"lowp/{name}/{path}"), want)
+    got = _get(results, f"lowp/{name}/{path}")
+    _assert_bitwise(got, want)
+    from tigeropt import _cpu
+
+    if path == "default" and _cpu.available():  # the shards went through the fused C step
+        assert (got[2] > 0) == ("lr_scaling" not in LOWP[name][1])
 
 
 @pytest.mark.parametrize("name", list(LOWP_LAZY))

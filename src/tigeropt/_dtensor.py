@@ -21,6 +21,7 @@ Below the optimizers: imports nothing from tigeropt but :mod:`tigeropt._lowp`.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,8 +30,8 @@ from torch import Tensor
 from . import _lowp
 
 __all__ = ["dtensor_module", "is_dtensor", "to_local", "check_whole_rows", "all_finite", "global_bool",
-           "shard_offset", "replicated", "decode_sharded", "encode_sharded", "init_8bit_sharded",
-           "sync_owned_absmax", "as_shard_like"]
+           "shard_offset", "replicated", "decode_sharded", "encode_sharded", "shard_encode", "ShardedEncode",
+           "init_8bit_sharded", "sync_owned_absmax", "as_shard_like"]
 
 _DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")  # public since torch 2.5
 
@@ -130,36 +131,52 @@ def decode_sharded(codes: Tensor, absmax: Tensor) -> Tensor:
                                   run_check=False, shape=codes.shape, stride=codes.stride())
 
 
-def encode_sharded(items: list[tuple[Tensor, Tensor, Tensor, int | None]]) -> None:
-    """Store (codes, absmax, fp32 values, hash key) of sharded 8-bit state: each shard's partial block
-    absmax, one all-reduce (max) per device mesh for the whole tensors' absmax, then every shard
-    encoded with its blocks' absmax (a block split between shards gets the same on both)."""
+@dataclass
+class ShardedEncode:
+    """One 8-bit DTensor state tensor's part in :func:`encode_sharded`: this rank's block maxima of the
+    whole tensor's blocks (``partial``, zero for blocks it holds no element of) and the pieces of its
+    local shard to encode once the maxima are all-reduced."""
+
+    order: tuple[int, int]  # (parameter index, state index): the all-reduce's order, the same on every rank
+    absmax: Tensor  # the replicated absmax (a Replicate DTensor of (nblocks,))
+    partial: Tensor  # (nblocks,) fp32
+    #: (local codes view, fp32 values of its shape, global index of its first element, hash key or None)
+    pieces: list[tuple[Tensor, Tensor, int, int | None]] = field(default_factory=list)
+
+
+def shard_encode(codes: Tensor, absmax: Tensor, values: Tensor, key: int | None,
+                 order: tuple[int, int] = (0, 0)) -> ShardedEncode:
+    """The :class:`ShardedEncode` of a whole local shard of ``codes`` (a DTensor) from its fp32 ``values``."""
+    local, offset = codes.to_local(), shard_offset(codes)  # type: ignore[attr-defined]
+    partial = torch.zeros(absmax.shape[0], dtype=torch.float32, device=to_local(absmax).device)
+    first, count = _lowp.covered_blocks(values.numel(), offset)
+    partial[first:first + count] = _lowp.block_absmax(values, offset)
+    return ShardedEncode(order, absmax, partial, [(local, values.reshape(local.shape), offset, key)])
+
+
+def encode_sharded(items: list[ShardedEncode]) -> None:
+    """Store sharded 8-bit state: one all-reduce (max) per device mesh of every item's partial block
+    maxima gives the whole tensors' absmax (a block split between shards gets the same on both), then
+    each item's pieces are encoded with their blocks' absmax and the replicated absmax is stored.
+    Every rank must call it with the same items (the same ``order`` keys), in any order."""
     dt = dtensor_module()
-    by_mesh: dict[Any, list[tuple[Tensor, Tensor, Tensor, int | None]]] = {}
-    for item in items:
-        by_mesh.setdefault(item[1].device_mesh, []).append(item)  # type: ignore[attr-defined]
+    by_mesh: dict[Any, list[ShardedEncode]] = {}
+    for item in sorted(items, key=lambda it: it.order):
+        by_mesh.setdefault(item.absmax.device_mesh, []).append(item)  # type: ignore[attr-defined]
     for mesh, group in by_mesh.items():
-        partial = []
-        for codes, absmax, values, _ in group:
-            full = torch.zeros(absmax.shape[0], dtype=torch.float32, device=to_local(absmax).device)
-            offset = shard_offset(codes)
-            first, count = _lowp.covered_blocks(values.numel(), offset)
-            full[first:first + count] = _lowp.block_absmax(values, offset)
-            partial.append(full)
-        reduced = dt.DTensor.from_local(torch.cat(partial), mesh, [dt.Partial("max")] * mesh.ndim,
-                                        run_check=False)
+        reduced = dt.DTensor.from_local(torch.cat([it.partial for it in group]), mesh,
+                                        [dt.Partial("max")] * mesh.ndim, run_check=False)
         whole = reduced.redistribute(mesh, [dt.Replicate()] * mesh.ndim).to_local()
         start = 0
-        for codes, absmax, values, key in group:
-            nb = absmax.shape[0]
+        for it in group:
+            nb = it.partial.shape[0]
             blocks = whole[start:start + nb]
             start += nb
-            offset = shard_offset(codes)
-            first, count = _lowp.covered_blocks(values.numel(), offset)
-            local = codes.to_local()  # type: ignore[attr-defined]
-            local.copy_(_lowp.encode_8bit(values.reshape(local.shape), key, offset=offset,
-                                          absmax=blocks[first:first + count])[0])
-            to_local(absmax).copy_(blocks)
+            for codes, values, offset, key in it.pieces:
+                first, count = _lowp.covered_blocks(values.numel(), offset)
+                codes.copy_(_lowp.encode_8bit(values, key, offset=offset,
+                                              absmax=blocks[first:first + count])[0])
+            to_local(it.absmax).copy_(blocks)
 
 
 def init_8bit_sharded(p: Tensor, value: float) -> tuple[Tensor, Tensor]:

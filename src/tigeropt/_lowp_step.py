@@ -38,6 +38,7 @@ from torch import Tensor
 
 from . import _lowp, kernels
 from ._dtensor import (
+    ShardedEncode,
     as_shard_like,
     check_whole_rows,
     decode_sharded,
@@ -45,6 +46,7 @@ from ._dtensor import (
     init_8bit_sharded,
     is_dtensor,
     replicated,
+    shard_encode,
     shard_offset,
     sync_owned_absmax,
     to_local,
@@ -164,10 +166,17 @@ class LowPrecisionSteps:
         for j, p in enumerate(params):
             md = torch.float64 if p.dtype == torch.float64 else torch.float32
             buckets.setdefault((p.device, md), []).append(j)
+        sharded: list[ShardedEncode] = []  # 8-bit DTensor state: one all-reduce for the whole step
         for (device, md), js in buckets.items():
             if c_store and device.type == "cpu" and md == torch.float32 and self.kernel is not None:
-                js = self._step_low_precision_c(group, [params[j] for j in js], [grads[j] for j in js], hyper,
-                                                index, js)
+                shards = [j for j in js if is_dtensor(params[j])]
+                plain = [j for j in js if not is_dtensor(params[j])] if shards else js
+                if shards:
+                    shards = self._step_lowp_shards_c(group, params, grads, shards, index, hyper, sharded)
+                if plain:
+                    plain = self._step_low_precision_c(group, [params[j] for j in plain],
+                                                       [grads[j] for j in plain], hyper, index, plain)
+                js = sorted(plain + shards)
                 if not js:
                     continue
             js = self._step_lowp_triton(group, device, md, params, grads, js, index, hyper)
@@ -181,7 +190,6 @@ class LowPrecisionSteps:
             work_s = [[_read_state(st, k, md) for st in states] for k in self.state_keys]
             impl = self._impl(self._path(group, device, md))
             impl(work_p, [grads[j] for j in js], *work_s, steps, **hyper)
-            sharded: list[tuple[Tensor, Tensor, Tensor, int | None]] = []  # 8-bit DTensor state
             for p, st, w, *ws in zip(ps, states, work_p, *work_s):
                 step, pidx = st["step"] if traced else int(st["step"]), index[id(p)]
                 if w is not p:
@@ -194,9 +202,128 @@ class LowPrecisionSteps:
                         p.copy_(w)
                 for i, (k, w_s) in enumerate(zip(self.state_keys, ws)):
                     _write_state(st, k, w_s, _key32(seed, step, pidx, 1 + i) if sr else None, c_store,
-                                 sharded)
-            if sharded:
-                encode_sharded(sharded)
+                                 sharded, (pidx, i))
+        if sharded:
+            encode_sharded(sharded)
+
+    def _step_lowp_shards_c(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                            js: list[int], index: dict[int, int], hyper: dict[str, Any],
+                            sharded: list[ShardedEncode]) -> list[int]:
+        """The low-precision step of DTensor parameters ``params[j]``, ``j`` in ``js`` (FSDP2 Shard(0) or
+        Replicate, on CPU), in the fused C kernel: each local shard with the global index of its first
+        element (hash keys, 8-bit block grid).  8-bit state keeps the whole tensor's blocks
+        (:mod:`tigeropt._dtensor`): the kernel takes the elements of the blocks the shard holds whole,
+        the torch code the elements of a block split with a neighbouring shard (at most one at each
+        end), whose partial absmax join ``sharded`` (the step's one all-reduce), as do the kernel's
+        blocks (so that every rank's replicated absmax gets them).  Bit for bit the torch code on
+        the DTensors.  Returns the entries of ``js`` it did not take (untouched)."""
+        c = _c_lowp()
+        if c is None or self._unfused_options(group):  # options with whole-tensor or row-wise semantics
+            return js
+        keys = self.state_keys
+        rest: list[int] = []
+        todo = []  # (j, offset, numel, (start, end) of the kernel's part)
+        for j in js:
+            p, g = params[j], grads[j]
+            st = self.state[p]
+            tensors = [p, g, *(st[k] for k in keys)]
+            if not (is_dtensor(g) and g.placements == p.placements  # type: ignore[attr-defined]
+                    and all(is_dtensor(t) for t in tensors[2:])):
+                rest.append(j)
+                continue
+            local = [to_local(t) for t in tensors]
+            if (not all(t.is_contiguous() for t in local)
+                    or any(t.numel() != local[0].numel() for t in local)):
+                rest.append(j)
+                continue
+            offset, n = shard_offset(p), local[0].numel()
+            a, b = 0, n
+            if any(st[k].dtype == torch.uint8 for k in keys):  # split blocks at the ends: the torch code
+                total = p.numel()
+                if offset % _lowp.BLOCK:
+                    a = min(n, _lowp.BLOCK - offset % _lowp.BLOCK)
+                if (offset + n) % _lowp.BLOCK and offset + n < total:
+                    b = max(a, n - (offset + n) % _lowp.BLOCK)
+            todo.append((j, offset, n, (a, b)))
+        flat = {}  # j -> flattened local p, g, states
+        for j, _, _, _ in todo:
+            p = params[j]
+            st = self.state[p]
+            flat[j] = [to_local(t).view(-1) for t in (p, grads[j], *(st[k] for k in keys))]
+        absmax = {j: [to_local(self.state[params[j]][k + "_absmax"]) if self.state[params[j]][k].dtype ==
+                      torch.uint8 else None for k in keys] for j in flat}
+        # the kernel's parts: one call for every shard
+        inner = [(j, o, a, b) for j, o, _, (a, b) in todo if b > a]
+        taken = set(j for j, _, _, _ in todo)
+        if inner:
+            ps, gs = [flat[j][0][a:b] for j, _, a, b in inner], [flat[j][1][a:b] for j, _, a, b in inner]
+            ss = [[flat[j][2 + i][a:b] for j, _, a, b in inner] for i in range(len(keys))]
+            ams = [[None if absmax[j][i] is None else
+                    absmax[j][i][(o + a) // _lowp.BLOCK:][:c.lowp_absmax_len(b - a, o + a)]
+                    for j, o, a, b in inner] for i in range(len(keys))]
+            steps = [self.state[params[j]]["step"] for j, *_ in inner]
+            back = c.lowp_step(self.kernel, ps, gs, ss, ams, steps, hyper,
+                               param_index=[index[id(params[j])] for j, *_ in inner],
+                               seed=group["sr_seed"], stochastic_rounding=group["stochastic_rounding"],
+                               offsets=[o + a for _, o, a, _ in inner])
+            for k in back:
+                taken.discard(inner[k][0])
+                rest.append(inner[k][0])
+        ran = {j for j, *_ in inner}
+        # the split blocks' elements: the torch code (working copies, the group's foreach rule)
+        edges = []  # (j, start, end)
+        for j, _, n, (a, b) in todo:
+            if j not in taken:
+                continue
+            if j not in ran:  # no element for the kernel: the step count is incremented here
+                self.state[params[j]]["step"] += 1
+            edges += [(j, lo, hi) for lo, hi in ((0, a), (b, n)) if hi > lo]
+        if edges:
+            md = torch.float32
+            work_p = [flat[j][0][lo:hi].to(md) for j, lo, hi in edges]
+            work_s = [[flat[j][2 + i][lo:hi].to(md) if absmax[j][i] is None
+                       else _decode_piece(flat[j][2 + i][lo:hi], absmax[j][i], shard_offset(params[j]) + lo)
+                       for j, lo, hi in edges] for i in range(len(keys))]
+            impl = self._impl(self._path(group, params[edges[0][0]].device, md))
+            impl(work_p, [flat[j][1][lo:hi] for j, lo, hi in edges], *work_s,
+                 [self.state[params[j]]["step"] for j, _, _ in edges], **hyper)
+        seed = group["sr_seed"] if group["stochastic_rounding"] else None
+        pieces: dict[tuple[int, int], list[tuple[Tensor, Tensor, int, int | None]]] = {}
+        for e, (j, lo, hi) in enumerate(edges):
+            p = params[j]
+            pidx, step, off = index[id(p)], int(self.state[p]["step"]), shard_offset(p) + lo
+            dst, w = flat[j][0][lo:hi], work_p[e]
+            if seed is not None and dst.dtype == torch.bfloat16:
+                w = _lowp.round_bf16(w, _lowp.key32(seed, step, pidx, 0), offset=off)
+            dst.copy_(w)
+            for i in range(len(keys)):
+                dst, w = flat[j][2 + i][lo:hi], work_s[i][e]
+                key = None if seed is None else _lowp.key32(seed, step, pidx, 1 + i)
+                if absmax[j][i] is not None:
+                    pieces.setdefault((j, i), []).append((dst, w, off, key))
+                    continue
+                if key is not None and dst.dtype == torch.bfloat16:
+                    w = _lowp.round_bf16(w, key, offset=off)
+                dst.copy_(w)
+        # every 8-bit state of a taken shard joins the step's all-reduce (the same items on every rank)
+        for j, o, _, (a, b) in todo:
+            if j not in taken:
+                continue
+            st = self.state[params[j]]
+            for i, k in enumerate(keys):
+                am = absmax[j][i]
+                if am is None:
+                    continue
+                partial = torch.zeros_like(am)
+                if b > a:  # the kernel's blocks, their absmax as it stored them
+                    first, count = _lowp.covered_blocks(b - a, o + a)
+                    partial[first:first + count] = am[first:first + count]
+                for _, values, off, _ in pieces.get((j, i), []):
+                    first, count = _lowp.covered_blocks(values.numel(), off)
+                    partial[first:first + count] = _lowp.block_absmax(values, off)
+                sharded.append(ShardedEncode((index[id(params[j])], i), st[k + "_absmax"], partial,
+                                             pieces.get((j, i), [])))
+        return sorted(rest)
 
     def _lowp_c_plan(self, group: dict[str, Any], params: list[Tensor], first: int) -> Any:
         """The fused C step of this low-precision group's ``params`` (those with gradients) as a
@@ -400,6 +527,13 @@ def _read_state(state: dict[str, Any], key: str, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _decode_piece(codes: Tensor, absmax: Tensor, offset: int) -> Tensor:
+    """fp32 values of 8-bit ``codes`` whose first element has the global index ``offset``, from the
+    whole tensor's block maxima ``absmax``."""
+    first, count = _lowp.covered_blocks(codes.numel(), offset)
+    return _lowp.decode_8bit(codes, absmax[first:first + count], offset)
+
+
 def _key32(seed: int, step: int | Tensor, param_index: int, stream: int) -> Any:
     """:func:`_lowp.key32`; with ``step`` a tensor (a traced step) an int64 0-d tensor."""
     if isinstance(step, Tensor):
@@ -431,17 +565,18 @@ def _fast_sr_bf16(src: Tensor, dst: Tensor, key: int, offset: int = 0) -> bool:
 
 
 def _write_state(state: dict[str, Any], key: str, work: Tensor, sr_key: int | None, c_store: bool = False,
-                 sharded: list[tuple[Tensor, Tensor, Tensor, int | None]] | None = None) -> None:
+                 sharded: list[ShardedEncode] | None = None, order: tuple[int, int] = (0, 0)) -> None:
     """Store a working copy into state ``key``: once rounded (stochastically with ``sr_key``); with
     ``c_store`` by the C twins of the torch code where they take the tensors.  DTensor state is
     stored shard by shard with global element indices; its 8-bit stores are appended to ``sharded``
-    (for one :func:`encode_sharded` of the whole step) or, without it, done at once."""
+    (for one :func:`encode_sharded` of the whole step; ``order``: (parameter index, state index))
+    or, without it, done at once."""
     t = state[key]
     if work is t:
         return
     if is_dtensor(t):
         if t.dtype == torch.uint8:
-            item = (t, state[key + "_absmax"], to_local(work), sr_key)
+            item = shard_encode(t, state[key + "_absmax"], to_local(work), sr_key, order)
             encode_sharded([item]) if sharded is None else sharded.append(item)
         elif t.dtype == torch.bfloat16 and sr_key is not None:
             to_local(t).copy_(_lowp.round_bf16(to_local(work), sr_key, offset=shard_offset(t)))
@@ -497,7 +632,7 @@ def _convert_sharded(key: str, src: Tensor, absmax: Tensor | None, p: Tensor, pr
     if precision == "8bit":
         codes = torch.zeros_like(p, dtype=torch.uint8)
         whole = replicated(torch.zeros(_lowp.nblocks(p.numel()), device=to_local(p).device), p)
-        encode_sharded([(codes, whole, to_local(src).to(torch.float32), None)])
+        encode_sharded([shard_encode(codes, whole, to_local(src).to(torch.float32), None)])
         return {key: codes, key + "_absmax": whole}
     return {key: src.to(device=p.device, dtype=storage_dtype(p, precision), copy=True)}
 
