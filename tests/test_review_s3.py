@@ -104,6 +104,25 @@ def test_capturable_set_by_torch_compile_keeps_a_path_for_every_group(cls: type,
     assert plain._path(plain.param_groups[0], torch.device("cuda"), torch.float64) == "foreach"
 
 
+@pytest.mark.parametrize("cls,kw", _EXTRAS + [(Lion, dict(foreach=True))],
+                         ids=[*(f"{c.__name__}-{next(iter(k))}" for c, k in _EXTRAS), "Lion-foreach"])
+def test_checkpoint_loads_after_torch_compile_set_capturable(cls: type, kw: dict[str, Any]) -> None:
+    """After torch.compile has set capturable=True on a GPU optimizer's groups, load_state_dict checked
+    the checkpoint's group together with that flag and refused to resume ("capturable=True does not
+    support the options this group uses", "capturable=True needs the fused Triton path").  The flag is
+    the loading optimizer's, not the checkpoint's: the checkpoint loads, the flag stays."""
+    p = nn.Parameter(torch.randn(4, 256))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = cls([p], **kw)
+    p.grad = torch.randn(4, 256)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    opt.param_groups[0]["capturable"] = True  # what Dynamo writes into a CUDA optimizer's groups
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["capturable"] is True
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls,kw", _EXTRAS, ids=[f"{c.__name__}-{next(iter(k))}" for c, k in _EXTRAS])
 def test_cuda_compiled_step_with_options_the_triton_step_lacks(cls: type, kw: dict[str, Any]) -> None:
@@ -479,3 +498,54 @@ def test_optimizer_in_backward_add_param_group_steps_the_new_parameters_in_backw
 
     for a, b in zip(run(False), run(True)):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ optimizer_in_backward + on_nonfinite
+@pytest.mark.parametrize("where", ["kwargs", "group"])
+@pytest.mark.parametrize("mode", ["skip", "raise"])
+def test_optimizer_in_backward_refuses_whole_step_nonfinite_policies(mode: str, where: str) -> None:
+    """on_nonfinite="skip" promises the whole group left untouched, "raise" an error before any group
+    changes; inside backward each parameter is stepped when its gradient arrives, so "skip" updated
+    every parameter but the NaN one (a partial step) and "raise" left the parameters whose hooks had
+    already run updated while saying "nothing was updated".  Refused like the other policies that
+    need all gradients first."""
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    kwargs = dict(on_nonfinite=mode) if where == "kwargs" else {}
+    params: Any = [a, b] if where == "kwargs" else [{"params": [a, b], "on_nonfinite": mode}]
+    with pytest.raises(ValueError, match="Invalid on_nonfinite"):
+        tigeropt.optimizer_in_backward(params, Tiger, lr=0.1, **kwargs)
+    ok = tigeropt.optimizer_in_backward([a], Tiger, lr=0.1)
+    with pytest.raises(ValueError, match="Invalid on_nonfinite"):
+        ok.add_param_group({"params": [b], "on_nonfinite": mode})
+    assert len(ok.optimizers) == 1
+
+
+# ------------------------------------------------------------------ MixedOptimizer.add_param_group: types
+def test_mixed_add_param_group_checks_its_arguments() -> None:
+    """optimizer=True chose inner optimizer 1 (bool is an int); optimizer='0' or 1.0 raised ValueError; a
+    list instead of a dict raised "list indices must be integers"; a group without params a KeyError."""
+    a, b, c = (nn.Parameter(torch.ones(2)) for _ in range(3))
+    mixed = tigeropt.MixedOptimizer(Tiger([a]), Lion([b]))
+    for bad in (True, "0", 1.0):
+        with pytest.raises(TypeError, match="Invalid type for optimizer"):
+            mixed.add_param_group({"params": [c]}, optimizer=bad)
+    with pytest.raises(TypeError, match="Invalid type for param_group"):
+        mixed.add_param_group([c])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Invalid param_group"):
+        mixed.add_param_group({"lr": 0.1})
+    assert [len(o.param_groups) for o in mixed.optimizers] == [1, 1]
+
+
+# ------------------------------------------------------------------ fused=True with fp64 parameters
+@pytest.mark.skipif(not TRITON, reason="fused=True needs Triton (the interpreter on CPU)")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=str)
+def test_fused_with_parameters_the_kernels_do_not_take_fails_in_the_constructor(dtype: torch.dtype) -> None:
+    """An impossible combination fails in the constructor (README, "Bad input"): fused=True with fp64
+    parameters was accepted and raised TypeError at the first step.  Now a ValueError naming fused,
+    from the constructor and add_param_group."""
+    with pytest.raises(ValueError, match="Invalid fused: True"):
+        Lion([torch.zeros(3, dtype=dtype, requires_grad=True)], fused=True)
+    opt = Lion([torch.zeros(3, requires_grad=True)], fused=True)
+    with pytest.raises(ValueError, match="Invalid fused: True"):
+        opt.add_param_group({"params": [torch.zeros(3, dtype=dtype, requires_grad=True)]})
+    assert len(opt.param_groups) == 1

@@ -217,6 +217,13 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
         if fused and (self.kernel is None or not kernels.triton_usable()):
             why = kernels.triton_status() if self.kernel else "this optimizer has no fused kernel"
             raise RuntimeError(f"{type(self).__name__}(fused=True) is not available: {why}")
+        if fused:
+            wide = sorted({str(p.dtype) for p in group.get("params", []) if isinstance(p, Tensor)
+                           and (p.real.dtype if p.is_complex() else p.dtype) not in kernels.TRITON_DTYPES})
+            if wide:
+                raise ValueError(f"Invalid fused: True (the Triton kernels take fp32/bf16/fp16 parameters, "
+                                 f"this group holds {', '.join(wide)}; use foreach=True or leave fused "
+                                 "unset)")
 
 
     # ----------------------------------------------------------------- hooks for subclasses
@@ -795,7 +802,9 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
                                      "(one per 256-element block)")
         for i, candidate in enumerate(merged):
             try:
-                self._validate(candidate)
+                # capturable stays this optimizer's, and torch.compile sets it on every group it traces on
+                # a GPU, whatever the group's options (see _choose_path): not the checkpoint's to fail on
+                self._validate({**candidate, "capturable": False})
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{name}: param group {i} of the checkpoint: {exc}") from None
         return saved_groups

@@ -21,7 +21,9 @@ What needs every gradient before any update cannot run this way and is refused:
   training loop that still calls it (typically after ``clip_grad_norm_``, a ``GradScaler``'s
   ``unscale_``/``step`` or several ``backward()`` calls of gradient accumulation) stops at
   once instead of training silently with unclipped, scaled or per-micro-batch updates;
-* ``GradScaler.step(opt)`` raises the same error.
+* ``GradScaler.step(opt)`` raises the same error;
+* ``on_nonfinite="skip"`` or ``"raise"`` (a decision over all gradients of a group) is a
+  ``ValueError``: in backward it could only skip or stop part of the model's update.
 
 The object is a ``torch.optim.Optimizer`` (a :class:`~tigeropt.MixedOptimizer` of the
 per-parameter optimizers): ``param_groups`` (one group per parameter, the inner optimizers'
@@ -97,7 +99,16 @@ class OptimizerInBackward(MixedOptimizer):
                                      f"requires_grad=True (shape {tuple(p.shape)})")
                 seen.add(id(p))
                 params.append(p)
-                inner.append(optimizer_class([{"params": [p], **options}], **kwargs))
+                opt = optimizer_class([{"params": [p], **options}], **kwargs)
+                mode = opt.param_groups[0].get("on_nonfinite", "ignore") if opt.param_groups else "ignore"
+                if mode != "ignore":
+                    raise ValueError(
+                        f"Invalid on_nonfinite: {mode!r} (optimizer_in_backward steps each parameter as its "
+                        "gradient arrives: 'skip' would skip only the parameters whose own gradient is "
+                        "non-finite and step the others, and 'raise' would raise after earlier parameters "
+                        "were updated; both need all gradients first: use an ordinary optimizer, or "
+                        "GradScaler with one)")
+                inner.append(opt)
         return params, inner
 
     def _attach(self, start: int = 0) -> None:

@@ -212,6 +212,14 @@ class MixedOptimizer(_WrapperOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any], optimizer: int | Optimizer = 0) -> None:
         """Add ``param_group`` to the inner optimizer ``optimizer`` (an index or the object; default 0)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"Invalid type for param_group: expected a dict, got "
+                            f"{type(param_group).__name__}")
+        if "params" not in param_group:
+            raise ValueError(f"Invalid param_group: {param_group!r} (must hold 'params')")
+        if isinstance(optimizer, bool) or not isinstance(optimizer, (int, Optimizer)):
+            raise TypeError(f"Invalid type for optimizer: expected an index or one of the inner optimizers, "
+                            f"got {type(optimizer).__name__} ({optimizer!r})")
         if isinstance(optimizer, Optimizer):
             matches = [i for i, o in enumerate(self.optimizers) if o is optimizer]
             if not matches:
