@@ -22,7 +22,8 @@ Runs are taken in priority order, stage by stage:
 6. ``long``    3,000 steps at batch 32 (5x the windows): the best 600-step settings, several betas;
    then seeds 1, 2 of each optimizer's best 3,000-step setting.
 7. ``batch``   fixed budget of 19,200 windows: batch 128 x 150 steps and 512 x 38 steps
-   (gradient accumulation over micro-batches of 32), lr steps around the batch-32 best.
+   (gradient accumulation over micro-batches of 32), lr steps around the batch-32 best; then
+   seeds 1, 2 of each optimizer's best there.
 8. ``lr_scaling``  Tiger with the original's ``lr_scaling`` (its wd 0.01), a few lr.
    (Stages 6-8 are interleaved: the most telling runs of each first.)
 9. more ``refine`` and ``seeds`` rounds.
@@ -477,6 +478,16 @@ def _batch(plan: Plan, records: Records, main: dict[str, Any], regimes: slice,
                 yield "batch", lr_steps[0]
 
 
+def _batch_seeds(plan: Plan, records: Records, main: dict[str, Any]) -> Iterator[tuple[str, Spec]]:
+    """Seeds 1, 2 of each optimizer's best (seed 0) in each larger-batch regime."""
+    for batch, steps in plan.batch_regimes:
+        for name in OPTIMIZERS:
+            top = best(records, **dict(main, batch_size=batch, steps=steps, seed=0), optimizer=name)
+            if top is not None:
+                for seed in plan.seeds:
+                    yield "batch", replace(as_spec(top), seed=seed)
+
+
 def _lr_scaling(plan: Plan) -> Iterator[tuple[str, Spec]]:
     """Tiger's lr_scaling (lr relative to each tensor's RMS): the original's wd 0.01, a few lr and betas."""
     for beta in ((0.965,),) if plan.small else ((0.8,),):
@@ -508,6 +519,7 @@ def stages(plan: Plan, records: dict[str, dict[str, Any]]) -> Iterator[tuple[str
     yield from _long_seeds(plan, records, main)
     yield from _batch(plan, records, main, slice(1, None), more=False)
     yield from _batch(plan, records, main, slice(None), more=True)
+    yield from _batch_seeds(plan, records, main)
     for caps in plan.refine_caps[2:]:
         yield from _refine(plan, records, main, caps)
         yield from _seeds(plan, records, main)
