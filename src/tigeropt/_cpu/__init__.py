@@ -69,7 +69,7 @@ from .._ops import compiling, join_lr, split_lr
 
 __all__ = ["supports", "available", "status", "build", "cache_dir", "fused_tiger", "fused_lion",
            "fused_adax", "fused_adagrad", "StepPlan", "SOURCE", "NAMES", "lowp_step", "lowp_absmax_len",
-           "LowpStepPlan"]
+           "LowpStepPlan", "lowp_simd"]
 
 SOURCE = Path(__file__).with_name("kernels.c")
 NAMES = ("tiger", "lion", "adax", "adagrad")
