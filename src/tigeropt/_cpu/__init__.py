@@ -16,10 +16,12 @@ its version, the flags and the CPU model, so a shared home directory never
 hands one machine another machine's instructions.  The file is written under
 a temporary name and renamed atomically, so concurrent processes never load a
 half-written library.  It is loaded with :mod:`ctypes`; no torch headers are
-needed and a build takes about a second.  Without a compiler, or if the build
-fails, :func:`available` is False (one ``RuntimeWarning`` says why) and the
-optimizers use the foreach path.  ``TIGEROPT_CPU_FUSED=0`` switches the fused
-CPU step off.
+needed and a build takes about a second.  ``TIGEROPT_CFLAGS`` (a test hook, e.g.
+``-fsanitize=address,undefined -g`` for a sanitizer run or ``-mno-avx512f`` for the generic
+low-precision loop) is appended to every flag set, so it is part of the build's name.
+Without a compiler, or if the build fails, :func:`available` is False (one
+``RuntimeWarning`` says why) and the optimizers use the foreach path.
+``TIGEROPT_CPU_FUSED=0`` switches the fused CPU step off.
 
 Numerics are those of the reference (``_single_tensor_<name>``) functions,
 operation by operation (see ``kernels.c``): math in the state dtype (fp32 for
@@ -48,9 +50,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import operator
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -83,6 +87,7 @@ _BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"
 _FLAG_SETS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
 _STRIDED = torch.strided
 _IS_CPU = operator.attrgetter("is_cpu")
+_DTYPE = operator.attrgetter("dtype")
 # Tensor subclasses (DTensor, FakeTensor under torch.compile, quantized wrappers) have no plain
 # storage to hand to C: they take the foreach path.
 _PLAIN = frozenset({Tensor, torch.nn.Parameter})
@@ -156,8 +161,9 @@ def build(cache: Path | None = None, compiler: str | None = None) -> Path:
     source = SOURCE.read_bytes()
     version = _compiler_version(cc)
     errors = []
+    user = shlex.split(os.environ.get("TIGEROPT_CFLAGS", ""))  # test hook (sanitizers, -mno-avx512f)
     for extra in _FLAG_SETS:
-        flags = _BASE_FLAGS + extra
+        flags = _BASE_FLAGS + extra + user
         key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(flags).encode(),
                                          _cpu_identity().encode()])).hexdigest()[:20]
         lib = cache / f"kernels-{key}.so"
@@ -562,6 +568,7 @@ class StepPlan:
         self.fn = getattr(lib, f"tigeropt_{name}")
         self.steps_fn = lib.tigeropt_steps
         self.code = code
+        self.dtype = params[0].dtype
         self.p_ptrs = _ptrs(params)
         self.state_ptrs = [_ptrs(s) for s in states]
         self.numel = array("q", map(Tensor.numel, params))
@@ -588,14 +595,16 @@ class StepPlan:
         return StepPlan(name, lib, next(iter(groups)), params, states, steps)
 
     def fits(self, grads: list[Tensor]) -> bool:
-        """Whether the kernels take these gradients (dense, contiguous, the parameters' sizes)."""
+        """Whether the kernels take these gradients (dense, contiguous, the parameters' sizes and dtype:
+        ``p.grad.data = t`` can give a gradient another dtype, whose bytes the kernel must not read)."""
         try:
             if not all(map(Tensor.is_contiguous, grads)):
                 return False
         except RuntimeError:  # a sparse gradient
             return False
         # (gradients of plain tensors are plain tensors: their type is not checked again)
-        return array("q", map(Tensor.numel, grads)) == self.numel
+        return (array("q", map(Tensor.numel, grads)) == self.numel
+                and all(map(operator.is_, map(_DTYPE, grads), itertools.repeat(self.dtype))))
 
     def run(self, grads: list[Tensor], hyper: dict[str, Any]) -> bool:
         """One step (step counts included); False (nothing done) when the options or gradients do not fit."""
@@ -935,6 +944,7 @@ class LowpStepPlan:
         self.code, self.k1 = kinds[0], kinds[1]
         self.k2 = kinds[2] if len(states) > 1 else 0
         self.two = len(states) > 1
+        self.dtype = params[0].dtype
         self.p_ptrs = _ptrs(params)
         self.s_ptrs = [_ptrs(s) for s in states]
         self.a_ptrs = [_ptrs(a) if k == 2 else None for a, k in zip(absmax, kinds[1:])]  # type: ignore[arg-type]
@@ -971,14 +981,15 @@ class LowpStepPlan:
                             stochastic_rounding)
 
     def fits(self, grads: list[Tensor]) -> bool:
-        """Whether the kernel takes these gradients (dense, contiguous, the parameters' sizes; their
-        dtype is the parameters', which autograd enforces)."""
+        """Whether the kernel takes these gradients (dense, contiguous, the parameters' sizes and dtype:
+        autograd gives them the parameters' dtype, but ``p.grad.data = t`` can change it)."""
         try:
             if not all(map(Tensor.is_contiguous, grads)):
                 return False
         except RuntimeError:  # a sparse gradient
             return False
-        return array("q", map(Tensor.numel, grads)) == self.numel
+        return (array("q", map(Tensor.numel, grads)) == self.numel
+                and all(map(operator.is_, map(_DTYPE, grads), itertools.repeat(self.dtype))))
 
     def run(self, grads: list[Tensor], hyper: dict[str, Any]) -> bool:
         """One step (step counts included); False (nothing done) when the options or gradients do not fit."""

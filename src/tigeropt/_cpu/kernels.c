@@ -897,17 +897,24 @@ int tigeropt_rows_sort(const int64_t *idx, int64_t n, int64_t nrows, int64_t *si
 }
 
 /* A sparse COO gradient's row update in one call: idx[0..nidx) its row indices as given (any order,
-   repeats), g its values.  coalesced != 0: idx sorted and unique (the rows are updated as given);
-   otherwise the indices are sorted here (tigeropt_rows_sort) and repeats summed in the order they
-   appear.  Returns tigeropt_rows's count, or tigeropt_rows_sort's error (-2, -1) before any row
-   changes. */
+   repeats), g its values.  coalesced != 0: idx sorted and unique (the rows are updated as given) when
+   a check of every index confirms it (torch trusts is_coalesced=True without checking: indices out of
+   order or repeated go the uncoalesced way); otherwise the indices are sorted here (tigeropt_rows_sort)
+   and repeats summed in the order they appear.  Returns tigeropt_rows's count, or tigeropt_rows_sort's
+   error (-2, -1) before any row changes. */
 int64_t tigeropt_rows_sparse(int opt, int dtype, void *p, const void *g, void *s1, void *s2, int64_t nrows,
                              int64_t D, const int64_t *idx, int64_t nidx, int coalesced, const double *hp,
                              const double *per, int nthreads) {
     if (nidx <= 0) return 0;
     if (coalesced) {
         if (idx[0] < 0 || idx[nidx - 1] >= nrows) return -2;
-        return tigeropt_rows(opt, dtype, p, g, s1, s2, nrows, D, idx, NULL, nidx, 0, hp, per, nthreads);
+        for (int64_t k = 1; k < nidx; k++)
+            if (idx[k] <= idx[k - 1]) {
+                coalesced = 0;
+                break;
+            }
+        if (coalesced)
+            return tigeropt_rows(opt, dtype, p, g, s1, s2, nrows, D, idx, NULL, nidx, 0, hp, per, nthreads);
     }
     int64_t *scratch = (int64_t *)malloc((size_t)nidx * 2 * sizeof(int64_t));
     if (scratch == NULL) return -1;
