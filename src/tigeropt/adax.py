@@ -13,12 +13,13 @@ stores vhat = v/bc instead (Su, seed 002), which is the same update:
     vhat = bhat*vhat + (1-bhat)*g^2,   1 - bhat = b2 / bc,   bc = expm1(t*log1p(b2))
     p    = p - lr * m / (sqrt(vhat) + eps/sqrt(bc))
 
-bc is computed in float64 on the host.  Past t of about 1.6M (b2 = 1e-4), 1-bhat and
-eps/sqrt(bc) fall below float32's smallest normal number, 2^-126: 1-bhat is then
-flushed to 0 and eps/sqrt(bc) held at 2^-126, on every path and dtype.  So an
-element that never had a gradient (a padding row) gets a zero update at any step
-count, as in the official form, instead of 0/(0+0); elsewhere the floor only
-matters where sqrt(vhat) < 1e-31.
+bc is computed in float64 on the host.  With b2 = 1e-4, 1-bhat falls below float32's
+smallest normal number, 2^-126, from about t = 781k and is flushed to 0; eps/sqrt(bc)
+(eps = 1e-12) reaches 2^-126 at about t = 1.19M and is held there, on every path and
+dtype.  So an element that never had a gradient (a padding row) gets a zero update at
+any step count, as in the official form, instead of 0/(0+0) (eps/sqrt(bc) would
+underflow near t = 1.5M); elsewhere the floor changes nothing where sqrt(vhat) >= 2^-102
+(about 2e-31).
 
 Defaults are the official AdaX's: lr=1.5e-3, betas=(0.9, 1e-4), eps=1e-12 and
 weight_decay=5e-4 as L2 (added to the gradient).  ``decoupled_weight_decay=True``
