@@ -97,10 +97,6 @@ def test_row_kernel_sorts_indices_flagged_coalesced_that_are_not(rows: list[int]
     assert torch.equal(p1, p2) and torch.equal(m1, m2)
 
 
-@pytest.mark.xfail(strict=True, reason="i12s (tigeropt_lowp_step): lp_key converts the step count "
-                   "(double) to int64_t, undefined for steps >= 2^63 (UBSan float-cast-overflow; x86 "
-                   "gives 0x8000000000000000), where the reference takes int(step) mod 2^32; fix: "
-                   "(uint32_t)fmod(step, 4294967296.0)")
 def test_low_precision_c_step_hashes_huge_float64_step_counts_as_the_reference() -> None:
     """Stochastic rounding keys hash the step count mod 2^32; a float64 step count of 1e19 (a
     finite step >= 0, which load_state_dict accepts) must give the reference's bits."""

@@ -1096,7 +1096,7 @@ typedef struct {
 
 static uint32_t lp_key(uint32_t seed, double step, int64_t pidx, uint32_t stream) {
     uint32_t k = lowbias32(seed);
-    k = lowbias32(k ^ (uint32_t)(uint64_t)(int64_t)step);
+    k = lowbias32(k ^ (uint32_t)fmod(step, 4294967296.0));  /* int(step) mod 2^32, defined at any step */
     k = lowbias32(k ^ (uint32_t)(uint64_t)pidx);
     return lowbias32(k ^ stream);
 }
