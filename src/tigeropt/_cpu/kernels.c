@@ -449,6 +449,16 @@ enum { OPT_TIGER = 0, OPT_LION = 1, OPT_ADAX = 2, OPT_ADAGRAD = 3, OPT_ROWWISE =
 /* Whether any element of a gradient row is non-zero (NaN counts, -0.0 does not): the bits
    outside the sign bit, OR-ed over blocks of 64 elements (vectorizes; stops at the first block
    holding a non-zero). */
+/* a float row read through integer words: types that may alias any object (strict aliasing) */
+#if defined(__GNUC__)
+#define MAY_ALIAS __attribute__((may_alias))
+#else
+#define MAY_ALIAS
+#endif
+typedef uint16_t MAY_ALIAS u16_alias;
+typedef uint32_t MAY_ALIAS u32_alias;
+typedef uint64_t MAY_ALIAS u64_alias;
+
 #define NONZERO_SCAN(UT, MASK)                                                                    \
     do {                                                                                          \
         const UT *x = (const UT *)g;                                                              \
@@ -464,9 +474,9 @@ enum { OPT_TIGER = 0, OPT_LION = 1, OPT_ADAX = 2, OPT_ADAGRAD = 3, OPT_ROWWISE =
     } while (0)
 
 static int row_nonzero(const void *g, int64_t n, int dtype) {
-    if (dtype == DT_F32) NONZERO_SCAN(uint32_t, 0x7FFFFFFFu);
-    if (dtype == DT_F64) NONZERO_SCAN(uint64_t, 0x7FFFFFFFFFFFFFFFull);
-    NONZERO_SCAN(uint16_t, 0x7FFFu); /* bf16 / fp16 */
+    if (dtype == DT_F32) NONZERO_SCAN(u32_alias, 0x7FFFFFFFu);
+    if (dtype == DT_F64) NONZERO_SCAN(u64_alias, 0x7FFFFFFFFFFFFFFFull);
+    NONZERO_SCAN(u16_alias, 0x7FFFu); /* bf16 / fp16 */
 }
 
 /* Row-wise Adagrad on one row (math type T):
