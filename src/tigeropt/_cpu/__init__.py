@@ -551,6 +551,27 @@ def _kernel_args(name: str, hyper: dict[str, Any]
 _STEP_CODES = {torch.float32: 0, torch.float64: 1}
 
 
+def _plain_step_counts(steps: list[Tensor]) -> bool:
+    """Whether a plan's C step counter takes these step counts (one-element contiguous CPU tensors of
+    one dtype in _STEP_CODES)."""
+    sd = steps[0].dtype
+    return sd in _STEP_CODES and all(type(s) in _PLAIN and s.dtype is sd and s.is_cpu and s.numel() == 1
+                                     and s.is_contiguous() for s in steps)
+
+
+def _grads_fit(grads: list[Tensor], numel: array, dtype: torch.dtype) -> bool:
+    """Whether a plan's kernel takes these gradients: dense, contiguous, the parameters' sizes and dtype
+    (autograd gives them the parameters' dtype, but ``p.grad.data = t`` can change it, and the kernel
+    must not read another dtype's bytes).  Gradients of plain tensors are plain: their type is not checked."""
+    try:
+        if not all(map(Tensor.is_contiguous, grads)):
+            return False
+    except RuntimeError:  # a sparse gradient
+        return False
+    return (array("q", map(Tensor.numel, grads)) == numel
+            and all(map(operator.is_, map(_DTYPE, grads), itertools.repeat(dtype))))
+
+
 class StepPlan:
     """The fused C step of one fixed list of tensors, with its pointer tables built once.
 
@@ -588,23 +609,13 @@ class StepPlan:
         groups, other = _split([params, dummy_grads, *states], bool(lib.tigeropt_has_f16()))
         if other or len(groups) != 1:
             return None
-        sd = steps[0].dtype
-        if sd not in _STEP_CODES or not all(type(s) in _PLAIN and s.dtype is sd and s.is_cpu
-                                           and s.numel() == 1 and s.is_contiguous() for s in steps):
+        if not _plain_step_counts(steps):
             return None
         return StepPlan(name, lib, next(iter(groups)), params, states, steps)
 
     def fits(self, grads: list[Tensor]) -> bool:
-        """Whether the kernels take these gradients (dense, contiguous, the parameters' sizes and dtype:
-        ``p.grad.data = t`` can give a gradient another dtype, whose bytes the kernel must not read)."""
-        try:
-            if not all(map(Tensor.is_contiguous, grads)):
-                return False
-        except RuntimeError:  # a sparse gradient
-            return False
-        # (gradients of plain tensors are plain tensors: their type is not checked again)
-        return (array("q", map(Tensor.numel, grads)) == self.numel
-                and all(map(operator.is_, map(_DTYPE, grads), itertools.repeat(self.dtype))))
+        """Whether the kernel takes these gradients (:func:`_grads_fit`)."""
+        return _grads_fit(grads, self.numel, self.dtype)
 
     def run(self, grads: list[Tensor], hyper: dict[str, Any]) -> bool:
         """One step (step counts included); False (nothing done) when the options or gradients do not fit."""
@@ -749,7 +760,6 @@ def encode_e4m3(src: Tensor, codes: Tensor, absmax: Tensor, key: int | None) -> 
 _OPT_CODES = {"tiger": 0, "lion": 1, "adax": 2, "adagrad": 3}
 _LOWP_PARAM_CODES = {torch.float32: 0, torch.bfloat16: 2, torch.float16: 3}
 _STATE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2}
-_STEP_DTYPES = (torch.float32, torch.float64)
 
 
 def _lowp_step_lib() -> Any:
@@ -874,7 +884,7 @@ def lowp_step(name: str, params: Sequence[Tensor], grads: Sequence[Tensor],
     other: list[int] = []
     steps_ok = (all(type(s) in _PLAIN and s.is_cpu and s.numel() == 1 and s.is_contiguous()
                     for s in state_steps)
-                and len({s.dtype for s in state_steps}) == 1 and state_steps[0].dtype in _STEP_DTYPES)
+                and len({s.dtype for s in state_steps}) == 1 and state_steps[0].dtype in _STEP_CODES)
     uniform = _lowp_uniform(params, grads, states, absmax, offs, f16) if steps_ok else None
     if uniform is not None and not (stochastic_rounding and uniform[0] == 3):
         groups[uniform] = everything
@@ -973,23 +983,14 @@ class LowpStepPlan:
         kinds = _lowp_uniform(params, params, states, absmax, offs, f16)  # the params stand in for the grads
         if kinds is None or (stochastic_rounding and kinds[0] == 3):
             return None
-        sd = steps[0].dtype
-        if sd not in _STEP_DTYPES or not all(type(s) in _PLAIN and s.dtype is sd and s.is_cpu
-                                             and s.numel() == 1 and s.is_contiguous() for s in steps):
+        if not _plain_step_counts(steps):
             return None
         return LowpStepPlan(name, lib, kinds, params, states, absmax, steps, param_index, offs, seed,
                             stochastic_rounding)
 
     def fits(self, grads: list[Tensor]) -> bool:
-        """Whether the kernel takes these gradients (dense, contiguous, the parameters' sizes and dtype:
-        autograd gives them the parameters' dtype, but ``p.grad.data = t`` can change it)."""
-        try:
-            if not all(map(Tensor.is_contiguous, grads)):
-                return False
-        except RuntimeError:  # a sparse gradient
-            return False
-        return (array("q", map(Tensor.numel, grads)) == self.numel
-                and all(map(operator.is_, map(_DTYPE, grads), itertools.repeat(self.dtype))))
+        """Whether the kernel takes these gradients (:func:`_grads_fit`)."""
+        return _grads_fit(grads, self.numel, self.dtype)
 
     def run(self, grads: list[Tensor], hyper: dict[str, Any]) -> bool:
         """One step (step counts included); False (nothing done) when the options or gradients do not fit."""
