@@ -17,13 +17,14 @@ from .mixed import MixedOptimizer, split_embeddings
 from .param_groups import DEFAULT_NO_DECAY, describe, param_groups
 from .suggest import suggest_hparams
 from .tiger import Tiger, kind_groups
+from .zero import attach_zero
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Tiger", "Lion", "AdaX", "Adagrad", "TigerOptimizer", "kind_groups",
     "LazyOptimizer", "embedding_weights", "MixedOptimizer", "split_embeddings",
-    "optimizer_in_backward", "OptimizerInBackward",
+    "optimizer_in_backward", "OptimizerInBackward", "attach_zero",
     "GradNormCritic", "gradient_penalty", "gan",
     "param_groups", "describe", "DEFAULT_NO_DECAY", "suggest_hparams",
     "create_optimizer", "register_optimizer", "available_optimizers",

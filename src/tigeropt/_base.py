@@ -406,7 +406,7 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
                     return False
             elif any(map(_IS_SPARSE, gb)):
                 return False
-        if group["on_nonfinite"] == "skip" and not all_finite(grads):  # "raise": checked by step()
+        if group["on_nonfinite"] == "skip" and not self._finite(group, grads):  # "raise": checked by step()
             return True
         hyper = self._hyper(group)
         for b in plan.buckets:
@@ -473,9 +473,13 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
             nones=tuple(i for i, p in enumerate(group_params) if id(p) not in with_grad),
             p_ptrs=_ptrs(params), flags=self._plan_flags(group), buckets=[bucket], first=first)
 
-    def _first_index(self, index: int) -> int:
+    def _first_index(self, index: int) -> int | tuple[int, ...]:
         """The global index (param_groups order, as in the state_dict) of group ``index``'s first
-        parameter."""
+        parameter; under :func:`tigeropt.attach_zero` the global indices of all its parameters (a
+        rank's subset of a ZeroRedundancyOptimizer's group is not a contiguous range)."""
+        if self._zero is not None and self._whole_groups() is not None:
+            hashed = self._hash_indices()
+            return tuple(hashed[id(p)] for p in self.param_groups[index]["params"])
         return self._param_index_offset + sum(len(g["params"]) for g in self.param_groups[:index])
 
     def _init_group(self, group: dict[str, Any]) -> None:
@@ -525,7 +529,7 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
             return
         grads = [p.grad for p in params]
         lazy = group["lazy"]
-        if group["on_nonfinite"] == "skip" and not all_finite(grads):  # "raise": checked by step()
+        if group["on_nonfinite"] == "skip" and not self._finite(group, grads):  # "raise": checked by step()
             return
         self._init_group(group)
         hyper = self._hyper(group)
@@ -581,9 +585,19 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
         for gi, group in enumerate(self.param_groups):
             if group["on_nonfinite"] == "raise":
                 grads = [p.grad for p in group["params"] if p.grad is not None]
-                if grads and not all_finite(grads):
+                if not self._finite(group, grads):
                     raise FloatingPointError(f"{type(self).__name__}: non-finite gradient (inf/NaN) in param "
                                              f"group {gi}; nothing was updated")
+
+    def _finite(self, group: dict[str, Any], grads: list[Tensor]) -> bool:
+        """Whether ``grads`` (of ``group``) are all finite: the ``on_nonfinite`` decision.  Under
+        :func:`tigeropt.attach_zero` the whole group's gradients decide (every rank holds every
+        gradient after data-parallel averaging, so every rank skips or raises alike, as one process)."""
+        whole = self._whole_groups() if self._zero is not None else None
+        if whole is not None:
+            gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+            grads = [p.grad for p in whole[gi]["params"] if p.grad is not None]
+        return not grads or all_finite(grads)
 
     def _check_step(self) -> None:
         """Everything that can refuse a step, checked without changing anything (MixedOptimizer runs
@@ -941,7 +955,7 @@ class _GroupPlan:
     p_ptrs: array
     flags: tuple[Any, ...]
     buckets: list[_Bucket]
-    first: int | None = None  # low-precision plans: global index of the group's first parameter
+    first: int | tuple[int, ...] | None = None  # low-precision plans: _first_index of the group
 
 
 def _choose_path(name: str, kernel: str | None, fused: bool | None, foreach: bool | None, capturable: bool,

@@ -81,6 +81,24 @@ class LowPrecisionSteps:
     #: that steps one optimizer per parameter (``optimizer_in_backward``) sets it to the parameter's
     #: position, so that the rounding equals one optimizer over all parameters.
     _param_index_offset: int = 0
+    #: Set by :func:`tigeropt.attach_zero`: a weak reference to the ``ZeroRedundancyOptimizer`` whose
+    #: local optimizer this is; its ``param_groups`` (every rank's parameters, group by group in the
+    #: order of this optimizer's groups) give the global parameter indices and whole-group decisions.
+    _zero: Any = None
+
+    def _whole_groups(self) -> list[dict[str, Any]] | None:
+        """The param_groups of the ZeroRedundancyOptimizer this optimizer is attached to, else None."""
+        zero = self._zero() if self._zero is not None else None
+        return None if zero is None else zero.param_groups
+
+    def _hash_indices(self) -> dict[int, int]:
+        """id(parameter) -> its parameter index in the rounding hash: its position in ``param_groups``
+        order (as in the state_dict) after ``_param_index_offset``; under :func:`tigeropt.attach_zero`
+        its position in the ZeroRedundancyOptimizer's ``param_groups`` (its consolidated state_dict's
+        order), so that each rank's subset is keyed as one process keys the whole model."""
+        whole = self._whole_groups()
+        groups, start = (self.param_groups, self._param_index_offset) if whole is None else (whole, 0)
+        return {id(q): i for i, q in enumerate((q for grp in groups for q in grp["params"]), start=start)}
 
     def _validate_precision(self, group: dict[str, Any]) -> None:
         """state_precision, stochastic_rounding and sr_seed of a group (part of ``_validate``)."""
@@ -145,8 +163,7 @@ class LowPrecisionSteps:
         name = type(self).__name__
         for p in params:
             check_low_precision_param(name, p, group)
-        index = {id(q): i for i, q in enumerate((q for grp in self.param_groups for q in grp["params"]),
-                                                start=self._param_index_offset)}
+        index = self._hash_indices()
         seed, sr = group["sr_seed"], group["stochastic_rounding"]
         if group["lazy"] or any(g.is_sparse for g in grads):
             dense = []
@@ -325,12 +342,13 @@ class LowPrecisionSteps:
                                              pieces.get((j, i), [])))
         return sorted(rest)
 
-    def _lowp_c_plan(self, group: dict[str, Any], params: list[Tensor], first: int) -> Any:
+    def _lowp_c_plan(self, group: dict[str, Any], params: list[Tensor], first: int | tuple[int, ...]) -> Any:
         """The fused C step of this low-precision group's ``params`` (those with gradients) as a
         :class:`tigeropt._cpu.LowpStepPlan` for the cached step plans, or None: only where the step
         just taken ran them all in one C launch (default path, CPU, dense gradients, not lazy, no
         DTensor; one parameter dtype and one storage per state key).  ``first``: the global index
-        (param_groups order) of the group's first parameter, whence the hash keys' parameter indices."""
+        (param_groups order) of the group's first parameter, whence the hash keys' parameter indices
+        (under :func:`tigeropt.attach_zero`: the tuple of every group parameter's global index)."""
         if (self.kernel is None or group["fused"] is not None or group["foreach"] is not None or group["lazy"]
                 or compiling() or not params):
             return None
@@ -346,7 +364,8 @@ class LowPrecisionSteps:
         return c.LowpStepPlan.build(self.kernel, params, [[st[k] for st in states] for k in keys],
                                     [[st.get(k + "_absmax") for st in states] for k in keys],
                                     [st["step"] for st in states],
-                                    param_index=[first + pos[id(p)] for p in params],
+                                    param_index=[first[pos[id(p)]] if isinstance(first, tuple)
+                                                 else first + pos[id(p)] for p in params],
                                     seed=group["sr_seed"], stochastic_rounding=group["stochastic_rounding"])
 
     def _step_low_precision_c(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
