@@ -280,12 +280,20 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
 
     # ----------------------------------------------------------------- path choice
     def _check_fused_devices(self, group: dict[str, Any]) -> None:
-        for p in group["params"]:
+        """fused=True runs the Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+        Parameters on any other device (meta, an accelerator without the kernels) are refused here,
+        in the constructor / add_param_group, not at the first step."""
+        for i, p in enumerate(group["params"]):
             if p.device.type == "cpu" and not kernels.interpreter_enabled():
                 raise RuntimeError(
                     f"{type(self).__name__}(fused=True) runs Triton kernels, which need a CUDA device "
                     "(or TRITON_INTERPRET=1 for testing on CPU); leave fused=None to get the fused "
                     "C kernel on CPU.")
+            if p.device.type not in ("cpu", "cuda"):
+                raise RuntimeError(
+                    f"{type(self).__name__}(fused=True) runs Triton kernels on CUDA tensors (CPU ones under "
+                    f"TRITON_INTERPRET=1); parameter {i} of the group is on {p.device}: leave fused unset "
+                    "or move the parameters first")
 
     def _path(self, group: dict[str, Any], device: torch.device, dtype: torch.dtype) -> str:
         fused_ok = self._fused_ok(group)
