@@ -81,6 +81,7 @@ from ._lowp_step import (
     low_precision,
     lp_options,
     new_8bit_state,
+    sr_without_effect,
     state_dtype,
     storage_dtype,
 )
@@ -191,15 +192,16 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
                 self.param_groups.pop()
                 raise
 
-    def _validate(self, group: dict[str, Any]) -> None:
-        """The one validation routine: constructor, ``add_param_group`` and ``load_state_dict``."""
+    def _validate(self, group: dict[str, Any], warn: bool = True) -> None:
+        """The one validation routine: constructor, ``add_param_group`` and ``load_state_dict`` (``warn``:
+        see :meth:`_validate_precision`)."""
         check_bool("maximize", group["maximize"])
         check_optional_bool("foreach", group["foreach"])
         check_optional_bool("fused", group["fused"])
         check_bool("capturable", group["capturable"])
         check_bool("lazy", group["lazy"])
         check_choice("on_nonfinite", group["on_nonfinite"], _NONFINITE)
-        self._validate_precision(group)
+        self._validate_precision(group, warn)
         self._validate_group(group)
         fused, foreach, capturable = group["fused"], group["foreach"], group["capturable"]
         if fused and foreach:
@@ -822,11 +824,12 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
                     raise ValueError(f"{name}: state {key + '_absmax'!r} of parameter {pid} has shape "
                                      f"{tuple(absmax.shape)}, expected ({_lowp.nblocks(st[key].numel())},) "
                                      "(one per 256-element block)")
-        for i, candidate in enumerate(merged):
+        for i, (candidate, group) in enumerate(zip(merged, self.param_groups)):
             try:
                 # capturable stays this optimizer's, and torch.compile sets it on every group it traces on
-                # a GPU, whatever the group's options (see _choose_path): not the checkpoint's to fail on
-                self._validate({**candidate, "capturable": False})
+                # a GPU, whatever the group's options (see _choose_path): not the checkpoint's to fail on.
+                # The "stochastic rounding has no effect" warning: only for a group that had no such cause.
+                self._validate({**candidate, "capturable": False}, warn=not sr_without_effect(group))
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{name}: param group {i} of the checkpoint: {exc}") from None
         return saved_groups

@@ -56,7 +56,8 @@ from ._rows import touched_rows
 from ._validate import check, check_bool, check_choice
 
 __all__ = ["LowPrecisionSteps", "STATE_PRECISIONS", "LOW_PRECISION", "state_dtype", "storage_dtype",
-           "lp_options", "low_precision", "check_low_precision_param", "new_8bit_state", "convert_state"]
+           "lp_options", "sr_without_effect", "low_precision", "check_low_precision_param", "new_8bit_state",
+           "convert_state"]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 STATE_PRECISIONS = ("fp32", "bf16", "8bit")
@@ -100,8 +101,10 @@ class LowPrecisionSteps:
         groups, start = (self.param_groups, self._param_index_offset) if whole is None else (whole, 0)
         return {id(q): i for i, q in enumerate((q for grp in groups for q in grp["params"]), start=start)}
 
-    def _validate_precision(self, group: dict[str, Any]) -> None:
-        """state_precision, stochastic_rounding and sr_seed of a group (part of ``_validate``)."""
+    def _validate_precision(self, group: dict[str, Any], warn: bool = True) -> None:
+        """state_precision, stochastic_rounding and sr_seed of a group (part of ``_validate``); ``warn``:
+        warn when stochastic rounding has no effect in the group (``load_state_dict`` passes False where
+        the group it loads into already had that cause, so a user sees it once, not on every load)."""
         precision = group.get("state_precision")
         if precision is not None:
             check_choice("state_precision", precision, STATE_PRECISIONS)
@@ -133,7 +136,7 @@ class LowPrecisionSteps:
             if any(p.dtype == torch.float16 for p in params):
                 raise ValueError("Invalid stochastic_rounding: True (rounds to bf16; this group holds fp16 "
                                  "parameters: use bf16 parameters or stochastic_rounding=False)")
-            if precision not in ("bf16", "8bit") and not any(p.dtype == torch.bfloat16 for p in params):
+            if warn and sr_without_effect(group):
                 warnings.warn("stochastic_rounding=True has no effect in this group: it rounds bf16 "
                               "parameters and bf16/8bit state, and the group has neither", stacklevel=4)
 
@@ -495,6 +498,15 @@ def new_8bit_state(p: Tensor, shape: tuple[int, ...], value: float) -> tuple[Ten
     if is_dtensor(p) and shape == tuple(p.shape):
         return init_8bit_sharded(p, value)
     return _lowp.encode_8bit(torch.full(shape, value, dtype=torch.float32, device=p.device))
+
+
+def sr_without_effect(group: dict[str, Any]) -> bool:
+    """Whether ``stochastic_rounding=True`` has nothing to round in ``group``: neither bf16 parameters
+    nor bf16/8-bit state (the case the constructor warns about)."""
+    params = [p for p in group.get("params", []) if isinstance(p, Tensor)]
+    return (bool(group.get("stochastic_rounding")) and bool(params)
+            and group.get("state_precision") not in ("bf16", "8bit")
+            and not any(p.dtype == torch.bfloat16 for p in params))
 
 
 def lp_options(group: dict[str, Any]) -> str:

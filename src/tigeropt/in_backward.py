@@ -34,6 +34,7 @@ dicts, so schedulers and ``group["lr"] = ...`` reach them), ``state``,
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -78,6 +79,20 @@ class OptimizerInBackward(MixedOptimizer):
 
     def _build(self, groups: list[dict[str, Any]], held: set[int]) -> tuple[list[Tensor], list[Optimizer]]:
         """The parameters of ``groups`` (checked; none of them in ``held``) and one new optimizer each."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            params, inner = self._build_each(groups, held)
+        # one optimizer per parameter: a warning about the options (stochastic rounding with no effect)
+        # came once per parameter; the user passed them once
+        seen_warnings = set()
+        for w in caught:
+            if (w.category, str(w.message)) not in seen_warnings:
+                seen_warnings.add((w.category, str(w.message)))
+                warnings.warn(w.message, w.category, stacklevel=4)
+        return params, inner
+
+    def _build_each(self, groups: list[dict[str, Any]], held: set[int]
+                    ) -> tuple[list[Tensor], list[Optimizer]]:
         optimizer_class, kwargs = self._factory
         params: list[Tensor] = []
         inner: list[Optimizer] = []
