@@ -176,7 +176,7 @@ def encode_sharded(items: list[ShardedEncode]) -> None:
                 first, count = _lowp.covered_blocks(values.numel(), offset)
                 codes.copy_(_lowp.encode_8bit(values, key, offset=offset,
                                               absmax=blocks[first:first + count])[0])
-            to_local(it.absmax).copy_(blocks)
+            to_local(it.absmax).copy_(_lowp.stored_absmax(blocks))
 
 
 def init_8bit_sharded(p: Tensor, value: float) -> tuple[Tensor, Tensor]:
@@ -189,7 +189,7 @@ def init_8bit_sharded(p: Tensor, value: float) -> tuple[Tensor, Tensor]:
     first, count = _lowp.covered_blocks(local.numel(), offset)
     full = torch.full(local.shape, value, dtype=torch.float32, device=local.device)
     local.copy_(_lowp.encode_8bit(full, offset=offset, absmax=whole[first:first + count])[0])
-    return codes, replicated(whole, p)
+    return codes, replicated(_lowp.stored_absmax(whole), p)
 
 
 def sync_owned_absmax(codes: Tensor, absmax: Tensor) -> None:

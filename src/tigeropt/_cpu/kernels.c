@@ -1037,8 +1037,8 @@ void tigeropt_encode_e4m3(int n, void *const *src, void *const *codes, void *con
                 float x = fabsf(s[i]);
                 if (isfinite(x) && x > a) a = x;
             }
-            am[b] = a;
             float scale = a / 448.0f;
+            am[b] = scale * 448.0f; /* _lowp.stored_absmax: what the largest code decodes to */
             float div = scale > 0.0f ? scale : 1.0f;
             for (int64_t i = lo; i < hi; i++) {
                 float x = s[i];
@@ -1217,7 +1217,7 @@ static float encode_e4m3_block(uint8_t *restrict c, const float *restrict x, int
         encode_e4m3_codes(c, x, k, a, key, lo0, hi, 1);
     else
         encode_e4m3_codes(c, x, k, a, 0, 0, 0, 0);
-    return a;
+    return (a / 448.0f) * 448.0f; /* _lowp.stored_absmax */
 }
 
 /* the fp32 core of optimizer a->opt on one block (hp, per as the optimizer's entry point) */
@@ -1539,8 +1539,8 @@ static inline __attribute__((always_inline)) void lp_block_avx512(
         if (kind[j] != SK_8BIT) continue;
         uint32_t ab = (uint32_t)_mm512_reduce_max_epu32(amax[j]);
         float a = ab < 0x7F800000u ? f32_from_bits(ab) : block_absmax(buf[j], k); /* inf/NaN: without them */
-        ambase[j][blk] = a;
         float sc = a / 448.0f;
+        ambase[j][blk] = sc * 448.0f; /* _lowp.stored_absmax */
         __m512 div = V_F(sc > 0.0f ? sc : 1.0f);
         uint8_t *codes = (uint8_t *)sbase[j] + i0;
         for (int64_t q = 0; q < k; q += 16) {

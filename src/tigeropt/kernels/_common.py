@@ -847,6 +847,7 @@ def _st_q8(cp, ap, offs, rows, x, n, key, e0, SR: tl.constexpr, MASKED: tl.const
         up = (frac > 0.5) | ((frac == 0.5) & ((k & 1) == 1))
     code = (ex + 6) * 8 + k + up.to(tl.int32)  # exponent field * 8 + mantissa, carries included
     code = tl.where(finite, code, 0x7F) | ((x.to(tl.int32, bitcast=True) >> 24) & 0x80)
+    amax = scale * 448.0  # tigeropt._lowp.stored_absmax: what the largest code decodes to
     if MASKED:
         tl.store(cp + offs, code.to(tl.uint8), mask=offs < n)
         tl.store(ap + rows, amax, mask=rows * 256 < n)
