@@ -412,6 +412,11 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
                 # would be written where it no longer lives
                 if not all(_ptrs(lst) == ptrs for lst, ptrs in zip(b.checked, b.ptrs)):
                     return False
+                # ... and reads them as contiguous memory: a tensor re-viewed in place over the same
+                # storage (p.data = p.data.t(), the state too) keeps its address but not its layout
+                if not (all(map(_IS_CONTIGUOUS, b.lists[0])) and all(all(map(_IS_CONTIGUOUS, lst))
+                                                                     for lst in b.checked)):
+                    return False
                 if not b.cpu.fits(gb):
                     return False
             elif any(map(_IS_SPARSE, gb)):
@@ -936,6 +941,7 @@ def _guess_optimizer(saved_group: Any) -> str | None:
 
 _is = operator.is_
 _IS_SPARSE = operator.attrgetter("is_sparse")
+_IS_CONTIGUOUS = Tensor.is_contiguous
 
 
 def _ptrs(tensors: list[Tensor]) -> array:
