@@ -130,3 +130,26 @@ def test_plot_saves_a_png_of_the_loss_curves(tmp_path: Path, capsys: pytest.Capt
 def test_smooth_is_a_trailing_mean() -> None:
     assert demo.smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert demo.smooth([2.0], 20) == [2.0]
+
+
+def test_out_writes_the_table_with_its_conditions_only_when_asked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    torch_threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit):  # CPU time of one thread misses the others' work
+            demo.main(["--steps", "2", "--optimizers", "tiger", "--threads", "2", "--thread-time", *TINY])
+        assert "--thread-time needs --threads 1" in capsys.readouterr().err
+        demo.main(["--steps", "2", "--optimizers", "tiger", "--threads", "1", "--thread-time", *TINY])
+        assert list(tmp_path.iterdir()) == []
+        path = tmp_path / "res" / "demo.md"
+        results = demo.main(["--steps", "2", "--optimizers", "tiger,lion", "--threads", "1", "--thread-time",
+                             "--out", str(path), *TINY])
+    finally:
+        torch.set_num_threads(torch_threads)
+    text = path.read_text()
+    assert "--thread-time --out" in text and "time.thread_time" in text and "1 torch thread" in text
+    assert f"torch {torch.__version__}" in text
+    for r in results:  # the table of the run, as printed
+        row = f"| {r.label} | {r.lr:g} | {r.weight_decay:g} | {r.train_loss:.3f} | {r.heldout_loss:.3f} |"
+        assert row in text

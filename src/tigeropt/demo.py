@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import platform
 import sys
 import sysconfig
 import time
@@ -266,12 +268,13 @@ def cosine_with_warmup(steps: int, warmup_frac: float = 0.05, floor: float = 0.1
 def train(name: str, corpus: CharCorpus, *, steps: int, seed: int = 0, batch_size: int = 32,
           d_model: int = 128, n_layers: int = 2, n_heads: int = 4, context: int = 64, lr: float | None = None,
           weight_decay: float | None = None, eval_batches: int = 16, clip: float = 1.0,
-          progress: bool = True) -> RunResult:
+          progress: bool = True, clock: Callable[[], float] = time.perf_counter) -> RunResult:
     """Train a fresh :class:`CharTransformer` (seeded by ``seed``) with optimizer ``name``.
 
     Same ``seed`` -> same initial weights and the same batches, whatever the optimizer.
     Warm-up + cosine lr schedule, gradient clipping at ``clip``.  ``curve`` holds the
-    training loss of every step.
+    training loss of every step.  ``clock`` times the steps (``time.thread_time`` for CPU time,
+    meaningful with one torch thread).
     """
     torch.manual_seed(seed)
     model = CharTransformer(VOCAB_SIZE, d_model, n_layers, n_heads, context)
@@ -286,15 +289,15 @@ def train(name: str, corpus: CharCorpus, *, steps: int, seed: int = 0, batch_siz
     start = time.perf_counter()
     for step in range(steps):
         x, y = corpus.batch("train", batch_size, context, gen)
-        t0 = time.perf_counter()
+        t0 = clock()
         loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip:
             nn.utils.clip_grad_norm_(model.parameters(), clip)
-        t1 = time.perf_counter()
+        t1 = clock()
         optimizer.step()
-        t2 = time.perf_counter()
+        t2 = clock()
         scheduler.step()
         if step > 0 or steps == 1:  # the first step also allocates the state
             step_s += t2 - t0
@@ -411,6 +414,12 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--thread-time", action="store_true",
+                        help="with --threads 1: time steps by the thread's CPU time (time.thread_time), "
+                             "which other processes on the cores do not inflate, instead of wall time")
+    parser.add_argument("--out", metavar="PATH", type=Path, default=None,
+                        help="also write the table, with date, versions, CPU, threads, load and the "
+                             "command, as markdown to PATH (default: print only, write nothing)")
     parser.add_argument("--plot", metavar="PATH", default=None,
                         help="save the training-loss curves as a PNG to PATH (needs matplotlib: "
                              "pip install tigeropt[demo])")
@@ -421,6 +430,8 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
             parser.error(f"unknown optimizer {n!r}; choose from {', '.join(RECIPES)}")
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.thread_time and args.threads != 1:
+        parser.error("--thread-time needs --threads 1 (the thread's CPU time misses other threads' work)")
 
     if args.threads is not None:
         if args.threads < 1:
@@ -430,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     model_size = sum(p.numel() for p in CharTransformer(VOCAB_SIZE, args.d_model, args.layers, args.heads,
                                                         args.context).parameters())
     threads = torch.get_num_threads()
+    load_start, cpu_start, wall_start = _loadavg(), time.process_time(), time.perf_counter()
     print(f"tigeropt demo: char-level transformer ({model_size:,} parameters, {args.layers} layers, "
           f"d={args.d_model}) on {corpus.train.numel():,} training / {corpus.heldout.numel():,} held-out "
           f"characters of "
@@ -438,21 +450,25 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
           flush=True)
     results = [train(n, corpus, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                      d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, context=args.context,
-                     eval_batches=args.eval_batches, progress=not args.no_progress)
+                     eval_batches=args.eval_batches, progress=not args.no_progress,
+                     clock=time.thread_time if args.thread_time else time.perf_counter)
                for n in names]
+    cpu_s, wall_s = time.process_time() - cpu_start, time.perf_counter() - wall_start
     print()
     print(markdown_table(results))
     notes = [f"Loss: cross-entropy in nats per character, the mean over {args.eval_batches} fixed batches "
              f"after training (initial {results[0].first_loss:.3f}; ln {VOCAB_SIZE} = "
              f"{math.log(VOCAB_SIZE):.3f}); the progress bar showed single training batches, which are "
              "noisier.",
-             "ms / step: forward, backward, clipping and optimizer.step, first step excluded.",
+             "ms / step: forward, backward, clipping and optimizer.step, first step excluded"
+             + (" (the thread's CPU time)." if args.thread_time else " (wall time)."),
              "State bytes: optimizer state tensors, step counters excluded."]
     if "adamw" in names:
         notes.append("AdamW uses torch's fused kernel.")
     if "adax" in names:
         notes.append("AdaX-W is AdaX with decoupled weight decay.")
     print("\n" + " ".join(notes), flush=True)
+    print(f"Total: {wall_s:.0f} s wall, {cpu_s:.0f} s CPU time of the process.", flush=True)
     if args.plot:
         print(f"Loss curves: {save_plot(results, args.plot)}", flush=True)
     ran = [n for n in names if momentum_kwargs(n, args.steps, args.batch_size)]
@@ -464,7 +480,42 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
               + ("; Tiger/Lion: tigeropt.suggest_hparams" if set(ran) & {"tiger", "lion"} else "")
               + "; the defaults, " + ", ".join(f"{RECIPES[n].label} {defaults[n]}" for n in ran)
               + ", suit long runs: README 'Setting Tiger and Lion').", flush=True)
+    if args.out is not None:
+        command = "python -m tigeropt.demo " + " ".join(sys.argv[1:] if argv is None else argv)
+        clock_name = ("time.thread_time (CPU time of the training thread)" if args.thread_time
+                      else "wall time (time.perf_counter)")
+        header = [f"# tigeropt demo, {time.strftime('%Y-%m-%d')}", "",
+                  f"- command: `{command.strip()}`",
+                  f"- versions: python {sys.version.split()[0]}, torch {torch.__version__}",
+                  f"- CPU: {_cpu_name()}, {threads} torch thread{'s' if threads != 1 else ''}; load average "
+                  f"{load_start} at start, {_loadavg()} at end (other processes share the cores)",
+                  f"- timing: {clock_name}; "
+                  f"the whole run took {wall_s:.0f} s wall, {cpu_s:.0f} s CPU time of the process",
+                  f"- model: {model_size:,} parameters; {args.steps} steps x {args.batch_size} x "
+                  f"{args.context} chars, seed {args.seed}; {corpus.files} stdlib files "
+                  f"({corpus.source})", ""]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        body = markdown_table(results) + "\n\n" + " ".join(notes) + "\n"
+        args.out.write_text("\n".join(header) + "\n" + body)
+        print(f"wrote {args.out}", flush=True)
     return results
+
+
+def _loadavg() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except (AttributeError, OSError):
+        return "n/a"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
