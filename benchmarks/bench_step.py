@@ -49,9 +49,10 @@ TLB misses (the run's header says so and its file name ends in ``-thp``).
 
 Prints the tables and the speed targets checked (tigeropt's fused steps against torch's fused
 AdamW/Adagrad and the copy bandwidth).  With ``--out DIR`` (e.g. ``benchmarks/results``) it also
-writes ``DIR/<date>-<device>.md`` (the tables, with device, torch/triton versions, thread count,
-copy bandwidth and the targets checked) and ``.png`` (bar charts; needs matplotlib, skipped with
-a note otherwise); without ``--out`` nothing is written.
+writes ``DIR/<date>-<device>[-<layouts>].md`` (the layouts named when ``--layouts`` is given; the
+tables, with device, torch/triton versions, thread count, copy bandwidth and the targets checked)
+and ``.png`` (bar charts; needs matplotlib, skipped with a note otherwise); without ``--out``
+nothing is written.
 """
 
 from __future__ import annotations
@@ -854,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None and not args.no_write:
         args.out.mkdir(parents=True, exist_ok=True)
         tag = "-precision" if args.precision else ""
-        if args.precision and args.layouts:  # not the default layout: say which, so files do not collide
+        if args.layouts:  # not the default layouts: say which, so files do not collide
             tag += "-" + "-".join(layouts)
         if THP:
             tag += "-thp"
