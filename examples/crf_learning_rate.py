@@ -31,8 +31,9 @@ shows the same on CPU in about a minute:
   ``torch.optim.AdamW`` as in the seed's Adam; ``--optimizer tiger|lion|adax`` for ours).
 
 It prints the param groups, each run's transition matrix and a table of per-tag F1 (token level),
-word F1 and the share of test sentences decoded with an impossible transition, and saves them to
-``examples/out/crf_learning_rate.txt`` and ``.csv``.  Scores of a CRF are defined up to a
+word F1 and the share of test sentences decoded with an impossible transition; with ``--out DIR``
+it also writes them to ``DIR/crf_learning_rate.txt`` (with date, command and versions) and ``.csv``
+(without it nothing is written).  Scores of a CRF are defined up to a
 constant per table (only differences matter); compare impossible with possible entries.
 
 Result (AdamW, defaults): at 1x the matrix stays within ~0.25 of its random init, impossible
@@ -51,8 +52,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime as dt
 import itertools
+import platform
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -415,11 +419,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         ap.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
     ap.add_argument("--scales", default="1,100,1000", help="CRF lr multipliers (comma-separated)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the ops are tiny: 1 is fastest)")
+    ap.add_argument("--out", type=Path, default=None, metavar="DIR",
+                    help=f"write crf_learning_rate.txt and .csv into DIR, e.g. {OUT} (default: print only)")
     args = ap.parse_args(argv)
     cfg = Config(**{k: getattr(args, k) for k in asdict(defaults)})
     scales = [float(s) for s in args.scales.split(",")]
     torch.set_num_threads(args.threads)
 
+    start = time.perf_counter()
     data = make_data(cfg)
     print("sample sentences (gold segmentation):")
     for i in range(3):
@@ -443,16 +450,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     text = "\n".join(report)
     print(text)
 
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "crf_learning_rate.txt").write_text(f"config: {cfg}\n{text}\n", encoding="utf-8")
-    with open(OUT / "crf_learning_rate.csv", "w", newline="") as f:
+    if args.out is None:
+        return
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    header = (f"date: {dt.date.today().isoformat()}; command: "
+              f"{f'python examples/{Path(__file__).name} {command}'.strip()}\n"
+              f"versions: python {platform.python_version()}, torch {torch.__version__}, "
+              f"tigeropt {tigeropt.__version__}; {torch.get_num_threads()} torch thread(s); "
+              f"{time.perf_counter() - start:.0f} s wall\n")
+    (out / "crf_learning_rate.txt").write_text(f"{header}config: {cfg}\n{text}\n", encoding="utf-8")
+    with open(out / "crf_learning_rate.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", *cols, "mean_impossible", "mean_possible"])
         for name, model, res in results:
             sc = transition_scores(model.crf) if model.crf is not None else {}
             w.writerow([name, *(f"{res[c]:.4f}" for c in cols),
                         f"{sc['impossible']:.4f}" if sc else "", f"{sc['possible']:.4f}" if sc else ""])
-    print(f"\nsaved {OUT / 'crf_learning_rate.txt'} and .csv")
+    print(f"\nsaved {out / 'crf_learning_rate.txt'} and .csv")
 
 
 TINY = Config(chars=40, words=120, min_len=6, max_len=12, train=600, test=200, dim=16, layers=1,

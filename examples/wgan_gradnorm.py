@@ -30,8 +30,9 @@ activation memory that double backward inflates, not the process RSS; on CUDA th
 prints ``torch.cuda.max_memory_allocated``).  It also counts how many of the 8 modes the
 generator covers (a mode counts when >= 1% of 2,000 samples lie within 3 std of it), the share of
 samples within 3 std of a mode, and the sliced 1-Wasserstein distance between 2,000 generated
-and 2,000 real points (about 0.08 between two real samples: the floor), and saves a scatter plot
-per method to ``examples/out/`` (``--out``; needs matplotlib).
+and 2,000 real points (about 0.08 between two real samples: the floor).  With ``--out DIR`` it also
+writes the report (``wgan_gradnorm.md``: date, command, versions, load, the results) and a scatter
+plot per method (needs matplotlib) into DIR; without it nothing is written.
 
     python examples/wgan_gradnorm.py                 # ~4 minutes on a loaded 2-core CPU
     python examples/wgan_gradnorm.py --steps 300 --methods gn,gp
@@ -40,7 +41,11 @@ per method to ``examples/out/`` (``--out``; needs matplotlib).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import math
+import os
+import platform
+import sys
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -218,19 +223,20 @@ def run(method: str, args: argparse.Namespace) -> MethodResult:
         opt_g.step()
 
     sync: Callable[[], None] = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
+    clock = time.thread_time if args.thread_time else time.perf_counter
     t_critic = t_gen = 0.0
     timed = 0
     warmup = min(20, args.steps // 5)
     for it in range(args.steps):
         sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(args.n_critic):
             critic_step()
         sync()
-        t1 = time.perf_counter()
+        t1 = clock()
         generator_step()
         sync()
-        t2 = time.perf_counter()
+        t2 = clock()
         sched_g.step()
         sched_d.step()
         if it >= warmup:
@@ -325,8 +331,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch.set_num_threads; tiny MLPs run fastest on one thread (0 = leave as is)")
     ap.add_argument("--log-every", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--thread-time", action="store_true",
+                    help="CPU with --threads 1: time steps by the thread's CPU time (time.thread_time), "
+                         "which other processes on the cores do not inflate, instead of wall time")
+    ap.add_argument("--out", type=Path, default=None, metavar="DIR",
+                    help="write the report (wgan_gradnorm.md: date, command, versions, the printed "
+                         "results) and, with matplotlib, a scatter plot per method into DIR, e.g. "
+                         f"{OUT} (default: print only, write nothing)")
     args = ap.parse_args(argv)
+    if args.thread_time and (args.device != "cpu" or args.threads != 1):
+        ap.error("--thread-time needs --device cpu and --threads 1 (it misses other threads' work)")
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -334,37 +348,74 @@ def main(argv: Sequence[str] | None = None) -> None:
         if m not in ("gn", "gran", "gp"):
             raise SystemExit(f"unknown method {m!r} (gn, gran, gp)")
 
+    report: list[str] = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        report.append(line)
+
+    load_start, wall_start = _loadavg(), time.perf_counter()
     results = []
     for m in methods:
         t0 = time.perf_counter()
         r = run(m, args)
         results.append(r)
-        print(f"{m:>4} ({r.loss} loss): {time.perf_counter() - t0:.1f}s total; "
-              f"{r.ms_critic:.2f} ms/critic step, {r.ms_generator:.2f} ms/generator step, "
-              f"{r.ms_iteration:.2f} ms/iteration; "
-              f"peak saved-for-backward {r.saved_critic_mb:.2f} MiB (critic step), "
-              f"{r.saved_generator_mb:.2f} MiB (generator step)"
-              + (f", CUDA peak {r.cuda_peak_mb:.1f} MiB" if r.cuda_peak_mb is not None else "")
-              + f"; modes {r.modes}/8, {100 * r.high_quality:.0f}% of samples within 3 std of a mode, "
-              f"sliced W1 to the data {r.sw1:.3f}")
+        say(f"- {m} ({r.loss} loss): {time.perf_counter() - t0:.1f}s total; "
+            f"{r.ms_critic:.2f} ms/critic step, {r.ms_generator:.2f} ms/generator step, "
+            f"{r.ms_iteration:.2f} ms/iteration; "
+            f"peak saved-for-backward {r.saved_critic_mb:.2f} MiB (critic step), "
+            f"{r.saved_generator_mb:.2f} MiB (generator step)"
+            + (f", CUDA peak {r.cuda_peak_mb:.1f} MiB" if r.cuda_peak_mb is not None else "")
+            + f"; modes {r.modes}/8, {100 * r.high_quality:.0f}% of samples within 3 std of a mode, "
+            f"sliced W1 to the data {r.sw1:.3f}")
     floor = sliced_w1(eight_gaussians(2000, generator=torch.Generator().manual_seed(8)),
                       eight_gaussians(2000, generator=torch.Generator().manual_seed(7)))
-    print("\n| method | critic loss | modes covered | samples within 3 std of a mode | sliced W1 to data "
-          "| ms / iteration |\n|---|---|---:|---:|---:|---:|")
+    say("\n| method | critic loss | modes covered | samples within 3 std of a mode | sliced W1 to data "
+        "| ms / iteration |\n|---|---|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r.method} | {r.loss} | {r.modes}/8 | {100 * r.high_quality:.0f}% | {r.sw1:.3f} "
-              f"| {r.ms_iteration:.1f} |")
-    print(f"(sliced W1 between two real samples of the same size: {floor:.3f}; lower is better)\n")
-    print(save_plot(results, args.out, args.steps))
+        say(f"| {r.method} | {r.loss} | {r.modes}/8 | {100 * r.high_quality:.0f}% | {r.sw1:.3f} "
+            f"| {r.ms_iteration:.1f} |")
+    say(f"\n(sliced W1 between two real samples of the same size: {floor:.3f}; lower is better)\n")
     if len(results) > 1 and any(r.method == "gp" for r in results):
         gp = next(r for r in results if r.method == "gp")
         for r in results:
             if r is not gp:
-                print(f"{r.method} vs gp: {r.ms_iteration / gp.ms_iteration:.2f}x time per iteration, "
-                      f"{r.ms_generator / gp.ms_generator:.2f}x per generator step, "
-                      f"saved-tensor peak {r.saved_critic_mb / gp.saved_critic_mb:.2f}x (critic step), "
-                      f"{r.saved_generator_mb / gp.saved_generator_mb:.2f}x (generator step)")
+                say(f"- {r.method} vs gp: {r.ms_iteration / gp.ms_iteration:.2f}x time per iteration, "
+                    f"{r.ms_generator / gp.ms_generator:.2f}x per generator step, "
+                    f"saved-tensor peak {r.saved_critic_mb / gp.saved_critic_mb:.2f}x (critic step), "
+                    f"{r.saved_generator_mb / gp.saved_generator_mb:.2f}x (generator step)")
+    if args.out is not None:
+        print(save_plot(results, args.out, args.steps))
+        command = " ".join(sys.argv[1:] if argv is None else argv)
+        clock = ("time.thread_time (CPU time of the thread)" if args.thread_time
+                 else "wall time (time.perf_counter)")
+        header = [f"# WGAN critics on 8 Gaussians: GN, GraN, WGAN-GP ({dt.date.today().isoformat()})", "",
+                  f"- command: `{f'python examples/{Path(__file__).name} {command}'.strip()}`",
+                  f"- versions: python {platform.python_version()}, torch {torch.__version__}, "
+                  f"tigeropt {tigeropt.__version__}",
+                  f"- device: {args.device} ({_cpu_name()}), {torch.get_num_threads()} torch thread(s); "
+                  f"load average {load_start} at start, {_loadavg()} at end; times: {clock}; "
+                  f"the run took {time.perf_counter() - wall_start:.0f} s wall", ""]
+        path = args.out / "wgan_gradnorm.md"
+        path.write_text("\n".join(header + report) + "\n")
+        print(f"wrote {path}")
 
+
+def _loadavg() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except (AttributeError, OSError):
+        return "n/a"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 if __name__ == "__main__":
     main()

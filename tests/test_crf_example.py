@@ -132,18 +132,22 @@ def test_larger_crf_lr_learns_impossible_transitions() -> None:
 
 def test_main_writes_matrices_and_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr(crf_ex, "OUT", tmp_path)
+    monkeypatch.setattr(crf_ex, "OUT", tmp_path / "default")  # never written: files only with --out
+    tiny = ["--chars", "30", "--words", "60", "--min-len", "4", "--max-len", "8", "--train", "100",
+            "--test", "20", "--dim", "8", "--layers", "1", "--pretrain-steps", "3", "--steps", "3",
+            "--batch", "8", "--scales", "1,100"]
     threads = torch.get_num_threads()
     try:
-        crf_ex.main(["--chars", "30", "--words", "60", "--min-len", "4", "--max-len", "8", "--train", "100",
-                     "--test", "20", "--dim", "8", "--layers", "1", "--pretrain-steps", "3", "--steps", "3",
-                     "--batch", "8", "--scales", "1,100"])
+        crf_ex.main(tiny)
+        assert list(tmp_path.iterdir()) == []
+        capsys.readouterr()
+        crf_ex.main([*tiny, "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert out.count("from\\to") == 2 and "start" in out and "CRF lr x100" in out
     assert "word_F1" in out and "softmax" in out
     text = (tmp_path / "crf_learning_rate.txt").read_text(encoding="utf-8")
-    assert text.count("from\\to") == 2
+    assert text.count("from\\to") == 2 and "--out" in text.splitlines()[0]
     rows = (tmp_path / "crf_learning_rate.csv").read_text().splitlines()
     assert rows[0].startswith("run,F1_S,F1_B,F1_M,F1_E") and len(rows) == 4
