@@ -32,14 +32,19 @@ frequent.  Magnitude of a row: mean |component|.
     python examples/embedding_anomaly.py                  # ~1 minute on one CPU core
     python examples/embedding_anomaly.py --steps 500      # quick look
 
-Prints a table, writes ``examples/out/embedding_anomaly.csv`` and, with matplotlib
-installed, ``examples/out/embedding_anomaly.png`` (row magnitude against frequency rank).
+Prints a table; with ``--out DIR`` also writes ``DIR/embedding_anomaly.md`` (the table with date,
+command and versions), ``DIR/embedding_anomaly.csv`` (every row's magnitude) and, with matplotlib
+installed, ``DIR/embedding_anomaly.png`` (row magnitude against frequency rank); without it nothing
+is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import functools
+import platform
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -240,7 +245,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in Config().__dict__.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--out", type=Path, default=OUT, help="output folder (default examples/out)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help=f"write the table, a CSV and a PNG into DIR, e.g. {OUT} (default: print only)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (small model: 1 is fastest)")
     args = parser.parse_args(argv)
@@ -253,9 +259,21 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     results = run_all(cfg)
-    print(format_table(results, cfg))
-    for path in save_outputs(results, cfg, args.out):
-        print(f"wrote {path}")
+    table = format_table(results, cfg)
+    print(table)
+    if args.out is not None:
+        for path in save_outputs(results, cfg, args.out):
+            print(f"wrote {path}")
+        command = " ".join(sys.argv[1:] if argv is None else argv)
+        header = [f"# Embedding anomaly under Tiger and its remedies ({dt.date.today().isoformat()})", "",
+                  f"- command: `{f'python examples/{Path(__file__).name} {command}'.strip()}`",
+                  f"- versions: python {platform.python_version()}, torch {torch.__version__}, "
+                  f"tigeropt {tigeropt.__version__}; {torch.get_num_threads()} torch thread(s); "
+                  f"{time.perf_counter() - start:.0f} s wall",
+                  f"- config: {cfg}", ""]
+        md = args.out / "embedding_anomaly.md"
+        md.write_text("\n".join(header) + "\n" + table + "\n")
+        print(f"wrote {md}")
     print(f"{time.perf_counter() - start:.1f} s")
     return results
 
