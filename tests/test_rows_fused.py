@@ -263,3 +263,47 @@ def test_rowwise_interleaved_rows_equal_the_dense_step_bitwise(dtype: torch.dtyp
             opt.step()
         out.append((W.detach().clone(), opt.state[W]["sum"].clone()))
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+@pytest.mark.parametrize("coalesced", [True, False], ids=["coalesced", "uncoalesced"])
+@pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=IDS)
+def test_listed_zero_rows_dropped_in_every_group_position(name: str, cls: type, kwargs: dict,
+                                                          coalesced: bool) -> None:
+    """A sparse gradient's listed rows are checked for a non-zero when their group of rows is full: listed
+    all-zero rows (+0.0 and -0.0) in every position of a group of 4 and of a 16-row scheduling block, a
+    whole block of them, the first and last table rows, a row whose only non-zero is its last element, a
+    row count not a multiple of the group; the zero rows stay untouched (their state too), the others get
+    the reference update (bit for bit for Tiger and Lion)."""
+    rows, dim = 61, 67
+    gen = torch.Generator().manual_seed(11)
+    listed = list(range(53))  # 53 listed rows: not a multiple of 4 or 16
+    listed[-1] = rows - 1
+    zero = {0, 5, 10, 15, 19, rows - 1} | set(range(32, 48))  # group positions 0..3, a whole 16-row block
+    vals = torch.randn(len(listed), dim, generator=gen)
+    for k, r in enumerate(listed):
+        if r in zero:
+            vals[k] = -0.0 if r % 2 else 0.0
+    last_only = listed.index(23)
+    vals[last_only] = 0.0
+    vals[last_only, -1] = 0.5
+    if coalesced:
+        g = torch.sparse_coo_tensor(torch.tensor([listed]), vals, (rows, dim), is_coalesced=True)
+    else:
+        perm = torch.randperm(len(listed), generator=gen)
+        g = torch.sparse_coo_tensor(torch.tensor([listed])[:, perm], vals[perm], (rows, dim))
+    W_ref, st_ref = _run(cls, kwargs, (rows, dim), torch.float32, [stable_coalesce(g)] * 2, "coalesced",
+                         dict(foreach=False))
+    mode = "coalesced" if coalesced else "uncoalesced"
+    W_c, st_c = _run(cls, kwargs, (rows, dim), torch.float32, [g] * 2, mode, {})
+    if name.startswith(("tiger", "lion")):
+        assert torch.equal(W_c, W_ref)
+        for k in st_ref:
+            assert torch.equal(st_c[k], st_ref[k]), k
+    else:
+        torch.testing.assert_close(W_c, W_ref, atol=1e-6, rtol=1e-6)
+        for k in st_ref:
+            torch.testing.assert_close(st_c[k], st_ref[k], atol=1e-6, rtol=1e-6)
+    W0 = torch.randn((rows, dim), generator=torch.Generator().manual_seed(1))
+    untouched = sorted(zero | (set(range(rows)) - set(listed)))
+    assert torch.equal(W_c[untouched], W0[untouched])
+    assert not torch.equal(W_c[23], W0[23])

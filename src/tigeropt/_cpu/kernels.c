@@ -676,6 +676,63 @@ static void sum_rows(void *buf, const void *g, const int64_t *order, int64_t m, 
 #undef GROW
 }
 
+/* The element-wise update of a group's rows act[0..nact), ROWS_CHUNK elements of each row in turn
+   (interleaved).  fp32 rows call the fp32 cores directly with the very arguments *_range passes them
+   (converted once per group): the same bits without a call through fn and a dtype dispatch per
+   64-element piece (80k calls for 10k rows of 512; 6-8% of the 1M x 512 lazy step).  Other dtypes
+   go through fn. */
+static void rows_group(int opt, RangeFn fn, const Args *a, int nact, const int *act, int64_t D) {
+    if (a[act[0]].dtype == DT_F32) {
+        const double *h = a[0].hp, *q = a[0].per;
+#define ROWS_LOOP(CALL)                                                                           \
+    for (int64_t o = 0; o < D; o += ROWS_CHUNK) {                                                 \
+        int64_t len = D - o < ROWS_CHUNK ? D - o : ROWS_CHUNK;                                    \
+        for (int i = 0; i < nact; i++) {                                                          \
+            const Args *x = &a[act[i]];                                                           \
+            float *p = (float *)x->p[0] + o, *s1 = (float *)x->s1[0] + o;                         \
+            const float *g = (const float *)x->g[0] + o;                                          \
+            CALL;                                                                                 \
+        }                                                                                         \
+    }
+        switch (opt) {
+        case OPT_TIGER: {
+            float b = (float)h[0], al = (float)h[1], wd = (float)h[2], nlr = (float)h[3], gs = (float)h[4];
+            ROWS_LOOP(tiger_core_f32(p, g, s1, len, b, al, wd, nlr, gs));
+            return;
+        }
+        case OPT_LION: {
+            float h0 = (float)h[0], h1 = (float)h[1], h2 = (float)h[2], h3 = (float)h[3], h4 = (float)h[4],
+                  h5 = (float)h[5], h6 = (float)h[6];
+            ROWS_LOOP(lion_core_f32(p, g, s1, len, h0, h1, h2, h3, h4, h5, h6));
+            return;
+        }
+        case OPT_ADAX: {
+            int l2 = h[3] != 0.0, dec = h[5] != 0.0;
+            float h0 = (float)h[0], h1 = (float)h[1], h2 = (float)h[2], h4 = (float)h[4], h6 = (float)h[6],
+                  h7 = (float)h[7], q0 = (float)q[0], q1 = (float)q[1], q2 = (float)q[2];
+            ROWS_LOOP(adax_core_f32(p, g, s1, (float *)x->s2[0] + o, len, h0, h1, h2, l2, h4, dec, h6, h7, q0,
+                                    q1, q2));
+            return;
+        }
+        case OPT_ADAGRAD: {
+            int l2 = h[1] != 0.0, glove = h[4] != 0.0, do_clip = h[6] != 0.0;
+            float wd = (float)h[0], eps = (float)h[2], gs = (float)h[3], clip = (float)h[5], clr = (float)q[0];
+            if (glove)
+                ROWS_LOOP(glove_core_f32(p, g, s1, len, wd, l2, clip, do_clip, gs, clr))
+            else
+                ROWS_LOOP(adagrad_core_f32(p, g, s1, len, wd, l2, eps, gs, -clr))
+            return;
+        }
+        default: break;
+        }
+#undef ROWS_LOOP
+    }
+    for (int64_t o = 0; o < D; o += ROWS_CHUNK) { /* interleaved */
+        int64_t len = D - o < ROWS_CHUNK ? D - o : ROWS_CHUNK;
+        for (int i = 0; i < nact; i++) fn(&a[act[i]], 0, o, len);
+    }
+}
+
 /* Rows of the call, three ways:
      idx == NULL:                 rows 0..nrows-1, gradient row k of a dense g;
      idx != NULL, order == NULL:  rows idx[0..nidx) (sorted, unique), gradient row k (coalesced sparse);
@@ -689,7 +746,11 @@ static void sum_rows(void *buf, const void *g, const int64_t *order, int64_t m, 
    index) are prefetched when the row joins its group.  The rows of a repeated index are summed when
    its group is full, ROWS_CHUNK elements of each group member in turn (summing them as the row joined
    read them one after the other: 1M x 512 fp32 with 2.5k repeats among 12.5k entries, 1.8 ms of a
-   9 ms step); a sum that is all zero (cancelling repeats) drops out of the group.  Prefetching later
+   9 ms step); a sum that is all zero (cancelling repeats) drops out of the group.  A listed row's
+   gradient (idx != NULL) is likewise checked for a non-zero when its group is full, its first
+   ROWS_REPEAT_BYTES prefetched as it joins (checked as it joined, each row's first gradient line was
+   a miss waited for alone: 0.4-0.9 ms of a 6-7 ms sparse step); a dense gradient's rows are still
+   checked as they come (most of them are zero and never join).  Prefetching later
    candidates' rows ahead (1-8 rows, 128-512 bytes) was slower, as were larger groups or chunks.
    Row-wise Adagrad rows are grouped the same way.  Each element still gets the dense step's function
    once: the same bits.
@@ -743,6 +804,7 @@ int64_t tigeropt_rows(int opt, int dtype, void *p, const void *g, void *s1, void
     int64_t updated = 0;
     int failed = 0;
     int64_t nblocks = (n + ROWS_BLOCK - 1) / ROWS_BLOCK;
+    int defer = idx != NULL && !all_rows; /* listed rows: the zero check when the group is full */
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(+ : updated, failed)
 #endif
@@ -785,7 +847,11 @@ int64_t tigeropt_rows(int opt, int dtype, void *p, const void *g, void *s1, void
                         gr = (const char *)g + (size_t)k * prow;
                     }
                     k++;
-                    if (rm[cnt] == 0 && !all_rows && !row_nonzero(gr, D, dtype)) continue;
+                    if (defer) {
+                        if (rm[cnt] == 0) PREFETCH_LINES(gr, join_g, 0);
+                    } else if (!all_rows && !row_nonzero(gr, D, dtype)) {
+                        continue;
+                    }
                     pp[cnt] = (char *)p + (size_t)r * prow;
                     gp[cnt] = (void *)gr;
                     m1[cnt] = s1 != NULL ? (char *)s1 + (size_t)r * srow : NULL;
@@ -797,8 +863,8 @@ int64_t tigeropt_rows(int opt, int dtype, void *p, const void *g, void *s1, void
                     a[cnt] = aj;
                     if (++cnt < ROWS_GROUP) continue;
                 }
-                /* a full group, or the block's last touched rows: sum the repeated indices' rows,
-                   drop the sums that are all zero, update the rest */
+                /* a full group, or the block's last candidate rows: sum the repeated indices' rows,
+                   drop the listed rows and sums that are all zero, update the rest */
                 int act[ROWS_GROUP], nact = 0;
                 if (nrep > 0)
                     for (int64_t o = 0; o < D; o += ROWS_CHUNK) {
@@ -809,17 +875,14 @@ int64_t tigeropt_rows(int opt, int dtype, void *p, const void *g, void *s1, void
                                          dtype, pe);
                     }
                 for (int j = 0; j < cnt; j++)
-                    if (rm[j] == 0 || row_nonzero(gp[j], D, dtype)) act[nact++] = j;
+                    if ((rm[j] == 0 && !defer) || row_nonzero(gp[j], D, dtype)) act[nact++] = j;
                 updated += nact;
                 if (opt == OPT_ROWWISE) {
                     /* every row in order (the dense step): one row after the other; interleaved, the
                        1M x 512 dense step took 2.5x longer */
                     rowwise_rows(dtype, nact, act, pp, gp, m1, D, all_rows ? D : ROWS_CHUNK, hp, per);
                 } else {
-                    for (int64_t o = 0; o < D; o += ROWS_CHUNK) { /* interleaved */
-                        int64_t len = D - o < ROWS_CHUNK ? D - o : ROWS_CHUNK;
-                        for (int i = 0; i < nact; i++) fn(&a[act[i]], 0, o, len);
-                    }
+                    if (nact > 0) rows_group(opt, fn, a, nact, act, D);
                 }
                 cnt = 0;
                 nrep = 0;
