@@ -39,9 +39,58 @@ def test_element_bits_follow_the_documented_formula():
     key = key32(7, 3, 2, 1)
     idx = torch.tensor([0, 1, 5, 2 ** 32 + 5, 2 ** 40 + 9], dtype=torch.int64)
     got = _lowp.element_bits(key, 0, index=idx).tolist()
-    want = [hash32_int(hash32_int((e & 0xFFFFFFFF) ^ key) ^ (e >> 32)) for e in idx.tolist()]
+    want = [hash32_int((e & 0xFFFFFFFF) ^ hash32_int(key ^ (e >> 32))) for e in idx.tolist()]
     assert got == want
     assert key == hash32_int(hash32_int(hash32_int(hash32_int(7) ^ 3) ^ 2) ^ 1)
+
+
+def test_sr_key_follows_the_documented_sharing():
+    """The bf16 parameter takes the high 16 bits of stream 0's hash, bf16 state 0 the low 16 bits of the
+    same hash, bf16 state 1 and 8-bit state their own stream's (the module docstring's list)."""
+    seed, step, pidx = 7, 3, 2
+    assert _lowp.sr_key(seed, step, pidx, 0) == key32(seed, step, pidx, 0)
+    assert _lowp.sr_key(seed, step, pidx, 1) == key32(seed, step, pidx, 0) | 1 << 32
+    assert _lowp.sr_key(seed, step, pidx, 1, eight_bit=True) == key32(seed, step, pidx, 1)
+    assert _lowp.sr_key(seed, step, pidx, 2) == key32(seed, step, pidx, 2)
+    assert _lowp.sr_key(seed, step, pidx, 2, eight_bit=True) == key32(seed, step, pidx, 2)
+    for stream in (0, 1, 2):
+        for eight in (False, True):
+            got = _lowp.sr_key(seed, torch.tensor(float(step)), pidx, stream, eight)
+            assert got.item() == _lowp.sr_key(seed, step, pidx, stream, eight)
+    # round_bf16 with each key: x's bits plus the chosen 16 hash bits, >> 16
+    torch.manual_seed(0)
+    x = torch.randn(1000)
+    u = (x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF).tolist()
+    h = _lowp.element_bits(key32(seed, step, pidx, 0), x.numel(), offset=300).tolist()
+    for key, r in ((_lowp.sr_key(seed, step, pidx, 0), [b >> 16 for b in h]),
+                   (_lowp.sr_key(seed, step, pidx, 1), [b & 0xFFFF for b in h])):
+        assert _bits(round_bf16(x, key, offset=300)) == [(ui + ri) >> 16 for ui, ri in zip(u, r)]
+
+
+def test_roundings_sharing_a_hash_decide_independently():
+    """The parameter and bf16 state 0 round with the two halves of one hash per element: their up/down
+    decisions must be independent.  Values whose discarded fraction is exactly 1/2 go up with
+    probability 1/2 each; over 2^20 elements the 2x2 table of (parameter up, state up) must be
+    uniform (chi-square, 3 degrees of freedom, below 16.3: p = 0.001), and likewise for fractions
+    1/4 and 3/4 and for the per-element correlation of the two 16-bit draws."""
+    n = 1 << 20
+    for seed, step, pidx, offset in ((0, 1, 0, 0), (5, 1000, 3, 2 ** 33 - 7), (2 ** 32 - 1, 7, 11, 12345)):
+        for fp, fm in ((0.5, 0.5), (0.25, 0.75)):
+            base = 1.0
+            xp = torch.full((n,), base + fp * 2 ** -7)  # bf16 unit at 1.0: 2^-7
+            xm = torch.full((n,), -(base + fm * 2 ** -7))
+            up_p = round_bf16(xp, _lowp.sr_key(seed, step, pidx, 0), offset=offset).float() != base
+            up_m = round_bf16(xm, _lowp.sr_key(seed, step, pidx, 1), offset=offset).float() != -base
+            counts = torch.stack([(up_p & up_m).sum(), (up_p & ~up_m).sum(), (~up_p & up_m).sum(),
+                                  (~up_p & ~up_m).sum()]).double()
+            expect = torch.tensor([fp * fm, fp * (1 - fm), (1 - fp) * fm, (1 - fp) * (1 - fm)],
+                                  dtype=torch.float64) * n
+            chi2 = ((counts - expect) ** 2 / expect).sum().item()
+            assert chi2 < 16.3, (seed, step, pidx, offset, fp, fm, counts.tolist())
+        h = _lowp.element_bits(key32(seed, step, pidx, 0), n, offset=offset)
+        hi, lo = (h >> 16).double(), (h & 0xFFFF).double()
+        corr = torch.corrcoef(torch.stack([hi, lo]))[0, 1].item()
+        assert abs(corr) < 4 / math.sqrt(n), (seed, corr)  # 4 sigma of a correlation of independent draws
 
 
 def test_key32_from_a_step_tensor_equals_key32():
@@ -212,7 +261,7 @@ def test_c_stores_equal_the_torch_code():
     x = torch.randn(100_003) * torch.logspace(-45, 38, 100_003)
     x[::97], x[::101], x[::103] = float("nan"), float("inf"), -float("inf")
     x[5], x[7] = -0.0, 3.3961e38
-    for key in (0, 12345, 0xFFFFFFFF):
+    for key in (0, 12345, 0xFFFFFFFF, _lowp.LOW16 | 12345):  # LOW16: the hash's low 16 bits round
         out = torch.empty(x.shape, dtype=torch.bfloat16)
         assert _cpu.sr_bf16(x, out, key)
         assert torch.equal(out.view(torch.int16), round_bf16(x, key).view(torch.int16))

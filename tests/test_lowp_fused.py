@@ -353,7 +353,7 @@ def test_offset_keys_the_hash_with_the_global_index() -> None:
         tigeropt.tiger._single_tensor_tiger(work_p, [g], work_m, [torch.tensor(1.0)], **HYPER)
     index = torch.arange(off, off + n)
     _same(p, _lowp.round_bf16(work_p[0], _lowp.key32(11, 1, 3, 0), index=index), "params")
-    _same(m, _lowp.round_bf16(work_m[0], _lowp.key32(11, 1, 3, 1), index=index), "state")
+    _same(m, _lowp.round_bf16(work_m[0], _lowp.sr_key(11, 1, 3, 1), index=index), "state")
     assert _cpu.lowp_absmax_len(n, off) == 5  # blocks 3..7 of the grid: [768, 1024) ... [1792, 2048)
     assert _cpu.lowp_absmax_len(n, 0) == _lowp.nblocks(n) and _cpu.lowp_absmax_len(0, off) == 0
     p8, g8, codes, absmax = _lowp_args(n, "8bit")

@@ -49,7 +49,7 @@ def test_triton_sr_bf16_equals_the_torch_code():
     x[::97], x[::101], x[::103] = float("nan"), float("inf"), -float("inf")
     x[5], x[7] = -0.0, 3.3961e38
     x = x.to(device)
-    for key in (0, 12345, 0xFFFFFFFF):
+    for key in (0, 12345, 0xFFFFFFFF, _lowp.LOW16 | 12345):  # LOW16: the hash's low 16 bits round
         out = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
         assert lowp.sr_bf16(x, out, key)
         assert torch.equal(out.view(torch.int16), _lowp.round_bf16(x, key).view(torch.int16))
@@ -219,7 +219,7 @@ def test_element_offset_shifts_the_hash_indices(name):
         fused_adax([p_f := p.clone()], [g], [states[0]], [states[1]], steps, **kw, sr_seed=seed,
                    param_indices=[pidx], element_offset=[offset])
         for i, (got, want) in enumerate(zip(states, (ref_m[0], ref_v[0]))):
-            key = _lowp.key32(seed, step, pidx, 1 + i)
+            key = _lowp.sr_key(seed, step, pidx, 1 + i)
             want = _lowp.round_bf16(want, key, offset=offset)
             assert torch.equal(got.view(torch.int16), want.view(torch.int16))
     want_p = _lowp.round_bf16(ref_p[0], _lowp.key32(seed, step, pidx, 0), offset=offset)

@@ -5,25 +5,44 @@ is the one definition of the rounding that every path uses.
 
 Random bits: a counter-based integer hash
 -----------------------------------------
-No generator state: the 32 random bits of an element are a pure function of
+No generator state: the random bits of an element are a pure function of
 (seed, step, parameter index, stream, element index), so any path, any order of evaluation and
 a resumed checkpoint draw the same bits.  The mixing function is Chris Wellons' ``lowbias32``::
 
     h(x) = x ^ x>>16;  x *= 0x7feb352d;  x ^= x>>15;  x *= 0x846ca68b;  x ^= x>>16   (mod 2^32)
 
     key   = h(h(h(h(seed) ^ step) ^ param_index) ^ stream)           (all taken mod 2^32)
-    bits  = h(h(e_lo ^ key) ^ e_hi)     e = element index, e_lo/e_hi its low/high 32 bits
+    H(e)  = h(e_lo ^ h(key ^ e_hi))     e = element index, e_lo/e_hi its low/high 32 bits
 
-``param_index`` is the parameter's position in the optimizer (param_groups order, as in the
-state_dict); ``stream`` is 0 for the parameter and 1 + i for state tensor ``state_keys[i]``;
-``e`` is the element's logical (row-major) index in the tensor; ``step`` is the parameter's
-step count after the increment.  In torch the hash runs in int64 with each product split in
-16-bit halves (no overflow), in C on ``uint32_t`` and in Triton on ``tl.uint32``.
+one ``lowbias32`` per element (``h(key ^ e_hi)`` is one number per 2^32 elements: per tensor in
+practice).  ``param_index`` is the parameter's position in the optimizer (param_groups order, as
+in the state_dict); ``stream`` is 0 for the parameter and 1 + i for state tensor
+``state_keys[i]``; ``e`` is the element's logical (row-major) index in the tensor; ``step`` is the
+parameter's step count after the increment.  In torch the hash runs in int64 with each product
+split in 16-bit halves (no overflow), in C on ``uint32_t`` and in Triton on ``tl.uint32``.
+
+Who draws which bits (:func:`sr_key`): a bf16 rounding takes 16 random bits, an 8-bit encoding
+24, so one hash serves two bf16 roundings of an element:
+
+* the bf16 parameter: the high 16 bits of stream 0's ``H(e)``;
+* state 0 (stream 1) stored in bf16: the low 16 bits of stream 0's ``H(e)`` (the same hash);
+* state ``i`` stored in bf16, ``i >= 1``: the high 16 bits of stream ``1 + i``'s ``H(e)``;
+* state ``i`` stored in 8 bits: the high 24 bits of stream ``1 + i``'s ``H(e)``.
+
+``lowbias32`` is a bijection of 32-bit words (over all inputs each pair of 16-bit halves occurs
+once) with full avalanche; tests/test_low_precision.py checks that the two roundings' up/down
+decisions are uncorrelated over 2^20 elements.  A rounding
+key (:func:`sr_key`) is ``key`` with bit 32 set where the low 16 bits round (:data:`LOW16`).
+
+Changed on 2026-11-30 (after benchmarks/results/precision-study-2026-11-30 was run): the rule was
+``H(e) = h(h(e_lo ^ key) ^ e_hi)`` with a whole hash per rounded tensor, two ``lowbias32`` per
+element and tensor; the new rule is statistically the same (uniform, independent bits per element,
+tensor and step) with a quarter to a half of the multiplies.
 
 Stochastic rounding to bf16
 ---------------------------
 bf16 is the upper half of an fp32 bit pattern.  With ``u`` the fp32 bits of the exact result
-and ``r = bits >> 16`` uniform in [0, 2^16): ``bf16 bits = (u + r) >> 16``.  The result is the
+and ``r`` its 16 random bits, uniform in [0, 2^16): ``bf16 bits = (u + r) >> 16``.  The result is the
 next bf16 away from zero with probability ``(u & 0xffff) / 2^16`` (the discarded fraction of a
 unit) and the truncated value otherwise, so its expected value is the fp32 value exactly.
 inf stays inf; NaN becomes the canonical bf16 NaN 0x7fc0 (what torch's conversion gives);
@@ -39,7 +58,8 @@ code decodes to: :func:`stored_absmax`) and 256 one-byte codes, the OCP fp8 e4m3
 element is flushed to 0 only below absmax * 2^-10/448 (2.2e-6 of the block's largest), where
 a linear absmax int8 map flushes everything below absmax/254.  Encoding rounds to nearest
 (ties to even) or, with stochastic rounding, up with probability equal to the discarded
-fraction (exactly unbiased: the fraction is a multiple of 2^-20, compared with 24 random bits).
+fraction (exactly unbiased: the fraction is a multiple of 2^-20, compared with 24 random bits,
+``H(e) >> 8``).
 Non-finite elements are stored as NaN codes (0x7f, sign kept) and decode to NaN.
 Decoding: ``code_value * (absmax / 448)``.
 
@@ -53,16 +73,21 @@ encoding equal the unsharded ones bit for bit.  The functions take the shard and
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-__all__ = ["hash32", "key32", "key32_tensor", "element_bits", "round_bf16", "encode_8bit", "decode_8bit",
-           "block_absmax", "stored_absmax", "covered_blocks", "BLOCK", "FP8_MAX", "nblocks", "hash32_int"]
+__all__ = ["hash32", "key32", "key32_tensor", "sr_key", "LOW16", "element_bits", "round_bf16", "encode_8bit",
+           "decode_8bit", "block_absmax", "stored_absmax", "covered_blocks", "BLOCK", "FP8_MAX", "nblocks",
+           "hash32_int"]
 
 M32 = 0xFFFFFFFF
 BLOCK = 256
 FP8_MAX = 448.0
 _C1, _C2 = 0x7FEB352D, 0x846CA68B
+#: Bit 32 of a rounding key (:func:`sr_key`): the bf16 rounding takes the low 16 bits of the hash.
+LOW16 = 1 << 32
 
 
 def hash32_int(x: int) -> int:
@@ -107,16 +132,30 @@ def hash32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def element_bits(key: int, numel: int, device: torch.device | str = "cpu",
+def sr_key(seed: int, step: int | Tensor, param_index: int, stream: int, eight_bit: bool = False) -> Any:
+    """The rounding key of ``stream`` (0: the parameter, 1 + i: state i) for :func:`round_bf16`
+    (``eight_bit=False``) or :func:`encode_8bit` (``eight_bit=True``): ``key32`` of the stream whose
+    hash it draws from, plus :data:`LOW16` where it takes that hash's low 16 bits (bf16 state 0
+    shares stream 0's hash; module docstring).  With ``step`` a tensor (a traced step) an int64
+    0-d tensor."""
+    shared = stream == 1 and not eight_bit
+    src = 0 if shared else stream
+    k = key32_tensor(seed, step, param_index, src) if isinstance(step, Tensor) else key32(seed, step,
+                                                                                         param_index, src)
+    return k | LOW16 if shared else k
+
+
+def element_bits(key: int | Tensor, numel: int, device: torch.device | str = "cpu",
                  index: Tensor | None = None, offset: int = 0) -> Tensor:
-    """32 random bits (int64 in [0, 2^32)) for elements ``offset..offset+numel-1`` (or the int64
-    ``index``)."""
+    """The 32 hash bits ``H(e)`` (int64 in [0, 2^32); module docstring) of elements
+    ``offset..offset+numel-1`` (or the int64 ``index``) under the 32-bit ``key``."""
     e = torch.arange(offset, offset + numel, dtype=torch.int64, device=device) if index is None else index
-    return hash32(hash32((e & M32) ^ key) ^ (e >> 32))
+    return hash32((e & M32) ^ hash32((e >> 32) ^ key))
 
 
 def round_bf16(x: Tensor, key: int | None, index: Tensor | None = None, offset: int = 0) -> Tensor:
-    """``x`` (fp32) in bf16: to nearest (``key=None``), else stochastically with the element hash.
+    """``x`` (fp32) in bf16: to nearest (``key=None``), else stochastically with the element hash
+    under the rounding ``key`` (:func:`sr_key`: the high 16 bits, with :data:`LOW16` the low 16).
 
     ``index`` (int64, ``x``'s shape): the elements' indices in the whole tensor (default: x's own
     row-major indices plus ``offset``), e.g. for rows gathered from a larger tensor; ``offset``: the
@@ -125,10 +164,12 @@ def round_bf16(x: Tensor, key: int | None, index: Tensor | None = None, offset: 
     """
     if key is None:
         return x.to(torch.bfloat16)
+    shift = 16 - 16 * (key >> 32)  # the high 16 bits of the hash, or with LOW16 the low 16
     x = x.float().contiguous()
     u = x.view(torch.int32).to(torch.int64) & M32
     idx = None if index is None else index.reshape(-1)
-    r = element_bits(key, x.numel(), x.device, index=idx, offset=offset).view(x.shape) >> 16
+    bits = element_bits(key & M32, x.numel(), x.device, index=idx, offset=offset).view(x.shape)
+    r = (bits >> shift) & 0xFFFF
     hi = (u + r) >> 16  # <= 0xff80 for every non-NaN input (NaN is replaced below)
     hi = torch.where(torch.isnan(x), 0x7FC0, hi)
     hi = torch.where(hi >= 0x8000, hi - 0x10000, hi)
@@ -185,9 +226,10 @@ def encode_8bit(x: Tensor, key: int | None = None, *, offset: int = 0, absmax: T
                 index: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(codes uint8 of ``x``'s shape, absmax fp32 [nblocks]) of ``x`` (fp32; module docstring).
 
-    ``key=None`` rounds to nearest (ties to even); otherwise stochastically with the element hash.
-    ``x`` may be a contiguous range ``offset..offset+numel-1`` of a larger tensor (a DTensor shard):
-    the blocks are then the whole tensor's, the returned absmax is of the blocks the range covers
+    ``key=None`` rounds to nearest (ties to even); otherwise stochastically with the high 24 bits of
+    the element hash under ``key`` (:func:`sr_key` with ``eight_bit=True``).  ``x`` may be a
+    contiguous range ``offset..offset+numel-1`` of a larger tensor (a DTensor shard): the blocks
+    are then the whole tensor's, the returned absmax is of the blocks the range covers
     (``covered_blocks``) and the hash takes the elements' indices in the whole tensor.  ``absmax``:
     the covered blocks' absmax to encode with (a block split between ranges: the maximum of their
     :func:`block_absmax`), instead of the range's own.  ``index``: the elements' indices in the whole

@@ -214,15 +214,15 @@ class LowPrecisionSteps:
                 step, pidx = st["step"] if traced else int(st["step"]), index[id(p)]
                 if w is not p:
                     if sr and p.dtype == torch.bfloat16:
-                        key = _key32(seed, step, pidx, 0)
+                        key = _lowp.sr_key(seed, step, pidx, 0)
                         p_local, w_local, offset = to_local(p), to_local(w), shard_offset(p)
                         if not (c_store and _fast_sr_bf16(w_local, p_local, key, offset)):
                             p_local.copy_(_lowp.round_bf16(w_local, key, offset=offset))
                     else:
                         p.copy_(w)
                 for i, (k, w_s) in enumerate(zip(self.state_keys, ws)):
-                    _write_state(st, k, w_s, _key32(seed, step, pidx, 1 + i) if sr else None, c_store,
-                                 sharded, (pidx, i))
+                    key = _lowp.sr_key(seed, step, pidx, 1 + i, st[k].dtype == torch.uint8) if sr else None
+                    _write_state(st, k, w_s, key, c_store, sharded, (pidx, i))
         if sharded:
             encode_sharded(sharded)
 
@@ -314,11 +314,12 @@ class LowPrecisionSteps:
             pidx, step, off = index[id(p)], int(self.state[p]["step"]), shard_offset(p) + lo
             dst, w = flat[j][0][lo:hi], work_p[e]
             if seed is not None and dst.dtype == torch.bfloat16:
-                w = _lowp.round_bf16(w, _lowp.key32(seed, step, pidx, 0), offset=off)
+                w = _lowp.round_bf16(w, _lowp.sr_key(seed, step, pidx, 0), offset=off)
             dst.copy_(w)
             for i in range(len(keys)):
                 dst, w = flat[j][2 + i][lo:hi], work_s[i][e]
-                key = None if seed is None else _lowp.key32(seed, step, pidx, 1 + i)
+                eight = absmax[j][i] is not None
+                key = None if seed is None else _lowp.sr_key(seed, step, pidx, 1 + i, eight)
                 if absmax[j][i] is not None:
                     pieces.setdefault((j, i), []).append((dst, w, off, key))
                     continue
@@ -477,7 +478,7 @@ class LowPrecisionSteps:
             step = int(state["step"])
             for i, (t, w, a, o) in enumerate(zip([p, *states], [p_rows, *s_rows], [None, *local_absmax],
                                                  offsets)):
-                key = None if seed is None else _lowp.key32(seed, step, pidx, i)
+                key = None if seed is None else _lowp.sr_key(seed, step, pidx, i, a is not None)
                 if a is not None:
                     codes, block_absmax = _lowp.encode_8bit(w, key, index=elements(t, o))
                     t.index_copy_(0, idx, codes)
@@ -563,13 +564,6 @@ def _decode_piece(codes: Tensor, absmax: Tensor, offset: int) -> Tensor:
     whole tensor's block maxima ``absmax``."""
     first, count = _lowp.covered_blocks(codes.numel(), offset)
     return _lowp.decode_8bit(codes, absmax[first:first + count], offset)
-
-
-def _key32(seed: int, step: int | Tensor, param_index: int, stream: int) -> Any:
-    """:func:`_lowp.key32`; with ``step`` a tensor (a traced step) an int64 0-d tensor."""
-    if isinstance(step, Tensor):
-        return _lowp.key32_tensor(seed, step, param_index, stream)
-    return _lowp.key32(seed, step, param_index, stream)
 
 
 def _c_lowp() -> Any:

@@ -735,7 +735,7 @@ def sr_bf16(src: Tensor, dst: Tensor, key: int) -> bool:
     if lib is None or not (_plain(src, torch.float32) and _plain(dst, torch.bfloat16)
                            and src.numel() == dst.numel()):
         return False
-    keep = (_ptrs([src]), _ptrs([dst]), array("q", [src.numel()]), array("I", [key]))  # alive during the call
+    keep = (_ptrs([src]), _ptrs([dst]), array("q", [src.numel()]), array("Q", [key]))  # alive during the call
     lib.tigeropt_sr_bf16(1, *map(_addr, keep), torch.get_num_threads())
     return True
 

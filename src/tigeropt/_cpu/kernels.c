@@ -1019,8 +1019,10 @@ void tigeropt_steps(int n, void *const *steps, int dtype, double *out) {
 /* ------------------------------------------------------------------ low-precision stores
  * Stochastic rounding to bf16 and block-scaled fp8 e4m3 encoding, bit for bit as
  * tigeropt/_lowp.py specifies them (the torch code there is the reference):
- *   h(x)  = lowbias32;  bits(e) = h(h(lo32(e) ^ key) ^ hi32(e))
- *   bf16  = (u + (bits >> 16)) >> 16, NaN -> 0x7fc0
+ *   h(x)  = lowbias32;  bits(e) = h(lo32(e) ^ h(key ^ hi32(e)))  (h(key ^ hi32(e)): the chunk key,
+ *           one per 2^32 elements)
+ *   bf16  = (u + r) >> 16, NaN -> 0x7fc0, r = bits >> 16, or bits & 0xffff for a rounding key with
+ *           bit 32 set (_lowp.LOW16: bf16 state 0 takes the low half of the parameter's hash)
  *   e4m3  = per 256-element block: absmax of the finite |x|, y = |x| / (absmax/448) (<= 448),
  *           ulp = 2^(max(exponent(y), -6) - 3), t = y/ulp, up = frac(t) > (bits>>8)*2^-24
  *           (or to nearest even without key), code = e4m3fn bits of (floor(t)+up)*ulp with x's sign,
@@ -1035,18 +1037,24 @@ static inline uint32_t lowbias32(uint32_t x) {
     return x;
 }
 
-static inline uint32_t element_bits(uint32_t key, uint64_t e) {
-    return lowbias32(lowbias32((uint32_t)e ^ key) ^ (uint32_t)(e >> 32));
+/* the chunk key of elements whose high index word is hi */
+static inline uint32_t chunk_key(uint32_t key, uint32_t hi) {
+    return lowbias32(key ^ hi);
 }
 
-/* dst[t][i] = SR_bf16(src[t][i]) with key keys[t] (element index i). */
-void tigeropt_sr_bf16(int n, void *const *src, void *const *dst, const int64_t *numel, const uint32_t *keys,
+static inline uint32_t element_bits(uint32_t key, uint64_t e) {
+    return lowbias32((uint32_t)e ^ chunk_key(key, (uint32_t)(e >> 32)));
+}
+
+/* dst[t][i] = SR_bf16(src[t][i]) with rounding key keys[t] (element index i; bit 32: the low 16 bits). */
+void tigeropt_sr_bf16(int n, void *const *src, void *const *dst, const int64_t *numel, const uint64_t *keys,
                       int nthreads) {
     for (int t = 0; t < n; t++) {
         const float *s = (const float *)src[t];
         uint16_t *d = (uint16_t *)dst[t];
         int64_t m = numel[t];
-        uint32_t key = keys[t];
+        uint32_t key = (uint32_t)keys[t];
+        int shift = keys[t] >> 32 ? 0 : 16;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && m >= MIN_PER_THREAD)
 #endif
@@ -1054,7 +1062,7 @@ void tigeropt_sr_bf16(int n, void *const *src, void *const *dst, const int64_t *
             float f = s[i];
             uint32_t u;
             memcpy(&u, &f, sizeof u);
-            uint32_t r = element_bits(key, (uint64_t)i) >> 16;
+            uint32_t r = (element_bits(key, (uint64_t)i) >> shift) & 0xFFFFu;
             d[i] = f != f ? (uint16_t)0x7FC0 : (uint16_t)((u + r) >> 16);
         }
     }
@@ -1143,7 +1151,10 @@ void tigeropt_encode_e4m3(int n, void *const *src, void *const *codes, void *con
  * low-precision step (tigeropt._base._step_low_precision with tigeropt._lowp's stores).
  *
  * The rounding bits: key = h(h(h(h(seed) ^ step) ^ param_index) ^ stream) per tensor and stream
- * (0 the parameter, 1 + i state i), element index e = offset[t] + local index (offset: where the
+ * (0 the parameter, 1 + i state i), bits(e) = h(lo32(e) ^ chunk_key(key, hi32(e))); the parameter
+ * takes the high 16 bits of stream 0's, bf16 state 0 their low 16 bits, bf16 state 1 the high 16
+ * bits of stream 2's, 8-bit state i the high 24 bits of stream 1 + i's (_lowp.sr_key); element
+ * index e = offset[t] + local index (offset: where the
  * tensor's elements start in the whole tensor, e.g. a shard's global offset; 0 otherwise).  The
  * 8-bit blocks are the 256-element grid of e: a tensor whose offset is not a multiple of 256 has
  * partial blocks at its start; its absmax array holds one value per block it touches,
@@ -1174,15 +1185,15 @@ static uint32_t lp_key(uint32_t seed, double step, int64_t pidx, uint32_t stream
     return lowbias32(k ^ stream);
 }
 
-/* SR to bf16 of s[0..k) with the random bits of elements lo0 + i whose high word is hi (a block
-   never crosses a multiple of 2^32: it lies in one 256-element cell of the grid) */
-static void store_bf16_sr(uint16_t *restrict d, const float *restrict s, int64_t k, uint32_t key,
-                          uint32_t lo0, uint32_t hi) {
+/* SR to bf16 of s[0..k) with bits shift..shift+15 of the random bits of elements lo0 + i under the
+   chunk key kc (a block never crosses a multiple of 2^32: it lies in one 256-element cell of the grid) */
+static void store_bf16_sr(uint16_t *restrict d, const float *restrict s, int64_t k, uint32_t kc,
+                          uint32_t lo0, int shift) {
     for (int64_t i = 0; i < k; i++) {
         uint32_t u;
         memcpy(&u, s + i, sizeof u);
-        uint32_t r = lowbias32(lowbias32((lo0 + (uint32_t)i) ^ key) ^ hi);
-        uint16_t h = (uint16_t)((u + (r >> 16)) >> 16);
+        uint32_t r = (lowbias32((lo0 + (uint32_t)i) ^ kc) >> shift) & 0xFFFFu;
+        uint16_t h = (uint16_t)((u + r) >> 16);
         d[i] = (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : h;
     }
 }
@@ -1236,8 +1247,8 @@ static float block_absmax(const float *restrict x, int64_t k) {
    sr is a constant at each call site: each gets its own loop. */
 static inline __attribute__((always_inline)) void encode_e4m3_codes(uint8_t *restrict c,
                                                                     const float *restrict x, int64_t k,
-                                                                    float a, uint32_t key, uint32_t lo0,
-                                                                    uint32_t hi, const int sr) {
+                                                                    float a, uint32_t kc, uint32_t lo0,
+                                                                    const int sr) {
     float scale = a / 448.0f;
     float div = scale > 0.0f ? scale : 1.0f;
     for (int64_t i = 0; i < k; i++) {
@@ -1254,7 +1265,7 @@ static inline __attribute__((always_inline)) void encode_e4m3_codes(uint8_t *res
         int32_t code_n, code_s;
         float t = y * 512.0f; /* y / 2^-9, exact: the subnormal range's grid units */
         if (sr) {
-            uint32_t r = lowbias32(lowbias32((lo0 + (uint32_t)i) ^ key) ^ hi) >> 8;
+            uint32_t r = lowbias32((lo0 + (uint32_t)i) ^ kc) >> 8;
             code_n = (yb >> 20) - 960 + (int32_t)((uint32_t)(yb & 0xFFFFF) << 4 > r);
             int32_t n = (int32_t)t;
             code_s = n + (t - (float)n > (float)(int32_t)r * 0x1p-24f ? 1 : 0);
@@ -1271,15 +1282,15 @@ static inline __attribute__((always_inline)) void encode_e4m3_codes(uint8_t *res
     }
 }
 
-/* codes and absmax (returned) of the block x[0..k): stochastically (sr, the bits of elements lo0 + i)
-   or to nearest even */
-static float encode_e4m3_block(uint8_t *restrict c, const float *restrict x, int64_t k, int sr, uint32_t key,
-                               uint32_t lo0, uint32_t hi) {
+/* codes and absmax (returned) of the block x[0..k): stochastically (sr, the bits of elements lo0 + i
+   under the chunk key kc) or to nearest even */
+static float encode_e4m3_block(uint8_t *restrict c, const float *restrict x, int64_t k, int sr, uint32_t kc,
+                               uint32_t lo0) {
     float a = block_absmax(x, k);
     if (sr)
-        encode_e4m3_codes(c, x, k, a, key, lo0, hi, 1);
+        encode_e4m3_codes(c, x, k, a, kc, lo0, 1);
     else
-        encode_e4m3_codes(c, x, k, a, 0, 0, 0, 0);
+        encode_e4m3_codes(c, x, k, a, 0, 0, 0);
     return (a / 448.0f) * 448.0f; /* _lowp.stored_absmax */
 }
 
@@ -1324,8 +1335,9 @@ static void lp_core(const Args *a, int t, float *restrict p, const float *restri
  *    exactly +-0 or NaN, so the single rounding changes nothing);
  *  - bf16 round to nearest even by vcvtneps2bf16, which equals c10's rounding except on NaN and
  *    fp32 subnormals (it flushes them to zero): lanes holding those take the scalar rounding;
- *  - the rounding bits' lowbias32 on 16 lanes (vpmulld); for the bf16 stores only bits >> 16 are
- *    used, which the hash's last step (x ^= x >> 16) does not change, so it is skipped there.
+ *  - the rounding bits' lowbias32 on 16 lanes (vpmulld), one per element for the parameter and bf16
+ *    state 0 together (the high and the low 16 bits of one hash); where only bits >> 16 are used
+ *    the hash's last step (x ^= x >> 16) does not change them, so it is skipped there.
  * fp16 parameters take the generic code. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
     defined(__AVX512BF16__)
@@ -1402,11 +1414,9 @@ static inline void v_st_bf16_rtn(uint16_t *d, __m512 v, __mmask16 m, const int f
     }
 }
 
-/* bf16 stochastically with the bits of elements idx (lo32) whose high word is hi */
-static inline void v_st_bf16_sr(uint16_t *d, __m512 v, __mmask16 m, const int full, __m512i idx, __m512i key,
-                                __m512i hi) {
-    __m512i r = v_lowbias32_hi16(_mm512_xor_si512(v_lowbias32(_mm512_xor_si512(idx, key)), hi));
-    __m512i h = _mm512_srli_epi32(_mm512_add_epi32(AS_I(v), _mm512_srli_epi32(r, 16)), 16);
+/* bf16 stochastically with the 16 random bits r (in the low half of each lane) */
+static inline void v_st_bf16_sr(uint16_t *d, __m512 v, __mmask16 m, const int full, __m512i r) {
+    __m512i h = _mm512_srli_epi32(_mm512_add_epi32(AS_I(v), r), 16);
     h = _mm512_mask_mov_epi32(h, _mm512_fpclass_ps_mask(v, 0x81), V_I(0x7FC0));
     if (full)
         _mm256_storeu_si256((__m256i *)d, _mm512_cvtepi32_epi16(h));
@@ -1425,16 +1435,14 @@ static inline __m512i v_absmax(__m512i acc, __m512 v, __mmask16 m) {
    rounding to nearest is y + 2^14 rounded at its unit 2^-9 (the grid of t + 2^23, scaled by 2^-9), whose
    low byte is the code; the normal range's rebias (- 960 << 20) is folded into the rounding constant. */
 static inline __attribute__((always_inline)) void v_st_e4m3(uint8_t *c, __m512 x, __mmask16 m, const int full,
-                                                            __m512 div, const int sr, __m512i idx, __m512i key,
-                                                            __m512i hi) {
+                                                            __m512 div, const int sr, __m512i idx, __m512i kc) {
     __m512i u = AS_I(x);
     __m512i mag = _mm512_and_si512(u, V_I(0x7FFFFFFF));
     __mmask16 nonfinite = _mm512_cmpge_epu32_mask(mag, V_I(0x7F800000));
     __m512i yb = _mm512_min_epi32(AS_I(_mm512_div_ps(AS_F(mag), div)), V_I(0x43E00000)); /* min(y, 448) */
     __m512i code_n, code_s;
     if (sr) {
-        __m512i r = _mm512_srli_epi32(
-            v_lowbias32(_mm512_xor_si512(v_lowbias32(_mm512_xor_si512(idx, key)), hi)), 8);
+        __m512i r = _mm512_srli_epi32(v_lowbias32(_mm512_xor_si512(idx, kc)), 8);
         code_n = _mm512_srli_epi32(_mm512_sub_epi32(yb, V_I(960 << 20)), 20);
         __mmask16 up = _mm512_cmpgt_epu32_mask(_mm512_srli_epi32(_mm512_slli_epi32(yb, 12), 8), r);
         code_n = _mm512_mask_add_epi32(code_n, up, code_n, V_I(1));
@@ -1481,12 +1489,15 @@ static inline __mmask16 lane_mask(int64_t left) {
 static inline __attribute__((always_inline)) void lp_vec_avx512(
     const LpVec *v, const int OPT, const int K0, const int full, __mmask16 m, char *pbase, const char *gbase,
     void *const sbase[2], int64_t e, __m512i idx, const LpDec *dec, float *buf0, float *buf1, __m512i amax[2],
-    __m512i hi, const __m512i keys[3]) {
+    const __m512i kc[3]) {
     const int nst = OPT == OPT_ADAX ? 2 : 1;
     const int kind[2] = {K0, v->kind[1]};
     const float *c = v->c;
     float *buf[2] = {buf0, buf1};
     __m512 p, g, s[2];
+    const int v_share0 = v->sr && K0 == SK_BF16; /* state 0 rounds with the low half of stream 0's hash */
+    __m512i r0 = _mm512_setzero_si512();
+    int have_r0 = 0;
 #define LD_F32(ptr) (full ? _mm512_loadu_ps(ptr) : _mm512_maskz_loadu_ps(m, ptr))
 #define LD_BF16(ptr)                                                                                     \
     AS_F(_mm512_slli_epi32(                                                                              \
@@ -1548,8 +1559,12 @@ static inline __attribute__((always_inline)) void lp_vec_avx512(
             _mm512_storeu_ps((float *)pbase + e, p);
         else
             _mm512_mask_storeu_ps((float *)pbase + e, m, p);
-    } else if (v->sr) {
-        v_st_bf16_sr((uint16_t *)pbase + e, p, m, full, idx, keys[0], hi);
+    } else if (v->sr) { /* the high 16 bits of stream 0's hash (x ^= x >> 16 skipped unless state 0 uses it) */
+        __m512i h0 = v_share0 ? v_lowbias32(_mm512_xor_si512(idx, kc[0]))
+                              : v_lowbias32_hi16(_mm512_xor_si512(idx, kc[0]));
+        v_st_bf16_sr((uint16_t *)pbase + e, p, m, full, _mm512_srli_epi32(h0, 16));
+        r0 = _mm512_and_si512(h0, V_I(0xFFFF));
+        have_r0 = 1;
     } else {
         v_st_bf16_rtn((uint16_t *)pbase + e, p, m, full, v->nan);
     }
@@ -1560,8 +1575,13 @@ static inline __attribute__((always_inline)) void lp_vec_avx512(
             else
                 _mm512_mask_storeu_ps((float *)sbase[j] + e, m, s[j]);
         } else if (kind[j] == SK_BF16) {
-            if (v->sr)
-                v_st_bf16_sr((uint16_t *)sbase[j] + e, s[j], m, full, idx, keys[1 + j], hi);
+            if (v->sr && j == 0) /* the low 16 bits of stream 0's hash */
+                v_st_bf16_sr((uint16_t *)sbase[j] + e, s[j], m, full,
+                             have_r0 ? r0
+                                     : _mm512_and_si512(v_lowbias32(_mm512_xor_si512(idx, kc[0])), V_I(0xFFFF)));
+            else if (v->sr)
+                v_st_bf16_sr((uint16_t *)sbase[j] + e, s[j], m, full,
+                             _mm512_srli_epi32(v_lowbias32_hi16(_mm512_xor_si512(idx, kc[1 + j])), 16));
             else
                 v_st_bf16_rtn((uint16_t *)sbase[j] + e, s[j], m, full, v->nan);
         } else {
@@ -1589,15 +1609,15 @@ static inline __attribute__((always_inline)) void lp_block_avx512(
         }
     __m512i amax[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i hi = V_I(hi32);
-    const __m512i keys[3] = {V_I(key32[0]), V_I(key32[1]), V_I(key32[2])};
+    const __m512i kc[3] = {V_I(chunk_key(key32[0], hi32)), V_I(chunk_key(key32[1], hi32)),
+                           V_I(chunk_key(key32[2], hi32))};
     int64_t i = 0;
     for (; i + 16 <= k; i += 16)
         lp_vec_avx512(v, OPT, K0, 1, (__mmask16)0xFFFF, pbase, gbase, sbase, i0 + i,
-                      _mm512_add_epi32(V_I(lo0 + (uint32_t)i), iota), &dec, buf[0] + i, buf[1] + i, amax, hi, keys);
+                      _mm512_add_epi32(V_I(lo0 + (uint32_t)i), iota), &dec, buf[0] + i, buf[1] + i, amax, kc);
     if (i < k)
         lp_vec_avx512(v, OPT, K0, 0, lane_mask(k - i), pbase, gbase, sbase, i0 + i,
-                      _mm512_add_epi32(V_I(lo0 + (uint32_t)i), iota), &dec, buf[0] + i, buf[1] + i, amax, hi, keys);
+                      _mm512_add_epi32(V_I(lo0 + (uint32_t)i), iota), &dec, buf[0] + i, buf[1] + i, amax, kc);
     for (int j = 0; j < nst; j++) {
         if (kind[j] != SK_8BIT) continue;
         uint32_t ab = (uint32_t)_mm512_reduce_max_epu32(amax[j]);
@@ -1610,11 +1630,11 @@ static inline __attribute__((always_inline)) void lp_block_avx512(
             __m512i idx = _mm512_add_epi32(V_I(lo0 + (uint32_t)q), iota);
             __m512 x = _mm512_load_ps(buf[j] + q);
             if (q + 16 > k)
-                v_st_e4m3(codes + q, x, lane_mask(k - q), 0, div, v->sr, idx, keys[1 + j], hi);
+                v_st_e4m3(codes + q, x, lane_mask(k - q), 0, div, v->sr, idx, kc[1 + j]);
             else if (v->sr)
-                v_st_e4m3(codes + q, x, 0xFFFF, 1, div, 1, idx, keys[1 + j], hi);
+                v_st_e4m3(codes + q, x, 0xFFFF, 1, div, 1, idx, kc[1 + j]);
             else
-                v_st_e4m3(codes + q, x, 0xFFFF, 1, div, 0, idx, keys[1 + j], hi);
+                v_st_e4m3(codes + q, x, 0xFFFF, 1, div, 0, idx, kc[1 + j]);
         }
     }
 }
@@ -1752,6 +1772,9 @@ static void lp_range(const Args *a, int t, int64_t s, int64_t n) {
         int64_t k = LP_BLOCK - (int64_t)(e0 & (LP_BLOCK - 1));
         if (k > s + n - i0) k = s + n - i0;
         uint32_t lo0 = (uint32_t)e0, hi = (uint32_t)(e0 >> 32);
+        uint32_t kc[3] = {0, 0, 0};
+        if (x->sr)
+            for (int j = 0; j < 3; j++) kc[j] = chunk_key(key[j], hi);
         int64_t blk = (off + i0) / LP_BLOCK - off / LP_BLOCK; /* absmax index (off >= 0) */
         float *pw, *sw[2] = {NULL, NULL};
         const float *gw;
@@ -1781,7 +1804,7 @@ static void lp_range(const Args *a, int t, int64_t s, int64_t n) {
         }
         lp_core(a, t, pw, gw, sw[0], sw[1], k);
         if (pdt == DT_BF16 && x->sr) {
-            store_bf16_sr((uint16_t *)pbase + i0, pb, k, key[0], lo0, hi);
+            store_bf16_sr((uint16_t *)pbase + i0, pb, k, kc[0], lo0, 16);
         } else if (pdt == DT_BF16) {
             store_bf16_rtn((uint16_t *)pbase + i0, pb, k, x->bf16_nan);
         } else if (pdt != DT_F32) {
@@ -1790,13 +1813,13 @@ static void lp_range(const Args *a, int t, int64_t s, int64_t n) {
         for (int j = 0; j < nst; j++) {
             if (x->kind[j] == SK_F32) continue;
             if (x->kind[j] == SK_BF16) {
-                if (x->sr)
-                    store_bf16_sr((uint16_t *)sbase[j] + i0, sb[j], k, key[1 + j], lo0, hi);
+                if (x->sr) /* state 0: the low half of the parameter's stream */
+                    store_bf16_sr((uint16_t *)sbase[j] + i0, sb[j], k, j == 0 ? kc[0] : kc[1 + j], lo0,
+                                  j == 0 ? 0 : 16);
                 else
                     store_bf16_rtn((uint16_t *)sbase[j] + i0, sb[j], k, x->bf16_nan);
             } else {
-                ambase[j][blk] = encode_e4m3_block((uint8_t *)sbase[j] + i0, sb[j], k, x->sr, key[1 + j], lo0,
-                                                   hi);
+                ambase[j][blk] = encode_e4m3_block((uint8_t *)sbase[j] + i0, sb[j], k, x->sr, kc[1 + j], lo0);
             }
         }
         i0 += k;

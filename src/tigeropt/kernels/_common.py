@@ -716,11 +716,12 @@ def _lowbias32(x):
 @triton.jit
 def _element_bits(key, e0, offs):
     """32 random bits of elements ``e0 + offs`` (e0: int64 scalar) under ``key``
-    (tigeropt._lowp.element_bits), the 64-bit index as 32-bit halves with a carry."""
+    (tigeropt._lowp.element_bits: ``h(lo ^ h(key ^ hi))``), the 64-bit index as 32-bit halves with
+    a carry."""
     e0_lo = (e0 & 0xFFFFFFFF).to(tl.uint32)
     lo = e0_lo + offs.to(tl.uint32)
     hi = (e0 >> 32).to(tl.uint32) + (lo < e0_lo).to(tl.uint32)
-    return _lowbias32(_lowbias32(lo ^ key) ^ hi)
+    return _lowbias32(lo ^ _lowbias32(key ^ hi))
 
 
 @triton.jit
@@ -763,21 +764,28 @@ def _stream_key(kt, stream: tl.constexpr):
 
 
 @triton.jit
-def _sr_bf16(x, bits):
-    """float32 -> bfloat16 rounded stochastically: (bits of x + upper 16 random bits) >> 16, NaN ->
+def _sr_bf16(x, r):
+    """float32 -> bfloat16 rounded stochastically: (bits of x + 16 random bits r) >> 16, NaN ->
     0x7fc0 (tigeropt._lowp.round_bf16)."""
-    hi = (x.to(tl.uint32, bitcast=True) + (bits >> 16)) >> 16
+    hi = (x.to(tl.uint32, bitcast=True) + r) >> 16
     hi = tl.where(x == x, hi, tl.full(hi.shape, 0x7FC0, tl.uint32))
     return hi.to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
-def _st_lowp(ptr, offs, x, n, key, e0, SR: tl.constexpr, MASKED: tl.constexpr):
-    """Store a float32 block into ``ptr``'s dtype: bfloat16 rounded to nearest (:func:`_to_bf16`) or,
-    with SR, stochastically (element indices ``e0 + offs``); other dtypes by a cast."""
+def _st_lowp(ptr, offs, x, n, kt, STREAM: tl.constexpr, e0, SR: tl.constexpr, MASKED: tl.constexpr):
+    """Store a float32 block of stream ``STREAM`` (0: the parameter, 1 + i: state i) of a tensor
+    (stream keys from ``kt``) into ``ptr``'s dtype: bfloat16 rounded to nearest (:func:`_to_bf16`)
+    or, with SR, stochastically (element indices ``e0 + offs``; tigeropt._lowp.sr_key: stream 1
+    takes the low 16 bits of stream 0's hash, the others the high 16 bits of their own); other
+    dtypes by a cast."""
     if ptr.dtype.element_ty == tl.bfloat16:
         if SR:
-            y = _sr_bf16(x, _element_bits(key, e0, offs))
+            if STREAM == 1:
+                r = _element_bits(_stream_key(kt, 0), e0, offs) & 0xFFFF
+            else:
+                r = _element_bits(_stream_key(kt, STREAM), e0, offs) >> 16
+            y = _sr_bf16(x, r)
         else:
             y = _to_bf16(x)
     else:
@@ -867,9 +875,11 @@ def _ld_state(ptr, ap, offs, rows, n, Q8: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _st_state(ptr, ap, offs, rows, x, n, key, e0, SR: tl.constexpr, Q8: tl.constexpr, MASKED: tl.constexpr):
-    """Store a float32 state block: 8-bit encoded, or float (bf16 rounded, stochastically with SR)."""
+def _st_state(ptr, ap, offs, rows, x, n, kt, STREAM: tl.constexpr, e0, SR: tl.constexpr, Q8: tl.constexpr,
+              MASKED: tl.constexpr):
+    """Store a float32 state block of stream ``STREAM``: 8-bit encoded (the high 24 bits of the
+    stream's hash), or float (bf16 rounded, stochastically with SR: :func:`_st_lowp`)."""
     if Q8:
-        _st_q8(ptr, ap, offs, rows, x, n, key, e0, SR, MASKED)
+        _st_q8(ptr, ap, offs, rows, x, n, _stream_key(kt, STREAM), e0, SR, MASKED)
     else:
-        _st_lowp(ptr, offs, x, n, key, e0, SR, MASKED)
+        _st_lowp(ptr, offs, x, n, kt, STREAM, e0, SR, MASKED)

@@ -33,7 +33,6 @@ from ._common import (
     _st,
     _st_lowp,
     _st_state,
-    _stream_key,
     _tensor_ptr,
     _work_item,
     check_not_capturing_host_steps,
@@ -86,8 +85,8 @@ def _adagrad_step(pp, gp, sp, sa, offs, rows, n, clr, wd, eps, clip, kt, e0,
     g = _ld(gp, offs, n, MASKED)
     acc = _ld_state(sp, sa, offs, rows, n, Q8_S, MASKED)
     p, acc = _adagrad_update(p, g, acc, clr, wd, eps, clip, MAXIMIZE, GLOVE, CLIP)
-    _st_lowp(pp, offs, p, n, _stream_key(kt, 0), e0, SR, MASKED)  # first: fewer live registers
-    _st_state(sp, sa, offs, rows, acc, n, _stream_key(kt, 1), e0, SR, Q8_S, MASKED)
+    _st_lowp(pp, offs, p, n, kt, 0, e0, SR, MASKED)  # first: fewer live registers
+    _st_state(sp, sa, offs, rows, acc, n, kt, 1, e0, SR, Q8_S, MASKED)
 
 
 @triton.jit(do_not_specialize=["k1"])

@@ -37,7 +37,6 @@ from ._common import (
     _st,
     _st_lowp,
     _st_state,
-    _stream_key,
     _tensor_ptr,
     _work_item,
     check_not_capturing_host_steps,
@@ -94,13 +93,13 @@ def _adax_step(pp, gp, mp, vp, ma, va, offs, rows, n, lr, beta1, omb1, bhat, omb
     # the store order is ptxas's register budget on sm_90 (no spills with either flag set): with
     # stochastic rounding the parameter first (its registers free before the 8-bit encoding's)
     if SR:
-        _st_lowp(pp, offs, p, n, _stream_key(kt, 0), e0, SR, MASKED)
-        _st_state(vp, va, offs, rows, v, n, _stream_key(kt, 2), e0, SR, Q8_V, MASKED)
-        _st_state(mp, ma, offs, rows, m, n, _stream_key(kt, 1), e0, SR, Q8_M, MASKED)
+        _st_lowp(pp, offs, p, n, kt, 0, e0, SR, MASKED)
+        _st_state(vp, va, offs, rows, v, n, kt, 2, e0, SR, Q8_V, MASKED)
+        _st_state(mp, ma, offs, rows, m, n, kt, 1, e0, SR, Q8_M, MASKED)
     else:
-        _st_state(mp, ma, offs, rows, m, n, _stream_key(kt, 1), e0, SR, Q8_M, MASKED)
-        _st_state(vp, va, offs, rows, v, n, _stream_key(kt, 2), e0, SR, Q8_V, MASKED)
-        _st_lowp(pp, offs, p, n, _stream_key(kt, 0), e0, SR, MASKED)
+        _st_state(mp, ma, offs, rows, m, n, kt, 1, e0, SR, Q8_M, MASKED)
+        _st_state(vp, va, offs, rows, v, n, kt, 2, e0, SR, Q8_V, MASKED)
+        _st_lowp(pp, offs, p, n, kt, 0, e0, SR, MASKED)
 
 
 @triton.jit(do_not_specialize=["k1"])

@@ -32,7 +32,6 @@ from ._common import (
     _st,
     _st_lowp,
     _st_state,
-    _stream_key,
     _tensor_ptr,
     _work_item,
     low_precision,
@@ -72,8 +71,8 @@ def _lion_step(pp, gp, mp, ma, offs, rows, n, lr, beta1, omb1, beta2, omb2, deca
     g = _ld(gp, offs, n, MASKED)
     m = _ld_state(mp, ma, offs, rows, n, Q8_M, MASKED)
     p, m = _lion_update(p, g, m, lr, beta1, omb1, beta2, omb2, decay, MAXIMIZE)
-    _st_lowp(pp, offs, p, n, _stream_key(kt, 0), e0, SR, MASKED)  # first: fewer live registers
-    _st_state(mp, ma, offs, rows, m, n, _stream_key(kt, 1), e0, SR, Q8_M, MASKED)
+    _st_lowp(pp, offs, p, n, kt, 0, e0, SR, MASKED)  # first: fewer live registers
+    _st_state(mp, ma, offs, rows, m, n, kt, 1, e0, SR, Q8_M, MASKED)
 
 
 @triton.jit(do_not_specialize=["k1"])

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import _lowbias32
+from ._common import _element_bits
 
 __all__ = ["sr_bf16"]
 
@@ -19,26 +19,27 @@ _BLOCK = 1024
 
 
 @triton.jit(do_not_specialize=["n", "key"])
-def _sr_bf16_kernel(src_ptr, dst_ptr, n, key, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _sr_bf16_kernel(src_ptr, dst_ptr, n, key, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(src_ptr + offs, mask=mask, other=0.0)
     u = x.to(tl.uint32, bitcast=True)
-    k = tl.full(offs.shape, key, tl.int64).to(tl.uint32)
-    lo = (offs & 0xFFFFFFFF).to(tl.uint32)
-    hi = (offs >> 32).to(tl.uint32)
-    r = _lowbias32(_lowbias32(lo ^ k) ^ hi) >> 16
+    k = tl.full((), key, tl.int64).to(tl.uint32)
+    r = (_element_bits(k, start, tl.arange(0, BLOCK)) >> SHIFT) & 0xFFFF
     bits = (u + r) >> 16
     bits = tl.where(x != x, tl.full(offs.shape, 0x7FC0, tl.uint32), bits)
     tl.store(dst_ptr + offs, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
 
 
 def sr_bf16(src: Tensor, dst: Tensor, key: int) -> bool:
-    """``dst.copy_(tigeropt._lowp.round_bf16(src, key))``; False (nothing done) if it cannot take them."""
+    """``dst.copy_(tigeropt._lowp.round_bf16(src, key))`` (``key``: a rounding key, _lowp.sr_key); False
+    (nothing done) if it cannot take them."""
     if not (src.dtype == torch.float32 and dst.dtype == torch.bfloat16 and src.is_contiguous()
             and dst.is_contiguous() and src.numel() == dst.numel() and src.device == dst.device):
         return False
     n = src.numel()
     if n:
-        _sr_bf16_kernel[(triton.cdiv(n, _BLOCK),)](src, dst.view(torch.int16), n, key, BLOCK=_BLOCK)
+        _sr_bf16_kernel[(triton.cdiv(n, _BLOCK),)](src, dst.view(torch.int16), n, key & 0xFFFFFFFF,
+                                                   SHIFT=0 if key >> 32 else 16, BLOCK=_BLOCK)
     return True
