@@ -456,6 +456,51 @@ def _codec_values() -> torch.Tensor:
     return torch.cat([*blocks, rand])
 
 
+def _fast_path_values() -> torch.Tensor:
+    """Blocks for the AVX-512 codec's shortcuts (vectors of 16 elements whose scaled values are all 0 or
+    in e4m3's normal range skip the subnormal-range and non-finite work; blocks without NaN codes decode
+    without the NaN blend): normal-range values with zeros between them, one vector holding a single
+    subnormal-range value (and one holding 2^-6 exactly, the normal range's smallest), normal values in
+    a block that also holds an inf (its codes then include the NaN code), and all of them negated."""
+    gen = torch.Generator().manual_seed(1)
+    normal = 2.0 ** -6 + torch.rand(255, generator=gen) * 400  # y = |x| with the block's 448 first
+    with_zeros = normal.clone()
+    with_zeros[::5] = 0.0
+    one_small = normal.clone()
+    one_small[40] = 2.0 ** -7 * 1.5  # lanes 32..47: one subnormal-range value
+    one_small[70] = 2.0 ** -6
+    with_inf = normal.clone()
+    with_inf[200] = float("inf")
+    blocks = [torch.cat([torch.tensor([448.0]), b]) for b in (normal, with_zeros, one_small, with_inf)]
+    x = torch.cat(blocks)
+    return torch.cat([x, -x])
+
+
+@pytest.mark.parametrize("sr", [False, True])
+def test_kernel_codec_fast_paths_equal_encode_8bit(sr: bool, build: str) -> None:
+    """The codec's shortcuts give encode_8bit's codes and absmax (Tiger with beta = 0 stores m = g), and
+    decoding those codes (NaN codes in one block) gives decode_8bit's values (beta = 0.5, g = 0)."""
+    g = _fast_path_values()
+    n = g.numel()
+    p = torch.zeros(n)
+    codes, absmax = _lowp.encode_8bit(torch.zeros(n))
+    hyper = dict(lr=0.01, beta=0.0, weight_decay=0.0, maximize=False)
+    assert _cpu.lowp_step("tiger", [p], [g], [[codes]], [[absmax]], [torch.tensor(0.0)], hyper,
+                          param_index=[1], seed=9, stochastic_rounding=sr) == []
+    key = _lowp.sr_key(9, 1, 1, 1, eight_bit=True) if sr else None
+    want_codes, want_absmax = _lowp.encode_8bit(g + 0.0, key)
+    _same(codes, want_codes, "codes")
+    _same(absmax, want_absmax, "absmax")
+    assert ((codes & 0x7F) == 0x7F).sum() == 2  # the inf blocks' NaN codes: their decode takes the blend
+    p2, g2 = torch.zeros(n), torch.zeros(n)
+    codes2, absmax2 = codes.clone(), absmax.clone()
+    assert _cpu.lowp_step("tiger", [p2], [g2], [[codes2]], [[absmax2]], [torch.tensor(0.0)],
+                          dict(hyper, beta=0.5), param_index=[1], seed=9, stochastic_rounding=False) == []
+    want2 = _lowp.encode_8bit(_lowp.decode_8bit(codes, absmax) * 0.5 + 0.5 * g2)
+    _same(codes2, want2[0], "codes after decode")
+    _same(absmax2, want2[1], "absmax after decode")
+
+
 @pytest.mark.parametrize("sr", [False, True])
 def test_kernel_codec_equals_encode_8bit_on_ties_and_edges(sr: bool, build: str) -> None:
     """Tiger with beta = 0 stores m = g: the kernel's 8-bit codes and absmax of g == _lowp.encode_8bit(g)

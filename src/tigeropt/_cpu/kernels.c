@@ -1335,6 +1335,8 @@ static void lp_core(const Args *a, int t, float *restrict p, const float *restri
  *    exactly +-0 or NaN, so the single rounding changes nothing);
  *  - bf16 round to nearest even by vcvtneps2bf16, which equals c10's rounding except on NaN and
  *    fp32 subnormals (it flushes them to zero): lanes holding those take the scalar rounding;
+ *  - 8-bit state decoded without the NaN codes' blend in a block that holds none (checked 64 codes at a
+ *    time), encoded without the non-finite and subnormal-range lanes' work in a vector that has none;
  *  - the rounding bits' lowbias32 on 16 lanes (vpmulld), one per element for the parameter and bf16
  *    state 0 together (the high and the low 16 bits of one hash); where only bits >> 16 are used
  *    the hash's last step (x ^= x >> 16) does not change them, so it is skipped there.
@@ -1372,6 +1374,31 @@ static inline __m512 v_ld_e4m3(const uint8_t *s, __mmask16 m, const int full, in
     u = _mm512_mask_mov_epi32(u, nan, V_I(0x7FF00000));
     u = _mm512_ternarylogic_epi32(u, c, V_I(0x80000000), 0xF8); /* u | (c & sign bit) */
     return _mm512_mul_ps(AS_F(u), s120);
+}
+
+/* v_ld_e4m3 for a block without NaN codes (block_has_nan_code): the code sign-extended and shifted left
+   by 20 holds the sign in bit 31 and the 7 magnitude bits at 20..26 (bits 27..30 are copies of the sign,
+   cleared by the and): the same fp32 pattern as v_ld_e4m3's, in two operations */
+static inline __m512 v_ld_e4m3_finite(const uint8_t *s, __mmask16 m, const int full, int fold, __m512 s120,
+                                      __m512 scale) {
+    __m128i b = full ? _mm_loadu_si128((const __m128i *)s) : _mm_maskz_loadu_epi8(m, s);
+    __m512i u = _mm512_and_si512(_mm512_slli_epi32(_mm512_cvtepi8_epi32(b), 20), V_I(0x87F00000));
+    if (!fold) {
+        u = AS_I(_mm512_mul_ps(AS_F(u), V_F(0x1p120f)));
+        s120 = scale;
+    }
+    return _mm512_mul_ps(AS_F(u), s120);
+}
+
+/* whether the codes c[0..k) hold a NaN code (0x7f or 0xff), 64 at a time */
+static inline int block_has_nan_code(const uint8_t *c, int64_t k) {
+    __mmask64 any = 0;
+    for (int64_t q = 0; q < k; q += 64) {
+        __mmask64 m = k - q >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (k - q)) - 1);
+        __m512i b = _mm512_maskz_loadu_epi8(m, c + q);
+        any |= _mm512_mask_cmpeq_epi8_mask(m, _mm512_or_si512(b, V_I(0x80808080u)), V_I(0xFFFFFFFFu));
+    }
+    return any != 0;
 }
 
 /* sign(x) as SIGN(float, x) gives it (see above) */
@@ -1417,7 +1444,8 @@ static inline void v_st_bf16_rtn(uint16_t *d, __m512 v, __mmask16 m, const int f
 /* bf16 stochastically with the 16 random bits r (in the low half of each lane) */
 static inline void v_st_bf16_sr(uint16_t *d, __m512 v, __mmask16 m, const int full, __m512i r) {
     __m512i h = _mm512_srli_epi32(_mm512_add_epi32(AS_I(v), r), 16);
-    h = _mm512_mask_mov_epi32(h, _mm512_fpclass_ps_mask(v, 0x81), V_I(0x7FC0));
+    __mmask16 nan = _mm512_fpclass_ps_mask(v, 0x81);
+    if (__builtin_expect(nan != 0, 0)) h = _mm512_mask_mov_epi32(h, nan, V_I(0x7FC0));
     if (full)
         _mm256_storeu_si256((__m256i *)d, _mm512_cvtepi32_epi16(h));
     else
@@ -1433,13 +1461,40 @@ static inline __m512i v_absmax(__m512i acc, __m512 v, __mmask16 m) {
 /* encode_e4m3_codes on 16 lanes, with fewer operations and the same low 8 bits of each code: a non-finite x
    is divided as it is (y clamps to 448, a code <= 0x7e, then 0x7f is or-ed in); the subnormal range's
    rounding to nearest is y + 2^14 rounded at its unit 2^-9 (the grid of t + 2^23, scaled by 2^-9), whose
-   low byte is the code; the normal range's rebias (- 960 << 20) is folded into the rounding constant. */
+   low byte is the code; the normal range's rebias (- 960 << 20) is folded into the rounding constant.
+   finite: the block holds no inf/NaN (its absmax pass saw none); then a vector whose every y is 0 or at
+   least 2^-6 (the common case) takes the normal range's rounding alone. */
 static inline __attribute__((always_inline)) void v_st_e4m3(uint8_t *c, __m512 x, __mmask16 m, const int full,
-                                                            __m512 div, const int sr, __m512i idx, __m512i kc) {
+                                                            __m512 div, const int sr, __m512i idx, __m512i kc,
+                                                            const int finite) {
     __m512i u = AS_I(x);
     __m512i mag = _mm512_and_si512(u, V_I(0x7FFFFFFF));
-    __mmask16 nonfinite = _mm512_cmpge_epu32_mask(mag, V_I(0x7F800000));
     __m512i yb = _mm512_min_epi32(AS_I(_mm512_div_ps(AS_F(mag), div)), V_I(0x43E00000)); /* min(y, 448) */
+    if (finite) { /* a block of finite values: no NaN code */
+        __mmask16 nz = _mm512_test_epi32_mask(yb, yb);
+        if (__builtin_expect(_mm512_mask_cmplt_epi32_mask(nz, yb, V_I(0x3C800000)) == 0, 1)) {
+            /* every y is 0 or in e4m3's normal range (>= 2^-6): the normal range's rounding, 0 for y = 0 */
+            __m512i t;
+            if (sr) { /* up when 16 * (the 20 discarded bits f) > bits >> 8, i.e. when f << 12 > bits (f << 12
+                         is a multiple of 2^8): the hash's 32 bits compared at once */
+                __m512i h = v_lowbias32(_mm512_xor_si512(idx, kc));
+                __mmask16 up = _mm512_cmpgt_epu32_mask(_mm512_slli_epi32(yb, 12), h);
+                t = _mm512_sub_epi32(yb, V_I(960 << 20));
+                t = _mm512_mask_add_epi32(t, up, t, V_I(1 << 20));
+            } else {
+                __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(yb, 20), V_I(1));
+                t = _mm512_add_epi32(_mm512_add_epi32(yb, V_I(0x7FFFF - (960 << 20))), lsb);
+            }
+            __m512i code = _mm512_maskz_srli_epi32(nz, t, 20);
+            code = _mm512_ternarylogic_epi32(code, _mm512_srli_epi32(u, 24), V_I(0x80), 0xF8); /* code | sign */
+            if (full)
+                _mm_storeu_si128((__m128i *)c, _mm512_cvtepi32_epi8(code));
+            else
+                _mm_mask_storeu_epi8(c, m, _mm512_cvtepi32_epi8(code));
+            return;
+        }
+    }
+    __mmask16 nonfinite = _mm512_cmpge_epu32_mask(mag, V_I(0x7F800000));
     __m512i code_n, code_s;
     if (sr) {
         __m512i r = _mm512_srli_epi32(v_lowbias32(_mm512_xor_si512(idx, kc)), 8);
@@ -1468,6 +1523,7 @@ static inline __attribute__((always_inline)) void v_st_e4m3(uint8_t *c, __m512 x
 typedef struct { /* decoding 8-bit state 0 and 1 of a block (v_ld_e4m3) */
     float scale[2], s120[2];
     int fold[2];
+    int nan[2]; /* the block holds a NaN code */
 } LpDec;
 
 typedef struct {
@@ -1517,8 +1573,11 @@ static inline __attribute__((always_inline)) void lp_vec_avx512(
         else if (kind[j] == SK_BF16)
             s[j] = LD_BF16((const uint16_t *)sbase[j] + e);
         else
-            s[j] = v_ld_e4m3((const uint8_t *)sbase[j] + e, m, full, dec->fold[j], V_F(dec->s120[j]),
-                             V_F(dec->scale[j]));
+            s[j] = __builtin_expect(dec->nan[j], 0)
+                       ? v_ld_e4m3((const uint8_t *)sbase[j] + e, m, full, dec->fold[j], V_F(dec->s120[j]),
+                                   V_F(dec->scale[j]))
+                       : v_ld_e4m3_finite((const uint8_t *)sbase[j] + e, m, full, dec->fold[j], V_F(dec->s120[j]),
+                                          V_F(dec->scale[j]));
     }
 #undef LD_F32
 #undef LD_BF16
@@ -1600,12 +1659,13 @@ static inline __attribute__((always_inline)) void lp_block_avx512(
     const int nst = OPT == OPT_ADAX ? 2 : 1;
     const int kind[2] = {K0, v->kind[1]};
     float buf[2][LP_BLOCK] __attribute__((aligned(64)));
-    LpDec dec = {{0.0f, 0.0f}, {0.0f, 0.0f}, {1, 1}};
+    LpDec dec = {{0.0f, 0.0f}, {0.0f, 0.0f}, {1, 1}, {0, 0}};
     for (int j = 0; j < nst; j++)
         if (kind[j] == SK_8BIT) {
             dec.scale[j] = ambase[j][blk] / 448.0f;
             dec.s120[j] = dec.scale[j] * 0x1p120f;
             dec.fold[j] = dec.s120[j] < INFINITY;
+            dec.nan[j] = block_has_nan_code((const uint8_t *)sbase[j] + i0, k);
         }
     __m512i amax[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -1621,7 +1681,8 @@ static inline __attribute__((always_inline)) void lp_block_avx512(
     for (int j = 0; j < nst; j++) {
         if (kind[j] != SK_8BIT) continue;
         uint32_t ab = (uint32_t)_mm512_reduce_max_epu32(amax[j]);
-        float a = ab < 0x7F800000u ? f32_from_bits(ab) : block_absmax(buf[j], k); /* inf/NaN: without them */
+        int finite = ab < 0x7F800000u;
+        float a = finite ? f32_from_bits(ab) : block_absmax(buf[j], k); /* inf/NaN: without them */
         float sc = a / 448.0f;
         ambase[j][blk] = sc * 448.0f; /* _lowp.stored_absmax */
         __m512 div = V_F(sc > 0.0f ? sc : 1.0f);
@@ -1629,12 +1690,12 @@ static inline __attribute__((always_inline)) void lp_block_avx512(
         for (int64_t q = 0; q < k; q += 16) {
             __m512i idx = _mm512_add_epi32(V_I(lo0 + (uint32_t)q), iota);
             __m512 x = _mm512_load_ps(buf[j] + q);
-            if (q + 16 > k)
-                v_st_e4m3(codes + q, x, lane_mask(k - q), 0, div, v->sr, idx, kc[1 + j]);
+            if (q + 16 > k || !finite)
+                v_st_e4m3(codes + q, x, lane_mask(k - q), 0, div, v->sr, idx, kc[1 + j], 0);
             else if (v->sr)
-                v_st_e4m3(codes + q, x, 0xFFFF, 1, div, 1, idx, kc[1 + j]);
+                v_st_e4m3(codes + q, x, 0xFFFF, 1, div, 1, idx, kc[1 + j], 1);
             else
-                v_st_e4m3(codes + q, x, 0xFFFF, 1, div, 0, idx, kc[1 + j]);
+                v_st_e4m3(codes + q, x, 0xFFFF, 1, div, 0, idx, kc[1 + j], 1);
         }
     }
 }
