@@ -29,7 +29,8 @@ The object is a ``torch.optim.Optimizer`` (a :class:`~tigeropt.MixedOptimizer` o
 per-parameter optimizers): ``param_groups`` (one group per parameter, the inner optimizers'
 dicts, so schedulers and ``group["lr"] = ...`` reach them), ``state``,
 ``state_dict``/``load_state_dict`` (a resumed run continues bit-identically),
-``remove()`` detaches the hooks (the parameters then keep their gradients again).
+``remove()`` detaches the hooks: backward() then leaves the gradients in ``.grad`` and ``step()``
+(and ``GradScaler.step``) is an ordinary step of every parameter.
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ _REFUSED = ("the optimizer step runs inside backward() (optimizer_in_backward): 
 class OptimizerInBackward(MixedOptimizer):
     """Per-parameter optimizers stepped from post-accumulate-grad hooks.  See the module docstring."""
 
-    _step_supports_amp_scaling = True  # GradScaler.step hands itself to step(), which refuses
+    @property
+    def _step_supports_amp_scaling(self) -> bool:  # type: ignore[override]
+        """While attached, GradScaler.step hands itself to step(), which refuses; after remove(), GradScaler
+        unscales and checks the gradients itself and calls the ordinary step()."""
+        return self.attached
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
                  optimizer_class: Callable[..., Optimizer], **kwargs: Any) -> None:
@@ -102,10 +107,15 @@ class OptimizerInBackward(MixedOptimizer):
             check_ordered_params(ps)
             ps = [ps] if isinstance(ps, Tensor) else list(ps)
             options = {k: v for k, v in group.items() if k != "params"}
-            for p in ps:
+            for item in ps:
+                # named parameters (model.named_parameters(), as torch.optim takes them): the inner
+                # optimizer gets the (name, tensor) pair and keeps the name in its param_names
+                named = (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                         and isinstance(item[1], Tensor))
+                p = item[1] if named else item
                 if not isinstance(p, Tensor):
-                    raise TypeError("optimizer_in_backward: params must hold tensors, got "
-                                    f"{type(p).__name__}")
+                    raise TypeError("optimizer_in_backward: params must hold tensors (or (name, tensor) "
+                                    f"pairs), got {type(p).__name__}")
                 if id(p) in seen:
                     raise ValueError(f"optimizer_in_backward: a parameter of shape {tuple(p.shape)} is given "
                                      "twice")
@@ -114,7 +124,7 @@ class OptimizerInBackward(MixedOptimizer):
                                      f"requires_grad=True (shape {tuple(p.shape)})")
                 seen.add(id(p))
                 params.append(p)
-                opt = optimizer_class([{"params": [p], **options}], **kwargs)
+                opt = optimizer_class([{"params": [item], **options}], **kwargs)
                 mode = opt.param_groups[0].get("on_nonfinite", "ignore") if opt.param_groups else "ignore"
                 if mode != "ignore":
                     raise ValueError(
@@ -164,7 +174,8 @@ class OptimizerInBackward(MixedOptimizer):
         return hook
 
     def remove(self) -> None:
-        """Detach the hooks: backward() leaves gradients in ``.grad`` again and updates nothing."""
+        """Detach the hooks: backward() leaves gradients in ``.grad`` again and updates nothing; ``step()``
+        then steps every parameter, as an ordinary optimizer."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -187,8 +198,12 @@ class OptimizerInBackward(MixedOptimizer):
         self._attach()  # a copy updates its own (copied) parameters
 
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
-        """Refused: the step runs inside backward().  Raises ``RuntimeError`` saying why."""
-        raise RuntimeError(_REFUSED)
+        """Refused while the hooks are attached: the step runs inside backward() (``RuntimeError`` saying
+        why).  After :meth:`remove`, backward() leaves the gradients and this is an ordinary step of every
+        parameter (it raised the same error, which no longer held, and nothing could step them)."""
+        if self.attached or kwargs:
+            raise RuntimeError(_REFUSED)
+        return super().step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Gradients are freed in backward already; clears any left (e.g. after :meth:`remove`)."""
