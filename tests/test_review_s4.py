@@ -158,3 +158,72 @@ def test_c_plan_sees_a_parameter_and_its_state_re_viewed_in_place(cls: type, set
         assert torch.equal(p, q)
         for k in a.state[p]:
             assert torch.equal(a.state[p][k], b.state[q][k]), k
+
+
+# ------------------------------------------------------------------ optimizer_in_backward
+def test_optimizer_in_backward_takes_named_parameters_as_torch_optimizers_do() -> None:
+    """torch.optim optimizers (and tigeropt's) take ``model.named_parameters()`` and keep the names in
+    the state_dict's ``param_names``; optimizer_in_backward raised TypeError ("params must hold tensors,
+    got tuple").  Now each per-parameter optimizer gets its (name, tensor) pair, in plain lists and in
+    group dicts, and the result equals an ordinary step."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    in_bw = tigeropt.optimizer_in_backward(a.named_parameters(), Tiger, lr=0.1)
+    plain = Tiger(b.parameters(), lr=0.1)
+    assert [g["param_names"] for g in in_bw.state_dict()["param_groups"]] == [["weight"], ["bias"]]
+    x = torch.randn(4, 3)
+    a(x).square().sum().backward()
+    b(x).square().sum().backward()
+    plain.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    grouped = tigeropt.optimizer_in_backward([{"params": list(b.named_parameters()), "lr": 0.5}], Lion)
+    assert [g["lr"] for g in grouped.param_groups] == [0.5, 0.5]
+
+
+def test_optimizer_in_backward_after_remove_steps_like_an_ordinary_optimizer() -> None:
+    """remove() detaches the hooks, so backward() leaves the gradients; step() still raised "the
+    optimizer step runs inside backward()" (no longer true) and nothing could step the parameters.
+    Now, once removed, step() (and GradScaler.step, which then unscales and skips inf steps itself)
+    is an ordinary step of every parameter; while attached it is refused as before."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    in_bw = tigeropt.optimizer_in_backward(a.parameters(), Tiger, lr=0.1)
+    plain = Tiger(b.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="inside backward"):
+        in_bw.step()
+    in_bw.remove()
+    x = torch.randn(4, 3)
+    for model, opt in ((a, in_bw), (b, plain)):
+        for _ in range(2):
+            model(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(a(x).sum()).backward()
+    a.weight.grad[0, 0] = float("inf")
+    before = [p.detach().clone() for p in a.parameters()]
+    scaler.step(in_bw)  # inf: skipped by the scaler
+    scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(before, a.parameters()))
+
+
+# ------------------------------------------------------------------ WGAN critic under inference_mode
+@pytest.mark.parametrize("variant", ["gn", "gran"])
+def test_grad_norm_critic_evaluates_under_inference_mode(variant: str) -> None:
+    """The normalized critic needs the input gradient; under ``torch.no_grad()`` it enables autograd
+    itself, but under ``torch.inference_mode()`` (the default of validation loops, e.g. Lightning's)
+    it failed with "element 0 of tensors does not require grad".  Now it takes the gradient outside
+    inference mode on a copy of x and returns the same values."""
+    from tigeropt import GradNormCritic
+
+    torch.manual_seed(0)
+    critic = GradNormCritic(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LeakyReLU(),
+                                                torch.nn.Linear(8, 1)), variant)
+    x = torch.randn(5, 4)
+    expected = critic(x).detach()
+    with torch.inference_mode():
+        got = critic(x.clone())
+    assert torch.equal(got, expected)

@@ -89,6 +89,11 @@ def _critic_and_grad(critic: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tens
     with respect to x itself, so the result stays connected to G through x.  Otherwise (real data,
     detached fakes) a detached leaf copy is made; the caller's tensor is never modified.
     """
+    if torch.is_inference_mode_enabled():
+        # torch.inference_mode() (e.g. a validation loop) disables autograd altogether: take the input
+        # gradient outside it, on a normal copy of x (an inference tensor cannot enter autograd)
+        with torch.inference_mode(False):
+            return _critic_and_grad(critic, x.clone())
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
         xi = x if x.requires_grad else x.detach().requires_grad_(True)
@@ -123,8 +128,8 @@ class GradNormCritic(nn.Module):
     ``forward(x)`` returns Dhat(x) with the critic's own output shape.  It works whether or not x
     requires grad: with ``x = G(z)`` the generator receives gradients through Dhat, including
     through ``n(x)``; with real data or ``fake.detach()`` an internal leaf copy is used.  Under
-    ``torch.no_grad()`` it still computes n(x) (autograd is enabled internally) and returns a
-    detached result.
+    ``torch.no_grad()`` and ``torch.inference_mode()`` it still computes n(x) (autograd is enabled
+    internally) and returns a detached result.
     """
 
     def __init__(self, critic: nn.Module, variant: str = "gn", eps: float | None = None, *,
