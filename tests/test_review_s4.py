@@ -227,3 +227,15 @@ def test_grad_norm_critic_evaluates_under_inference_mode(variant: str) -> None:
     with torch.inference_mode():
         got = critic(x.clone())
     assert torch.equal(got, expected)
+
+
+# ------------------------------------------------------------------ the demo's command line
+@pytest.mark.parametrize("value", ["", " , "])
+def test_demo_refuses_an_empty_optimizer_list_up_front(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m tigeropt.demo --optimizers ''`` loaded the corpus, trained nothing and ended in an
+    IndexError traceback; it is now a usage error naming the argument, before any work."""
+    from tigeropt import demo
+
+    with pytest.raises(SystemExit):
+        demo.main(["--optimizers", value])
+    assert "--optimizers names none" in capsys.readouterr().err

@@ -428,6 +428,8 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     for n in names:
         if n not in RECIPES:
             parser.error(f"unknown optimizer {n!r}; choose from {', '.join(RECIPES)}")
+    if not names:
+        parser.error(f"--optimizers names none (got {args.optimizers!r}); choose from {', '.join(RECIPES)}")
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.thread_time and args.threads != 1:
