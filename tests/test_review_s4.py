@@ -231,7 +231,7 @@ def test_grad_norm_critic_evaluates_under_inference_mode(variant: str) -> None:
 
 # ------------------------------------------------------------------ the demo's command line
 @pytest.mark.parametrize("value", ["", " , "])
-def test_demo_refuses_an_empty_optimizer_list_up_front(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_refuses_an_empty_optimizer_list(value: str, capsys: pytest.CaptureFixture[str]) -> None:
     """``python -m tigeropt.demo --optimizers ''`` loaded the corpus, trained nothing and ended in an
     IndexError traceback; it is now a usage error naming the argument, before any work."""
     from tigeropt import demo
