@@ -1,5 +1,5 @@
-"""ZeroRedundancyOptimizer (ZeRO stage 1) with every tigeropt optimizer, and DDP with optimizer_in_backward
-and sparse embedding gradients: on CPU with gloo, 2 ranks, the same bits as one process.
+"""ZeroRedundancyOptimizer (ZeRO stage 1) with every tigeropt optimizer, and DDP with optimizer_in_backward,
+lazy rows and sparse embedding gradients: on CPU with gloo, 2 ranks, the same bits as one process.
 
 Two worker processes (the ranks) are started once per module and run every scenario below; the tests
 compare with one process computed here.  Bit for bit: each rank computes the gradient of its half of
@@ -73,6 +73,13 @@ NONFINITE = {
     "raise": (Tiger, dict(lr=1e-2, on_nonfinite="raise")),
 }
 CHECKPOINTED = ["adagrad", "tiger_8bit_sr", "adax_bf16_sr_fp32"]
+#: DDP with an embedding (rows 6..9 never looked up): (optimizer, options, sparse gradients)
+EMBEDDING: dict[str, tuple[type, dict[str, Any], bool]] = {
+    "tiger_lazy_sparse": (Tiger, dict(lr=1e-2, lazy=True), True),
+    "tiger_lazy_dense": (Tiger, dict(lr=1e-2, lazy=True), False),
+    "adagrad_sparse": (Adagrad, dict(lr=1e-1), True),
+    "lion_lazy_bf16_sparse": (Lion, dict(lr=1e-2, lazy=True, state_precision="bf16"), True),
+}
 SCHEDULED = ["lion", "tiger_sr"]
 
 
@@ -164,6 +171,46 @@ def _params(model: nn.Module) -> list[Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+def _emb_model(sparse: bool, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Embedding(10, 4, sparse=sparse), nn.Linear(4, 3)).double()
+
+
+def _emb_batches() -> list[tuple[Tensor, Tensor]]:
+    """Each half of a batch looks up 4 distinct rows of 0..5 (so no gradient sums more than two terms:
+    rank 0's and rank 1's, the same rounding in any order); rows 6..9 never."""
+    gen = torch.Generator().manual_seed(99)
+    out = []
+    for _ in range(STEPS):
+        halves = [torch.randperm(6, generator=gen)[:4] for _ in range(WORLD)]
+        out.append((torch.cat(halves), torch.randn(4 * WORLD, 3, generator=gen, dtype=torch.float64)))
+    return out
+
+
+def _emb_single(name: str) -> tuple[list[Tensor], dict[str, Any]]:
+    cls, kw, sparse = EMBEDDING[name]
+    model = _emb_model(sparse)
+    opt = cls(model.parameters(), **kw)
+    for x, y in _emb_batches():
+        halves = []
+        for r in range(WORLD):
+            opt.zero_grad()
+            (model(x.chunk(WORLD)[r]) - y.chunk(WORLD)[r]).square().mean().backward()
+            halves.append([p.grad for p in model.parameters()])
+        for p, g0, g1 in zip(model.parameters(), *halves):
+            p.grad = ((g0 + g1) / WORLD).coalesce() if g0.is_sparse else (g0 + g1) / WORLD
+        opt.step()
+    return _params(model), opt.state_dict()
+
+
+def _oib_single() -> list[Tensor]:
+    cls, kw = CONFIGS["tiger"]
+    model = _model(torch.float64)
+    opt = cls(model.parameters(), **kw)
+    _train(model, opt, range(STEPS), None)
+    return _params(model)
+
+
 # --------------------------------------------------------------------------- worker side
 def _zero(name: str, model: nn.Module, *, attach: bool = True, bucket_view: bool = False,
           params: Any = None) -> Any:
@@ -234,6 +281,90 @@ def _scenarios(rank: int, outdir: str) -> dict[str, Callable[[], Any]]:
             out[source] = (_params(model), _consolidated(zero))
         return out
 
+    def ddp_embedding(name: str) -> tuple[list[Tensor], dict[str, Any]]:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        cls, kw, sparse = EMBEDDING[name]
+        model = DDP(_emb_model(sparse))
+        opt = cls(model.parameters(), **kw)
+        for x, y in _emb_batches():
+            opt.zero_grad()
+            (model(x.chunk(WORLD)[rank]) - y.chunk(WORLD)[rank]).square().mean().backward()
+            opt.step()
+        return _params(model.module), opt.state_dict()
+
+    def ddp_in_backward(order: str) -> Any:
+        """optimizer_in_backward with DDP: "cpu" as it is here (refused at the first step); "before" /
+        "after" (built before / after wrapping the model) with torch's accelerator-stream wait
+        emulated by a no-op, so that DDP's in-backward hook runs on CPU; "early": as if built before
+        init_process_group (no handle map then): not wired into DDP, so it warns at its first step."""
+        import warnings
+
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from tigeropt import in_backward
+
+        cls, kw = CONFIGS["tiger"]
+        model = _model(torch.float64)
+        batches = _batches(torch.float64)
+        if order == "fsdp2":  # FSDP2 runs the hooks of its sharded parameters after the reduce-scatter
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in (model[0], model[2]):
+                fully_shard(layer)
+            fully_shard(model)
+            opt = tigeropt.optimizer_in_backward(model.parameters(), cls, **kw)
+            for t in range(STEPS):
+                x, y = batches[t]
+                (model(x.chunk(WORLD)[rank]) - y.chunk(WORLD)[rank]).square().mean().backward()
+            grads_freed = all(p.grad is None for p in model.parameters())
+            full = [p.full_tensor().detach().clone() for p in model.parameters()]
+            return full, grads_freed, [], len(opt.optimizers)
+        if order == "cpu":
+            ddp = DDP(model)
+            opt = tigeropt.optimizer_in_backward(model.parameters(), cls, **kw)
+            x, y = batches[0]
+            try:
+                (ddp(x.chunk(WORLD)[rank]) - y.chunk(WORLD)[rank]).square().mean().backward()
+            except RuntimeError as exc:
+                return ("raised", str(exc), _params(model))
+            return ("stepped", "", _params(model))
+
+        class _Stream:
+            def wait_stream(self, stream: Any) -> None:
+                pass
+
+        saved = (torch.accelerator.current_stream, in_backward._accelerator_available,
+                 in_backward._ddp_handle_map)
+        torch.accelerator.current_stream = lambda *a, **k: _Stream()
+        in_backward._accelerator_available = lambda: True
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if order == "early":
+                    in_backward._ddp_handle_map = lambda: None
+                    opt = tigeropt.optimizer_in_backward(model.parameters(), cls, **kw)
+                    in_backward._ddp_handle_map = saved[2]
+                    ddp = DDP(model)
+                elif order == "before":
+                    opt = tigeropt.optimizer_in_backward(model.parameters(), cls, **kw)
+                    ddp = DDP(model)
+                else:
+                    ddp = DDP(model)
+                    opt = tigeropt.optimizer_in_backward(ddp.parameters(), cls, **kw)
+                for t in range(STEPS):
+                    x, y = batches[t]
+                    (ddp(x.chunk(WORLD)[rank]) - y.chunk(WORLD)[rank]).square().mean().backward()
+                grads_freed = all(p.grad is None for p in model.parameters())
+            return _params(model), grads_freed, [str(w.message) for w in caught], len(opt.optimizers)
+        finally:
+            (torch.accelerator.current_stream, in_backward._accelerator_available,
+             in_backward._ddp_handle_map) = saved
+
+    for name in EMBEDDING:
+        jobs[f"ddp_embedding/{name}"] = lambda name=name: ddp_embedding(name)
+    for order in ("cpu", "before", "after", "early", "fsdp2"):
+        jobs[f"ddp_in_backward/{order}"] = lambda order=order: ddp_in_backward(order)
     for name in ALL:
         jobs[f"zero/{name}"] = lambda name=name: run(name)
     for name in ["tiger", "adagrad_rowwise", "tiger_8bit_sr", "adax_bf16_sr_fp32"]:
@@ -416,6 +547,50 @@ def test_zero_checkpoint_resumes_in_zero_and_in_one_process(results: dict[str, A
     opt.load_state_dict(ck["optim"])
     _train(model, opt, range(RESUME_AT, STEPS), None)
     _assert_bitwise((_params(model), opt.state_dict()), want)
+
+
+@pytest.mark.parametrize("name", list(EMBEDDING))
+def test_ddp_embedding_lazy_and_sparse_equal_one_process(results: dict[str, Any], name: str) -> None:
+    """DDP all-reduces sparse embedding gradients (and dense ones of a lazy group): one process's
+    parameters and state bit for bit, and the rows no rank looked up (6..9) never move."""
+    want = _emb_single(name)
+    got = _get(results, f"ddp_embedding/{name}")
+    _assert_bitwise(got, want)
+    initial = _emb_model(EMBEDDING[name][2])[0].weight.detach()
+    assert torch.equal(got[0][0][6:], initial[6:]) and not torch.equal(got[0][0][:6], initial[:6])
+
+
+def test_ddp_optimizer_in_backward_refused_without_an_accelerator(results: dict[str, Any]) -> None:
+    """CPU-only DDP cannot run torch's in-backward hook: a clear RuntimeError before any update (before the
+    fix each rank stepped with its own gradient before the all-reduce and the replicas drifted apart)."""
+    for r in range(WORLD):
+        outcome, message, params = _get(results, "ddp_in_backward/cpu", rank=r)
+        assert outcome == "raised" and "accelerator" in message and "nothing was updated" in message
+        assert all(torch.equal(p, p0) for p, p0 in zip(params, _model(torch.float64).parameters()))
+
+
+@pytest.mark.parametrize("order", ["before", "after", "fsdp2"])
+def test_ddp_optimizer_in_backward_steps_after_the_all_reduce(results: dict[str, Any], order: str) -> None:
+    """Built before or after wrapping in DDP (before its first forward): DDP's communication hook steps
+    each parameter's optimizer with the all-reduced gradient, one process bit for bit (torch's stream
+    wait emulated: see ddp_in_backward), the gradients freed.  Under FSDP2 (sharded parameters) the
+    hooks run after the reduce-scatter: the same."""
+    want = _oib_single()
+    for r in range(WORLD):
+        params, grads_freed, warned, n = _get(results, f"ddp_in_backward/{order}", rank=r)
+        assert n == len(want) and grads_freed and not warned
+        for g, w in zip(params, want):
+            assert torch.equal(g, w), (g - w).abs().max()
+
+
+def test_ddp_optimizer_in_backward_built_before_init_process_group_warns(results: dict[str, Any]) -> None:
+    """Not wired into DDP (no process group when it was built): each rank steps with its own gradient
+    before the all-reduce, so the replicas drift apart from each other and from one process; it says so."""
+    got = [_get(results, "ddp_in_backward/early", rank=r) for r in range(WORLD)]
+    for _, _, warned, _ in got:
+        assert len(warned) == 1 and "init_process_group" in warned[0]
+    assert not torch.equal(got[0][0][0], got[1][0][0])
+    assert not torch.equal(got[0][0][0], _oib_single()[0])
 
 
 def test_attach_zero_refuses_what_is_not_a_tigeropt_zero() -> None:

@@ -25,6 +25,19 @@ What needs every gradient before any update cannot run this way and is refused:
 * ``on_nonfinite="skip"`` or ``"raise"`` (a decision over all gradients of a group) is a
   ``ValueError``: in backward it could only skip or stop part of the model's update.
 
+With ``DistributedDataParallel`` the step must wait for the all-reduce of the gradient: a hook on
+the parameter would step each rank with its own gradient and the replicas drift apart.  DDP runs
+in-backward optimizers itself (torch's ``_apply_optimizer_in_backward`` protocol: it finds them in
+``param._in_backward_optimizers`` at its first forward, removes their hooks and steps them from
+its communication hook, after the all-reduce).  Built while a process group is initialized,
+``optimizer_in_backward`` joins that protocol, so build it after ``init_process_group`` and before
+the DDP model's first forward (before or after wrapping the model); the result equals one process
+on the whole batch.  torch's hook needs an accelerator (it waits on the accelerator's stream at the
+end of backward): without one (CPU-only DDP) the first step raises ``RuntimeError`` before
+updating anything.  Built before ``init_process_group``, it warns at its first step on a
+multi-rank group (the step may have used a rank-local gradient).  FSDP2 needs nothing: it runs the
+post-accumulate-grad hooks of its sharded parameters after the reduce-scatter.
+
 The object is a ``torch.optim.Optimizer`` (a :class:`~tigeropt.MixedOptimizer` of the
 per-parameter optimizers): ``param_groups`` (one group per parameter, the inner optimizers'
 dicts, so schedulers and ``group["lr"] = ...`` reach them), ``state``,
@@ -39,10 +52,12 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from ._base import TigerOptimizer
+from ._dtensor import is_dtensor
 from ._validate import check_ordered_params
 from .mixed import MixedOptimizer
 
@@ -53,6 +68,45 @@ _REFUSED = ("the optimizer step runs inside backward() (optimizer_in_backward): 
             "call. What needs all gradients before the update cannot run this way: gradient clipping "
             "(clip_grad_norm_), GradScaler (unscale_/inf checks) and gradient accumulation over several "
             "backward() calls; use an ordinary optimizer for those")
+
+
+class _DDPStep:
+    """What DDP's communication hook steps after the all-reduce (an entry of
+    ``param._in_backward_optimizers``): the hook body of one parameter."""
+
+    def __init__(self, hook: Callable[[Tensor], None], param: Tensor) -> None:
+        self._hook, self._param = hook, param
+
+    def step(self) -> None:
+        if not _accelerator_available():
+            raise RuntimeError(_NO_ACCELERATOR)
+        self._hook(self._param)
+
+
+_NO_ACCELERATOR = ("optimizer_in_backward with DistributedDataParallel: DDP steps in-backward optimizers "
+                   "from its communication hook, which waits on an accelerator stream at the end of "
+                   "backward and fails without one (torch's _apply_optim_in_backward_hook); nothing was "
+                   "updated. On CPU use an ordinary optimizer with DDP, or FSDP2 (fully_shard), which "
+                   "runs optimizer_in_backward's hooks after its reduce-scatter")
+
+
+def _accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator is not None and accelerator.is_available()
+
+
+def _ddp_handle_map() -> Any:
+    """torch's map parameter -> in-backward hook handles, which DDP removes when it takes the step
+    over; None without an initialized process group (no DDP can be built yet; importing
+    torch.distributed.optim costs seconds)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        from torch.distributed.optim import apply_optimizer_in_backward
+    except ImportError:  # pragma: no cover - a torch without the protocol
+        return None
+    return getattr(apply_optimizer_in_backward, "param_to_optim_hook_handle_map", None)
 
 
 class OptimizerInBackward(MixedOptimizer):
@@ -80,6 +134,8 @@ class OptimizerInBackward(MixedOptimizer):
         self._params, inner = self._build(groups, set())
         super().__init__(inner)
         self._handles: list[Any] = []
+        self._ddp_steps: list[tuple[Tensor, _DDPStep]] = []
+        self._warned = False
         self._attach()
 
     def _build(self, groups: list[dict[str, Any]], held: set[int]) -> tuple[list[Tensor], list[Optimizer]]:
@@ -137,12 +193,23 @@ class OptimizerInBackward(MixedOptimizer):
         return params, inner
 
     def _attach(self, start: int = 0) -> None:
+        handle_map = _ddp_handle_map()
+        self._ddp_wired = handle_map is not None
         for k, (p, opt) in enumerate(zip(self._params, self.optimizers)):
             if k < start:
                 continue
             if isinstance(opt, TigerOptimizer):  # the stochastic rounding of one optimizer over all of them
                 opt._param_index_offset = k
-            self._handles.append(p.register_post_accumulate_grad_hook(self._hook(opt)))
+            hook = self._hook(opt)
+            handle = p.register_post_accumulate_grad_hook(hook)
+            self._handles.append(handle)
+            if handle_map is not None:  # DDP (at its first forward) removes the handle, steps _DDPStep
+                step = _DDPStep(hook, p)
+                self._ddp_steps.append((p, step))
+                if not hasattr(p, "_in_backward_optimizers"):
+                    p._in_backward_optimizers = []  # type: ignore[attr-defined]
+                p._in_backward_optimizers.append(step)  # type: ignore[attr-defined]
+                handle_map.setdefault(p, []).append(handle)
 
     def add_param_group(self, param_group: dict[str, Any], optimizer: Any = None) -> None:
         """Add a param group (``params`` and its options): like the constructor's groups, one new
@@ -163,6 +230,8 @@ class OptimizerInBackward(MixedOptimizer):
 
     def _hook(self, opt: Optimizer) -> Callable[[Tensor], None]:
         def hook(p: Tensor) -> None:
+            if not self._ddp_wired and not self._warned:
+                self._warn_unwired(p)
             for pre in self._optimizer_step_pre_hooks.values():
                 pre(self, (), {})
             opt.step()
@@ -173,12 +242,28 @@ class OptimizerInBackward(MixedOptimizer):
 
         return hook
 
+    def _warn_unwired(self, p: Tensor) -> None:
+        self._warned = True
+        dist = torch.distributed
+        if (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+                and not is_dtensor(p)):  # DTensor (FSDP2) parameters: reduced before the hook
+            warnings.warn("optimizer_in_backward was built before torch.distributed.init_process_group: if "
+                          "these parameters belong to a DistributedDataParallel model, each rank stepped "
+                          "with its own gradient before the all-reduce. Build it after init_process_group "
+                          "(and before the DDP model's first forward) so that DDP steps it after the "
+                          "all-reduce", stacklevel=2)
+
     def remove(self) -> None:
         """Detach the hooks: backward() leaves gradients in ``.grad`` again and updates nothing; ``step()``
         then steps every parameter, as an ordinary optimizer."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for p, step in self._ddp_steps:
+            steps = getattr(p, "_in_backward_optimizers", [])
+            if step in steps:
+                steps.remove(step)
+        self._ddp_steps.clear()
 
     @property
     def attached(self) -> bool:
@@ -191,7 +276,7 @@ class OptimizerInBackward(MixedOptimizer):
 
     def _own_state(self) -> dict[str, Any]:
         return {"optimizers": self.optimizers, "defaults": self.defaults, "_params": self._params,
-                "_handles": [], "_factory": self._factory}
+                "_handles": [], "_ddp_steps": [], "_warned": False, "_factory": self._factory}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
