@@ -1,6 +1,6 @@
 """Demo: a small character-level language model trained with AdamW, Tiger, Lion and AdaX on CPU.
 
-    python -m tigeropt.demo                       # about a minute on a quiet 2-core CPU
+    python -m tigeropt.demo                       # about 2.5 minutes of CPU time (1 thread)
     python -m tigeropt.demo --steps 600 --optimizers adamw,tiger --plot curves.png
 
 The text is the Python standard library's own source (the ``*.py`` files in
