@@ -1618,12 +1618,15 @@ static inline __attribute__((always_inline)) void lp_vec_avx512(
             _mm512_storeu_ps((float *)pbase + e, p);
         else
             _mm512_mask_storeu_ps((float *)pbase + e, m, p);
-    } else if (v->sr) { /* the high 16 bits of stream 0's hash (x ^= x >> 16 skipped unless state 0 uses it) */
-        __m512i h0 = v_share0 ? v_lowbias32(_mm512_xor_si512(idx, kc[0]))
-                              : v_lowbias32_hi16(_mm512_xor_si512(idx, kc[0]));
-        v_st_bf16_sr((uint16_t *)pbase + e, p, m, full, _mm512_srli_epi32(h0, 16));
-        r0 = _mm512_and_si512(h0, V_I(0xFFFF));
-        have_r0 = 1;
+    } else if (v->sr) { /* the high 16 bits of stream 0's hash: y >> 16 with y the hash before its last step
+                           (x ^= x >> 16); bf16 state 0 takes the low 16, (y ^ y >> 16) & 0xffff, one ternlog */
+        __m512i y = v_lowbias32_hi16(_mm512_xor_si512(idx, kc[0]));
+        __m512i rp = _mm512_srli_epi32(y, 16);
+        v_st_bf16_sr((uint16_t *)pbase + e, p, m, full, rp);
+        if (v_share0) {
+            r0 = _mm512_ternarylogic_epi32(y, rp, V_I(0xFFFF), 0x28); /* (y ^ rp) & 0xffff */
+            have_r0 = 1;
+        }
     } else {
         v_st_bf16_rtn((uint16_t *)pbase + e, p, m, full, v->nan);
     }
