@@ -11,12 +11,16 @@ Scenarios, each on a small MLP whose 7-row weight is split unevenly (4/3) by FSD
 * FSDP2 + every optimizer on every path (Tiger's ``lr_scaling`` needs the RMS of the
   whole tensor, not of the local shard); state sharded like the parameters.
 * FSDP2 checkpoints through ``torch.distributed.checkpoint``: save at step k with 2
-  ranks, resume with 2 ranks and with 1 rank (resharding); equal to not stopping.
+  ranks, resume with 2 ranks and with 1 rank (resharding), and save with 1 rank, resume
+  with 2; equal to not stopping (every optimizer, GloVe and row-wise Adagrad, lazy rows).
+* Row-wise Adagrad: its ``(rows,)`` accumulator is a DTensor sharded with the rows; a
+  ``Shard(1)`` parameter is refused in the constructor.
 * A NaN in one rank's gradient shard: ``on_nonfinite="skip"`` and Tiger's ``nan_guard``
   decide the same on every rank (whole-tensor semantics).
 * ``lazy=True`` (touched rows only) on an FSDP2-sharded embedding.
 * Low precision (bf16 parameters with stochastic rounding, bf16 and 8-bit state) under FSDP2:
-  bit for bit the parameters and state of one process, DCP resume with 2 ranks and with 1 rank;
+  bit for bit the parameters and state of one process, DCP resume with 2 ranks and with 1 rank
+  (and a 1-rank checkpoint with 2);
   on the default path the shards go through the fused C step (blocks split between shards: the
   torch code and the all-reduce).
   The model computes in fp64 from bf16 parameters (FSDP2's ``param_dtype=float64``, gradients
@@ -63,8 +67,11 @@ CONFIGS: dict[str, tuple[type, dict[str, Any]]] = {
     "adax": (AdaX, dict(lr=1e-2)),
     "adagrad": (Adagrad, dict(lr=1e-1, weight_decay=0.01)),
     "adagrad_glove": (Adagrad, dict(lr=5e-2, glove=True)),
+    # row-wise: the 2-D weights in a rowwise=True group (see _opt); the (rows,) sum sharded with the rows
+    "adagrad_rowwise": (Adagrad, dict(lr=1e-1, weight_decay=0.01, rowwise=True)),
 }
-CHECKPOINTED = ["tiger", "lion", "adax", "adagrad"]
+#: DCP: save with 2 ranks, resume with 2, with 1 (and a 1-rank checkpoint with 2); LAZY names on the embedding
+CHECKPOINTED = ["tiger", "lion", "adax", "adagrad", "adagrad_glove", "adagrad_rowwise", "tiger_lazy"]
 NONFINITE = {
     "skip": (Tiger, dict(lr=1e-2, on_nonfinite="skip")),
     "nan_guard": (Tiger, dict(lr=1e-2, nan_guard=True)),
@@ -83,9 +90,11 @@ LOWP: dict[str, tuple[type, dict[str, Any]]] = {
     "adax_bf16": (AdaX, dict(lr=1e-2, state_precision="bf16")),
     # whole-tensor RMS: not for the kernels (nor for the torch code on a shard's split blocks)
     "tiger_lr_scaling_8bit": (Tiger, dict(lr=1e-2, lr_scaling=True, state_precision="8bit")),
+    "adagrad_rowwise_bf16": (Adagrad, dict(lr=1e-1, state_precision="bf16", rowwise=True)),
 }
 LOWP_PATHS = {"tiger_8bit": ["default", "reference"]}  # others: the default path
-LOWP_CHECKPOINTED = ["lion_bf16", "tiger_8bit", "adax_8bit"]
+LOWP_CHECKPOINTED = ["tiger_sr", "lion_bf16", "tiger_8bit", "adax_8bit", "adagrad_bf16", "adax_bf16",
+                     "adagrad_rowwise_bf16", "lion_lazy_8bit"]
 #: (saved by, loaded into): a full-state-dict checkpoint converted to the loader's state_precision
 LOWP_CONVERT = [("tiger_sr", "tiger_8bit"), ("tiger_8bit", "tiger_sr"), ("adax_8bit", "adax_bf16")]
 #: bf16, SR; a lazy group for the embedding (256-element rows: whole 8-bit blocks), a dense one for the rest
@@ -113,7 +122,7 @@ def _combos(configs: dict[str, tuple[type, dict[str, Any]]]) -> list[tuple[str, 
     """(config, path) pairs; fused only where the kernels implement the config's options."""
     out = []
     for name, (cls, kw) in configs.items():
-        opt = cls([nn.Parameter(torch.zeros(1))], **kw)
+        opt = cls([nn.Parameter(torch.zeros(1, 1))], **kw)
         out += [(name, p) for p in PATHS if p != "fused" or opt._fused_ok(opt.param_groups[0])]
     return out
 
@@ -121,6 +130,23 @@ def _combos(configs: dict[str, tuple[type, dict[str, Any]]]) -> list[tuple[str, 
 def _dtype(path: str) -> torch.dtype:
     """fp64 everywhere, except on the fused path whose kernels take fp32/bf16/fp16 only."""
     return torch.float32 if path == "fused" else torch.float64
+
+
+def _opt(cls: type, kw: dict[str, Any], model: nn.Module) -> torch.optim.Optimizer:
+    """``cls`` over the model's parameters; ``rowwise=True``: the 2-D ones in a row-wise group."""
+    if not kw.get("rowwise"):
+        return cls(model.parameters(), **kw)
+    kw = {k: v for k, v in kw.items() if k != "rowwise"}
+    params = list(model.parameters())
+    return cls([{"params": [p for p in params if p.dim() == 2], "rowwise": True},
+                {"params": [p for p in params if p.dim() != 2]}], **kw)
+
+
+def _fp64_config(name: str) -> tuple[type, dict[str, Any], str]:
+    """(class, options, model kind) of a CONFIGS or LAZY name."""
+    if name in LAZY:
+        return (*LAZY[name], "emb")
+    return (*CONFIGS[name], "mlp")
 
 
 # --------------------------------------------------------------------------- model, data, training
@@ -165,7 +191,7 @@ def _lowp_optimizer(model: nn.Module, name: str, pname: str = "default") -> torc
     if name in LOWP_LAZY:  # the embedding in a lazy group
         return cls([{"params": list(model[0].parameters()), "lazy": True},
                     {"params": list(model[1].parameters())}], **kw)
-    return cls(model.parameters(), **kw)
+    return _opt(cls, kw, model)
 
 
 def _lowp_kind(name: str) -> str:
@@ -247,7 +273,7 @@ def _single_lowp_convert(saver: str, loader: str) -> tuple[list[Tensor], list[di
 def _single(cls: type, kw: dict[str, Any], *, kind: str = "mlp", nan_step: int | None = None,
             dtype: torch.dtype = torch.float64) -> list[Tensor]:
     model = _model(kind, dtype=dtype)
-    opt = cls(model.parameters(), **{**kw, "foreach": False})
+    opt = _opt(cls, {**kw, "foreach": False}, model)
     _train(model, opt, range(STEPS), kind=kind, nan_step=nan_step)
     return _full(model)
 
@@ -277,17 +303,18 @@ def _lowp_dcp_resume(name: str, ckpt: str, rank: int, world: int
         set_optimizer_state_dict,
     )
 
-    model = _fsdp(_lowp_model(seed=1))
+    kind = _lowp_kind(name)
+    model = _fsdp(_lowp_model(seed=1, kind=kind))
     opt = _lowp_optimizer(model, name)
     sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     dcp.load(sd, checkpoint_id=ckpt)
     set_model_state_dict(model, sd["model"])
     set_optimizer_state_dict(model, opt, sd["optim"])
-    _train(model, opt, range(RESUME_AT, STEPS), rank=rank, world=world)
+    _train(model, opt, range(RESUME_AT, STEPS), kind=kind, rank=rank, world=world)
     return _full(model), _full_state(model, opt)
 
 
-def _dcp_resume(cls: type, kw: dict[str, Any], ckpt: str, rank: int, world: int) -> list[Tensor]:
+def _dcp_resume(name: str, ckpt: str, rank: int, world: int) -> list[Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -296,18 +323,36 @@ def _dcp_resume(cls: type, kw: dict[str, Any], ckpt: str, rank: int, world: int)
         set_optimizer_state_dict,
     )
 
-    model = _fsdp(_model(seed=1))  # other initial values: only the checkpoint can make this right
-    opt = cls(model.parameters(), **kw)
+    cls, kw, kind = _fp64_config(name)
+    model = _fsdp(_model(kind, seed=1))  # other initial values: only the checkpoint can make this right
+    opt = _opt(cls, kw, model)
     sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     dcp.load(sd, checkpoint_id=ckpt)
     set_model_state_dict(model, sd["model"])
     set_optimizer_state_dict(model, opt, sd["optim"])
-    _train(model, opt, range(RESUME_AT, STEPS), rank=rank, world=world)
+    _train(model, opt, range(RESUME_AT, STEPS), kind=kind, rank=rank, world=world)
     return _full(model)
 
 
-def _scenarios(rank: int, world: int, outdir: str) -> dict[str, Callable[[], Any]]:
+def _dcp_save(name: str, ckpt: str, rank: int, world: int, lowp: bool) -> None:
+    """RESUME_AT steps of ``name`` (a LOWP or a fp64 config) under FSDP2, saved by DCP to ``ckpt``."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    if lowp:
+        kind = _lowp_kind(name)
+        model = _fsdp(_lowp_model(kind=kind))
+        opt = _lowp_optimizer(model, name)
+    else:
+        cls, kw, kind = _fp64_config(name)
+        model = _fsdp(_model(kind))
+        opt = _opt(cls, kw, model)
+    _train(model, opt, range(RESUME_AT), kind=kind, rank=rank, world=world)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=ckpt)
+
+
+def _scenarios(rank: int, world: int, outdir: str) -> dict[str, Callable[[], Any]]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -340,32 +385,30 @@ def _scenarios(rank: int, world: int, outdir: str) -> dict[str, Callable[[], Any
              pname: str = "default") -> list[Tensor]:
         model = _fsdp(_model(kind, dtype=_dtype(pname)))
         kw = {**kw, **PATHS[pname]}
-        opt = cls(model.parameters(), **kw)
+        opt = _opt(cls, kw, model)
         _train(model, opt, range(STEPS), kind=kind, rank=rank, world=world, nan_step=nan_step)
         return _full(model)
 
     def fsdp_state(cls: type, kw: dict[str, Any]) -> list[tuple[str, str, bool]]:
-        """(state key, placements, local state shape == local param shape) for every tensor state."""
+        """(state key, placements, local state shape == local param shape, or (local rows,) for a
+        row-wise weight) for every tensor state."""
         model = _fsdp(_model())
-        opt = cls(model.parameters(), **kw)
+        opt = _opt(cls, kw, model)
         _train(model, opt, range(1), rank=rank, world=world)
         out = []
         for p in model.parameters():
             for key, s in opt.state[p].items():
                 if key != "step":
-                    same = hasattr(s, "to_local") and s.to_local().shape == p.to_local().shape
+                    local = p.to_local().shape
+                    want = local[:1] if kw.get("rowwise") and p.dim() == 2 else local
+                    same = hasattr(s, "to_local") and s.to_local().shape == want
                     out.append((key, str(getattr(s, "placements", None)), same))
         return out
 
     def fsdp_checkpoint(name: str) -> list[Tensor]:
-        cls, kw = CONFIGS[name]
-        model = _fsdp(_model())
-        opt = cls(model.parameters(), **kw)
-        _train(model, opt, range(RESUME_AT), rank=rank, world=world)
         ckpt = os.path.join(outdir, f"ckpt_{name}")
-        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-                 checkpoint_id=ckpt)
-        return _dcp_resume(cls, kw, ckpt, rank, world)
+        _dcp_save(name, ckpt, rank, world, lowp=False)
+        return _dcp_resume(name, ckpt, rank, world)
 
     def fsdp_lowp(name: str, pname: str) -> tuple[list[Tensor], list[dict[str, Tensor]], int]:
         """(parameters, state, number of shards the fused C kernel took with their global offsets)."""
@@ -391,12 +434,8 @@ def _scenarios(rank: int, world: int, outdir: str) -> dict[str, Callable[[], Any
         return _full(model), _full_state(model, opt), sum(taken)
 
     def fsdp_lowp_checkpoint(name: str) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-        model = _fsdp(_lowp_model())
-        opt = _lowp_optimizer(model, name)
-        _train(model, opt, range(RESUME_AT), rank=rank, world=world)
         ckpt = os.path.join(outdir, f"ckpt_lowp_{name}")
-        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-                 checkpoint_id=ckpt)
+        _dcp_save(name, ckpt, rank, world, lowp=True)
         return _lowp_dcp_resume(name, ckpt, rank, world)
 
     def fsdp_lowp_convert(saver: str, loader: str) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
@@ -436,6 +475,20 @@ def _scenarios(rank: int, world: int, outdir: str) -> dict[str, Callable[[], Any
             return ("raised", str(exc))
         return ("stepped", "")
 
+    def rowwise_placements() -> tuple[str, str]:
+        """Row-wise Adagrad on a Shard(1) DTensor (rows split between ranks): refused in the constructor."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        p = nn.Parameter(distribute_tensor(torch.zeros(3, 4), mesh, [Shard(1)]))
+        try:
+            Adagrad([p], rowwise=True)
+        except ValueError as exc:
+            return ("raised", str(exc))
+        return ("constructed", "")
+
+    jobs["rowwise_placements"] = rowwise_placements
     for name in [*LOWP, *LOWP_LAZY]:
         for pname in LOWP_PATHS.get(name, ["default"]):
             jobs[f"lowp/{name}/{pname}"] = lambda name=name, pname=pname: fsdp_lowp(name, pname)
@@ -468,12 +521,18 @@ def _worker(rank: int, world: int, outdir: str, phase: str) -> None:
                             rank=rank, world_size=world)
     if phase == "main":
         jobs = _scenarios(rank, world, outdir)
-    else:  # resume the 2-rank checkpoints on `world` ranks
-        jobs = {f"reshard/{name}": lambda name=name: _dcp_resume(
-            *CONFIGS[name], os.path.join(outdir, f"ckpt_{name}"), rank, world) for name in CHECKPOINTED}
-        for name in LOWP_CHECKPOINTED:
-            jobs[f"lowp_reshard/{name}"] = lambda name=name: _lowp_dcp_resume(
-                name, os.path.join(outdir, f"ckpt_lowp_{name}"), rank, world)
+    else:  # "reshard": the 2-rank checkpoints resumed on 1 rank, 1-rank ones saved; "grow": those on 2
+        src, dst = ("ckpt", "ckpt1") if phase == "reshard" else ("ckpt1", None)
+        jobs = {}
+        for lowp, names in ((False, CHECKPOINTED), (True, LOWP_CHECKPOINTED)):
+            pre = "lowp_" if lowp else ""
+            resume = _lowp_dcp_resume if lowp else _dcp_resume
+            for name in names:
+                jobs[f"{pre}{phase}/{name}"] = lambda name=name, pre=pre, resume=resume: resume(
+                    name, os.path.join(outdir, f"{src}_{pre}{name}"), rank, world)
+                if dst is not None:
+                    jobs[f"{pre}save1/{name}"] = lambda name=name, pre=pre, lowp=lowp: _dcp_save(
+                        name, os.path.join(outdir, f"{dst}_{pre}{name}"), rank, world, lowp)
     results: dict[str, Any] = {}
     for key, job in jobs.items():
         try:
@@ -528,6 +587,7 @@ def results() -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as outdir:
         out = _launch(WORLD, outdir, "main")
         out.update(_launch(1, outdir, "reshard"))
+        out.update(_launch(WORLD, outdir, "grow"))
     return out
 
 
@@ -585,16 +645,28 @@ def test_fsdp2_state_is_sharded_like_the_parameters(results: dict[str, Any], nam
         assert same_local_shape
 
 
+def _single_fp64(name: str) -> list[Tensor]:
+    cls, kw, kind = _fp64_config(name)
+    return _single(cls, kw, kind=kind)
+
+
 @pytest.mark.parametrize("name", CHECKPOINTED)
 def test_fsdp2_dcp_resume_equals_not_stopping(results: dict[str, Any], name: str) -> None:
-    want = _get(results, f"fsdp/{name}/default")
+    want = _single_fp64(name)
+    assert not torch.equal(want[0], next(_model(_fp64_config(name)[2]).parameters()))  # it trained
     _assert_same(_get(results, f"fsdp_dcp/{name}"), want)
-    _assert_same(want, _single(*CONFIGS[name]))
 
 
 @pytest.mark.parametrize("name", CHECKPOINTED)
-def test_fsdp2_dcp_reshards_two_ranks_to_one(results: dict[str, Any], name: str) -> None:
-    _assert_same(_get(results, f"reshard/{name}"), _single(*CONFIGS[name]))
+def test_fsdp2_dcp_reshards_two_ranks_to_one_and_one_to_two(results: dict[str, Any], name: str) -> None:
+    _assert_same(_get(results, f"reshard/{name}"), _single_fp64(name))
+    _assert_same(_get(results, f"grow/{name}"), _single_fp64(name))
+
+
+def test_fsdp2_rowwise_adagrad_refuses_rows_split_between_ranks(results: dict[str, Any]) -> None:
+    outcome, message = _get(results, "rowwise_placements")
+    assert outcome == "raised"
+    assert "rowwise" in message and "dim 0" in message and "Shard(dim=1)" in message
 
 
 @pytest.mark.parametrize(("name", "path"), _combos(NONFINITE))
@@ -667,9 +739,11 @@ def test_fsdp2_low_precision_lazy_rows_equal_one_process_bitwise(results: dict[s
 
 @pytest.mark.parametrize("name", LOWP_CHECKPOINTED)
 def test_fsdp2_low_precision_dcp_resume_and_reshard(results: dict[str, Any], name: str) -> None:
+    """Saved with 2 ranks, resumed with 2 and with 1; saved with 1, resumed with 2: bit for bit."""
     want = _single_lowp(name)
     _assert_bitwise(_get(results, f"lowp_dcp/{name}"), want)
     _assert_bitwise(_get(results, f"lowp_reshard/{name}"), want)
+    _assert_bitwise(_get(results, f"lowp_grow/{name}"), want)
 
 
 @pytest.mark.parametrize(("saver", "loader"), LOWP_CONVERT)

@@ -286,18 +286,3 @@ def test_rowwise_checkpoint_round_trip_and_shape_check() -> None:
     sd["param_groups"][0]["rowwise"] = False
     with pytest.raises(ValueError, match=r"shape \(9,\), expected \(9, 4\)"):
         make(rowwise=False)[1].load_state_dict(sd)
-
-
-def test_rowwise_refuses_dtensor_parameters() -> None:
-    """A sharded table would get a (global rows,) accumulator indexed by local rows: refused up front."""
-
-    class ShardLike(torch.Tensor):  # what the check looks at: a DTensor's device_mesh and to_local
-        device_mesh = None
-
-        def to_local(self) -> torch.Tensor:
-            return self
-
-    p = torch.Tensor._make_subclass(ShardLike, torch.zeros(4, 3), True)
-    with pytest.raises(ValueError, match="rowwise.*DTensor"):
-        Adagrad([p], rowwise=True)
-    Adagrad([p])  # the per-element form is fine

@@ -73,7 +73,15 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _lowp, kernels
-from ._dtensor import all_finite, check_whole_rows, dtensor_module, global_bool, is_dtensor, to_local
+from ._dtensor import (
+    all_finite,
+    check_whole_rows,
+    dtensor_module,
+    dtensor_rows_state,
+    global_bool,
+    is_dtensor,
+    to_local,
+)
 from ._lowp_step import (
     LowPrecisionSteps,
     check_low_precision_param,
@@ -263,6 +271,8 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
             dtype = storage_dtype(p, key_precision)
             if shape == tuple(p.shape):
                 t = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            elif is_dtensor(p):  # (rows,) state of a row-sharded parameter: sharded with its rows
+                t = dtensor_rows_state(p, shape, dtype)
             else:
                 t = torch.zeros(shape, dtype=dtype, device=p.device)
             if value != 0.0:  # complex: both components of view_as_real start at value

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from . import _lowp
 
-__all__ = ["dtensor_module", "is_dtensor", "to_local", "check_whole_rows", "all_finite", "global_bool",
+__all__ = ["dtensor_module", "is_dtensor", "to_local", "whole_rows", "check_whole_rows", "dtensor_rows_state",
+           "all_finite", "global_bool",
            "shard_offset", "replicated", "decode_sharded", "encode_sharded", "shard_encode", "ShardedEncode",
            "init_8bit_sharded", "sync_owned_absmax", "as_shard_like"]
 
@@ -55,14 +56,30 @@ def to_local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def check_whole_rows(p: Tensor) -> None:
-    """Row-wise updates on local shards equal the global update only if each rank holds whole rows."""
-    placements = p.placements  # type: ignore[attr-defined]
+def whole_rows(p: Tensor) -> bool:
+    """Whether each rank holds whole rows of DTensor ``p`` (sharded along dim 0 or replicated)."""
     dt = dtensor_module()
-    if not all(isinstance(pl, dt.Replicate) or (isinstance(pl, dt.Shard) and pl.dim == 0)
-               for pl in placements):
-        raise RuntimeError("lazy=True and sparse gradients need DTensor parameters sharded along dim 0 "
-                           f"(FSDP2's default) or replicated, got placements {placements}")
+    return all(isinstance(pl, dt.Replicate) or (isinstance(pl, dt.Shard) and pl.dim == 0)
+               for pl in p.placements)  # type: ignore[attr-defined]
+
+
+def check_whole_rows(p: Tensor, what: str = "lazy=True and sparse gradients") -> None:
+    """Row-wise updates on local shards equal the global update only if each rank holds whole rows."""
+    if not whole_rows(p):
+        raise RuntimeError(f"{what} need DTensor parameters sharded along dim 0 "
+                           f"(FSDP2's default) or replicated, got placements {p.placements}")  # type: ignore
+
+
+def dtensor_rows_state(p: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A zero state of ``shape`` (``(rows,)``: row-wise Adagrad's ``sum``) for a DTensor parameter
+    sharded along dim 0 or replicated: a DTensor with the parameter's placements holding this rank's
+    rows, so a row's state lives with the row (and checkpoints shard and reshard it like it)."""
+    check_whole_rows(p, "row-wise Adagrad's state and update (rowwise=True)")
+    local = p.to_local()  # type: ignore[attr-defined]
+    dt = dtensor_module()
+    zeros = torch.zeros(local.shape[0], dtype=dtype, device=local.device)
+    return dt.DTensor.from_local(zeros, p.device_mesh, p.placements,  # type: ignore[attr-defined]
+                                 run_check=False, shape=torch.Size(shape), stride=(1,))
 
 
 def all_finite(grads: list[Tensor]) -> bool:

@@ -35,7 +35,11 @@ without gradient keep G_r).  4 bytes of state per row instead of per element.
 Only for real 2-D parameters; not combined with ``glove=True`` (GloVe's update
 divides by the accumulator before adding to it, per element; use one or the
 other).  The fused C step (CPU) has a row kernel for it; the Triton path
-(``fused=True``) runs the reference update for row-wise groups.
+(``fused=True``) runs the reference update for row-wise groups.  FSDP2 (DTensor
+parameters sharded along dim 0, or replicated): ``sum`` is a DTensor with the
+parameter's placements, each rank holding its rows' accumulators, so the update
+is local and checkpoints (``torch.distributed.checkpoint``) shard and reshard it
+with the rows; other placements are refused (ValueError).
 
 All forms accept sparse gradients (``nn.Embedding(sparse=True)``): only the
 rows present with a non-zero gradient change (the step count is per
@@ -54,6 +58,7 @@ import torch
 from torch import Tensor
 
 from ._base import TigerOptimizer, to_float, working, write_back
+from ._dtensor import is_dtensor, whole_rows
 from ._math import foreach_sqrt_rn, sqrt_rn
 from ._validate import check, check_bool, check_lr, check_number
 
@@ -216,9 +221,10 @@ class Adagrad(TigerOptimizer):
                     raise ValueError(f"Invalid rowwise: True (row-wise Adagrad needs real 2-D parameters, "
                                      f"params[{i}] has shape {tuple(p.shape)} and dtype {p.dtype}; put other "
                                      "parameters in a group with rowwise=False)")
-                if hasattr(p, "device_mesh") and hasattr(p, "to_local"):  # a DTensor (FSDP2 / TP)
-                    raise ValueError("Invalid rowwise: True (row-wise Adagrad does not support DTensor "
-                                     "parameters yet: its (rows,) state is not sharded with the rows)")
+                if is_dtensor(p) and not whole_rows(p):  # FSDP2 shards rows: the (rows,) state with them
+                    raise ValueError(f"Invalid rowwise: True (row-wise Adagrad needs DTensor parameters "
+                                     f"sharded along dim 0 (FSDP2's default) or replicated, params[{i}] has "
+                                     f"placements {p.placements})")
 
     def _state_shape(self, key: str, p: Tensor, group: dict[str, Any]) -> tuple[int, ...]:
         return (p.shape[0],) if group.get("rowwise") else tuple(p.shape)
