@@ -33,6 +33,11 @@ step on the CPU, 20x on the GPU ("met", or how many times short of it).  On CUDA
 Triton kernels (the dense step kernels and the row kernels); ``--fused`` asks for them on any
 device (on the CPU under ``TRITON_INTERPRET=1``, slowly: for checking that path at a tiny size).
 
+Each CPU table's last line says how the tensors were paged: the transparent-huge-page mode, torch's
+``THP_MEM_ALLOC_ENABLE`` (with ``1`` and THP ``madvise`` torch asks for 2 MB pages for its large CPU
+allocations: table, gradient, state) and how much of the process was in huge pages.
+``benchmarks/rows_ceiling.c`` times the same rows in a stand-alone C loop (the memory ceiling).
+
 Before timing, each optimizer's lazy steps (dense and sparse gradient) on a table of at most
 ``--check-rows`` rows are compared with the reference path (gather, reference rule, scatter) and
 the row kernel's calls are counted: the "vs reference" column gives the largest difference
@@ -44,6 +49,7 @@ after printing the tables.
     python benchmarks/bench_lazy.py --rows 100000        # smaller
     python benchmarks/bench_lazy.py --threads 1 --cpu-time   # one core, CPU time: immune to other load
     python benchmarks/bench_lazy.py --threads 1 2 --cpu-time # and 2 threads (wall clock: needs idle cores)
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_lazy.py   # torch's large CPU tensors in 2 MB pages
     python benchmarks/bench_lazy.py --devices cuda           # the GPU rows only
     TRITON_INTERPRET=1 python benchmarks/bench_lazy.py --fused --rows 200 --dim 64 --reps 1 --warmup 0
 """
@@ -52,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import platform
 import shlex
 import statistics
@@ -136,6 +143,30 @@ def floor_bytes(name: str, rows: int, dim: int, touched: int, nnz: int) -> tuple
 TARGET = {"cpu": 50, "cuda": 20}
 
 
+def huge_page_bytes() -> int | None:
+    """Bytes of this process's memory in transparent huge pages (AnonHugePages), None where the kernel
+    does not say (not Linux)."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def pages_note(huge: int | None) -> str:
+    """How the CPU tensors were paged: the THP mode, torch's THP_MEM_ALLOC_ENABLE, the huge-page bytes
+    seen while the tables were allocated."""
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "transparent huge pages: unknown"
+    env = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
+    seen = "" if huge is None else f", {huge / 2**30:.1f} GiB in huge pages"
+    return f"transparent huge pages `{mode}`, THP_MEM_ALLOC_ENABLE={env}{seen}"
+
+
 def cpu_time(args: argparse.Namespace, device: torch.device) -> bool:
     """Whether this table is timed by process CPU time: asked for, on the CPU, one thread (with more,
     CPU time adds the threads up, so their tables take the wall clock)."""
@@ -201,12 +232,16 @@ def bench(args: argparse.Namespace, device: torch.device) -> tuple[list[list[str
     nnz = int(sparse_grad._nnz())
     W = torch.randn(args.rows, args.dim, device=device).requires_grad_()
     table = []
+    huge: list[int] = []
 
     def run(make: Callable[[], torch.optim.Optimizer], grad: Tensor) -> tuple[float, float]:
         opt = make()
         W.grad = grad
         clock = time.process_time if cpu_time(args, device) else time.perf_counter
         ms = time_steps(opt.step, device, args.reps, args.warmup, clock)
+        seen = huge_page_bytes()
+        if seen is not None:
+            huge.append(seen)
         W.grad = None
         del opt  # free the state before the next optimizer
         if device.type == "cuda":
@@ -235,6 +270,8 @@ def bench(args: argparse.Namespace, device: torch.device) -> tuple[list[list[str
         table.append(["torch AdamW / LazyOptimizer(AdamW) / SparseAdam", ms(adamw), ms(wrapped),
                       ms(sparse_adam), f"{adamw[0] / sparse_adam[0]:.1f}x ({adamw[1] / sparse_adam[1]:.1f}x)",
                       *[""] * 6])
+    if device.type == "cpu":
+        args.pages = pages_note(max(huge) if huge else None)
     return table, ok
 
 
@@ -252,6 +289,8 @@ def markdown(table: Sequence[Sequence[str]], args: argparse.Namespace, device: t
     lines.append(f"\n{args.rows} x {args.dim} fp32 table, {args.frac:.2%} of rows touched, median / fastest "
                  f"of {args.reps} steps ({clock}), {where}, {path}, torch {torch.__version__}; checked on "
                  f"{min(args.rows, args.check_rows)} rows")
+    if device.type == "cpu":
+        lines[-1] += f"; {args.pages}"
     return "\n".join(lines)
 
 
