@@ -4,7 +4,7 @@ Seed 003 fine-tunes BERT + CRF for Chinese word segmentation at lr 1e-5 and find
 transition matrix (S->E scoring above S->B): the encoder fits the per-character tag scores long
 before the transitions have moved, after which their gradient is small.  With the CRF's lr
 100-1000x the encoder's, impossible transitions get strongly negative scores.  This script
-shows the same on CPU in about a minute:
+shows the same on CPU in a few minutes:
 
 * **Task**: BMES word segmentation of generated "Chinese" text.  A synthetic lexicon of
   ``--words`` words (1-4 characters, 1: 25%, 2: 50%, 3: 15%, 4: 10%) over ``--chars`` characters
@@ -44,7 +44,7 @@ by ~1 point.  With ``--optimizer tiger`` the encoder fits better (word F1 ~0.983
 the seed's strong-encoder case, the CRF changes little) and the sign update moves the impossible
 scores by lr x (sum of the schedule) = -20 at 100x, -200 at 1000x.
 
-    python examples/crf_learning_rate.py                      # ~1-2 min on 2 CPU cores
+    python examples/crf_learning_rate.py                      # 7.5 minutes wall at load average 8 on 2 cores
     python examples/crf_learning_rate.py --optimizer tiger --scales 1,10,100,1000
 """
 

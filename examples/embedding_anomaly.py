@@ -29,7 +29,7 @@ other weights ``--lr``.  "Rare" tokens are those seen in a context 1..``--rare-m
 the last time at least half a run before its end; "frequent" ones are the ``--top`` most
 frequent.  Magnitude of a row: mean |component|.
 
-    python examples/embedding_anomaly.py                  # ~1 minute on one CPU core
+    python examples/embedding_anomaly.py                  # 3 minutes wall at load average 8 on 2 cores
     python examples/embedding_anomaly.py --steps 500      # quick look
 
 Prints a table; with ``--out DIR`` also writes ``DIR/embedding_anomaly.md`` (the table with date,
