@@ -341,6 +341,34 @@ def test_shards_with_their_offset_equal_the_whole_tensor(prec: str, cut: int) ->
         _same(torch.cat([q[3] for q in parts]), absmax, "absmax")
 
 
+@pytest.mark.parametrize("off", [2 ** 32 - 300, 2 ** 32 + 70_000 - 5, 5 * 2 ** 32 - 512])
+def test_offsets_across_index_words_key_the_hash_with_the_global_index(off: int, build: str) -> None:
+    """Elements on both sides of a multiple of 2^32 (the index's high word changes) and of a multiple of
+    2^16 (the AVX-512 loop folds the hash's first step into a per-block key): the C step's bf16 rounding
+    (parameter and state sharing one hash) and 8-bit encoding equal the torch code with global indices."""
+    n = 900
+    p, g, m, _ = _lowp_args(n, "bf16")
+    p0, m0 = p.float(), m.float()
+    _c_step(p, g, m, None, torch.tensor(0.0), off)
+    work_p, work_m = [p0.clone()], [m0.clone()]
+    with exact_sqrt():
+        tigeropt.tiger._single_tensor_tiger(work_p, [g], work_m, [torch.tensor(1.0)], **HYPER)
+    index = torch.arange(off, off + n)
+    _same(p, _lowp.round_bf16(work_p[0], _lowp.sr_key(11, 1, 3, 0), index=index), "params")
+    _same(m, _lowp.round_bf16(work_m[0], _lowp.sr_key(11, 1, 3, 1), index=index), "state")
+    off8 = off - off % 256  # 8-bit: a block-aligned range over the same boundary
+    p8, g8, codes, absmax = _lowp_args(n, "8bit")
+    work_p8, work_m8 = [p8.float()], [_lowp.decode_8bit(codes, absmax)]
+    _c_step(p8, g8, codes, absmax, torch.tensor(0.0), off8)
+    with exact_sqrt():
+        tigeropt.tiger._single_tensor_tiger(work_p8, [g8], work_m8, [torch.tensor(1.0)], **HYPER)
+    want_codes, want_absmax = _lowp.encode_8bit(work_m8[0], _lowp.sr_key(11, 1, 3, 1, eight_bit=True),
+                                                offset=off8)
+    _same(codes, want_codes, "codes")
+    _same(absmax, want_absmax, "absmax")
+    _same(p8, _lowp.round_bf16(work_p8[0], _lowp.sr_key(11, 1, 3, 0), offset=off8), "params (8-bit state)")
+
+
 def test_offset_keys_the_hash_with_the_global_index() -> None:
     """The random bits of element i of a shard at offset o are those of element o + i (the torch code
     with ``index``), and an unaligned 8-bit shard has one absmax per grid block it touches."""

@@ -1409,20 +1409,26 @@ static inline __m512 v_sign(__m512 x) {
     return _mm512_fmadd_ps(x, zero, AS_F(s)); /* (x & sign bit) | 1.0 on the nonzero lanes, else +0 */
 }
 
-static inline __m512i v_lowbias32(__m512i x) {
-    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+/* lowbias32 after its first step (x ^= x >> 16), on x1 = idx ^ kb: for the elements of one block (inside one
+   256-element cell of the index grid, so idx >> 16 is the same for all of them) the first step of
+   lowbias32(idx ^ kc) is idx ^ kb with the block key kb = kc ^ ((lo0 ^ kc) >> 16) (block_key) */
+static inline __m512i v_lowbias32_rest(__m512i x) {
     x = _mm512_mullo_epi32(x, V_I(0x7feb352du));
     x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
     x = _mm512_mullo_epi32(x, V_I(0x846ca68bu));
     return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
 
-/* lowbias32 without its last step: the same bits 16..31 */
-static inline __m512i v_lowbias32_hi16(__m512i x) {
-    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+/* v_lowbias32_rest without its last step: the same bits 16..31 */
+static inline __m512i v_lowbias32_rest_hi16(__m512i x) {
     x = _mm512_mullo_epi32(x, V_I(0x7feb352du));
     x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
     return _mm512_mullo_epi32(x, V_I(0x846ca68bu));
+}
+
+/* the block key of chunk key kc for a block whose first element index has low word lo0 */
+static inline uint32_t block_key(uint32_t kc, uint32_t lo0) {
+    return kc ^ ((lo0 ^ kc) >> 16);
 }
 
 /* bf16 to nearest even; NaN -> nan */
@@ -1465,7 +1471,7 @@ static inline __m512i v_absmax(__m512i acc, __m512 v, __mmask16 m) {
    finite: the block holds no inf/NaN (its absmax pass saw none); then a vector whose every y is 0 or at
    least 2^-6 (the common case) takes the normal range's rounding alone. */
 static inline __attribute__((always_inline)) void v_st_e4m3(uint8_t *c, __m512 x, __mmask16 m, const int full,
-                                                            __m512 div, const int sr, __m512i idx, __m512i kc,
+                                                            __m512 div, const int sr, __m512i idx, __m512i kb,
                                                             const int finite) {
     __m512i u = AS_I(x);
     __m512i mag = _mm512_and_si512(u, V_I(0x7FFFFFFF));
@@ -1477,13 +1483,13 @@ static inline __attribute__((always_inline)) void v_st_e4m3(uint8_t *c, __m512 x
             __m512i t;
             if (sr) { /* up when 16 * (the 20 discarded bits f) > bits >> 8, i.e. when f << 12 > bits (f << 12
                          is a multiple of 2^8): the hash's 32 bits compared at once */
-                __m512i h = v_lowbias32(_mm512_xor_si512(idx, kc));
+                __m512i h = v_lowbias32_rest(_mm512_xor_si512(idx, kb));
                 __mmask16 up = _mm512_cmpgt_epu32_mask(_mm512_slli_epi32(yb, 12), h);
                 t = _mm512_sub_epi32(yb, V_I(960 << 20));
                 t = _mm512_mask_add_epi32(t, up, t, V_I(1 << 20));
-            } else {
-                __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(yb, 20), V_I(1));
-                t = _mm512_add_epi32(_mm512_add_epi32(yb, V_I(0x7FFFF - (960 << 20))), lsb);
+            } else { /* + 0x7ffff, + 1 where the kept lsb (bit 20) is set: ties to even */
+                t = _mm512_add_epi32(yb, V_I(0x7FFFF - (960 << 20)));
+                t = _mm512_mask_add_epi32(t, _mm512_test_epi32_mask(yb, V_I(1 << 20)), t, V_I(1));
             }
             __m512i code = _mm512_maskz_srli_epi32(nz, t, 20);
             code = _mm512_ternarylogic_epi32(code, _mm512_srli_epi32(u, 24), V_I(0x80), 0xF8); /* code | sign */
@@ -1497,7 +1503,7 @@ static inline __attribute__((always_inline)) void v_st_e4m3(uint8_t *c, __m512 x
     __mmask16 nonfinite = _mm512_cmpge_epu32_mask(mag, V_I(0x7F800000));
     __m512i code_n, code_s;
     if (sr) {
-        __m512i r = _mm512_srli_epi32(v_lowbias32(_mm512_xor_si512(idx, kc)), 8);
+        __m512i r = _mm512_srli_epi32(v_lowbias32_rest(_mm512_xor_si512(idx, kb)), 8);
         code_n = _mm512_srli_epi32(_mm512_sub_epi32(yb, V_I(960 << 20)), 20);
         __mmask16 up = _mm512_cmpgt_epu32_mask(_mm512_srli_epi32(_mm512_slli_epi32(yb, 12), 8), r);
         code_n = _mm512_mask_add_epi32(code_n, up, code_n, V_I(1));
@@ -1545,7 +1551,7 @@ static inline __mmask16 lane_mask(int64_t left) {
 static inline __attribute__((always_inline)) void lp_vec_avx512(
     const LpVec *v, const int OPT, const int K0, const int full, __mmask16 m, char *pbase, const char *gbase,
     void *const sbase[2], int64_t e, __m512i idx, const LpDec *dec, float *buf0, float *buf1, __m512i amax[2],
-    const __m512i kc[3]) {
+    const __m512i kb[3]) {
     const int nst = OPT == OPT_ADAX ? 2 : 1;
     const int kind[2] = {K0, v->kind[1]};
     const float *c = v->c;
@@ -1620,7 +1626,7 @@ static inline __attribute__((always_inline)) void lp_vec_avx512(
             _mm512_mask_storeu_ps((float *)pbase + e, m, p);
     } else if (v->sr) { /* the high 16 bits of stream 0's hash: y >> 16 with y the hash before its last step
                            (x ^= x >> 16); bf16 state 0 takes the low 16, (y ^ y >> 16) & 0xffff, one ternlog */
-        __m512i y = v_lowbias32_hi16(_mm512_xor_si512(idx, kc[0]));
+        __m512i y = v_lowbias32_rest_hi16(_mm512_xor_si512(idx, kb[0]));
         __m512i rp = _mm512_srli_epi32(y, 16);
         v_st_bf16_sr((uint16_t *)pbase + e, p, m, full, rp);
         if (v_share0) {
@@ -1640,10 +1646,10 @@ static inline __attribute__((always_inline)) void lp_vec_avx512(
             if (v->sr && j == 0) /* the low 16 bits of stream 0's hash */
                 v_st_bf16_sr((uint16_t *)sbase[j] + e, s[j], m, full,
                              have_r0 ? r0
-                                     : _mm512_and_si512(v_lowbias32(_mm512_xor_si512(idx, kc[0])), V_I(0xFFFF)));
+                                     : _mm512_and_si512(v_lowbias32_rest(_mm512_xor_si512(idx, kb[0])), V_I(0xFFFF)));
             else if (v->sr)
                 v_st_bf16_sr((uint16_t *)sbase[j] + e, s[j], m, full,
-                             _mm512_srli_epi32(v_lowbias32_hi16(_mm512_xor_si512(idx, kc[1 + j])), 16));
+                             _mm512_srli_epi32(v_lowbias32_rest_hi16(_mm512_xor_si512(idx, kb[1 + j])), 16));
             else
                 v_st_bf16_rtn((uint16_t *)sbase[j] + e, s[j], m, full, v->nan);
         } else {
@@ -1672,15 +1678,16 @@ static inline __attribute__((always_inline)) void lp_block_avx512(
         }
     __m512i amax[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i kc[3] = {V_I(chunk_key(key32[0], hi32)), V_I(chunk_key(key32[1], hi32)),
-                           V_I(chunk_key(key32[2], hi32))};
+    const __m512i kb[3] = {V_I(block_key(chunk_key(key32[0], hi32), lo0)),
+                           V_I(block_key(chunk_key(key32[1], hi32), lo0)),
+                           V_I(block_key(chunk_key(key32[2], hi32), lo0))};
     int64_t i = 0;
     for (; i + 16 <= k; i += 16)
         lp_vec_avx512(v, OPT, K0, 1, (__mmask16)0xFFFF, pbase, gbase, sbase, i0 + i,
-                      _mm512_add_epi32(V_I(lo0 + (uint32_t)i), iota), &dec, buf[0] + i, buf[1] + i, amax, kc);
+                      _mm512_add_epi32(V_I(lo0 + (uint32_t)i), iota), &dec, buf[0] + i, buf[1] + i, amax, kb);
     if (i < k)
         lp_vec_avx512(v, OPT, K0, 0, lane_mask(k - i), pbase, gbase, sbase, i0 + i,
-                      _mm512_add_epi32(V_I(lo0 + (uint32_t)i), iota), &dec, buf[0] + i, buf[1] + i, amax, kc);
+                      _mm512_add_epi32(V_I(lo0 + (uint32_t)i), iota), &dec, buf[0] + i, buf[1] + i, amax, kb);
     for (int j = 0; j < nst; j++) {
         if (kind[j] != SK_8BIT) continue;
         uint32_t ab = (uint32_t)_mm512_reduce_max_epu32(amax[j]);
@@ -1694,11 +1701,11 @@ static inline __attribute__((always_inline)) void lp_block_avx512(
             __m512i idx = _mm512_add_epi32(V_I(lo0 + (uint32_t)q), iota);
             __m512 x = _mm512_load_ps(buf[j] + q);
             if (q + 16 > k || !finite)
-                v_st_e4m3(codes + q, x, lane_mask(k - q), 0, div, v->sr, idx, kc[1 + j], 0);
+                v_st_e4m3(codes + q, x, lane_mask(k - q), 0, div, v->sr, idx, kb[1 + j], 0);
             else if (v->sr)
-                v_st_e4m3(codes + q, x, 0xFFFF, 1, div, 1, idx, kc[1 + j], 1);
+                v_st_e4m3(codes + q, x, 0xFFFF, 1, div, 1, idx, kb[1 + j], 1);
             else
-                v_st_e4m3(codes + q, x, 0xFFFF, 1, div, 0, idx, kc[1 + j], 1);
+                v_st_e4m3(codes + q, x, 0xFFFF, 1, div, 0, idx, kb[1 + j], 1);
         }
     }
 }
