@@ -239,3 +239,34 @@ def test_demo_refuses_an_empty_optimizer_list(value: str, capsys: pytest.Capture
     with pytest.raises(SystemExit):
         demo.main(["--optimizers", value])
     assert "--optimizers names none" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ Tiger's betas mirror
+def test_tiger_takes_an_equal_betas_pair_written_into_a_group() -> None:
+    """Tiger mirrors beta as ``group["betas"] = (beta, beta)`` for schedulers, and took a write of betas
+    only when ``betas[0] != betas[1]``: ``group["betas"] = (0.9, 0.9)`` (by hand, or a scheduler cycling
+    to the current second value) was silently reverted to the old beta.  Tiger now remembers the pair it
+    mirrored: any other pair written since is taken, equal or not; a hand-set beta still wins over an
+    unwritten mirror; copies and loaded checkpoints mirror afresh."""
+    import copy
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = Tiger([p], lr=0.1, beta=0.965)
+    group = opt.param_groups[0]
+    p.grad = torch.ones(3)
+    group["betas"] = (0.9, 0.9)
+    opt.step()
+    assert group["beta"] == 0.9 and group["betas"] == (0.9, 0.9)
+    group["beta"] = 0.7
+    opt.step()
+    assert group["beta"] == 0.7 and group["betas"] == (0.7, 0.7)
+    twin = copy.deepcopy(opt)
+    twin.param_groups[0]["betas"] = (0.5, 0.5)
+    twin.param_groups[0]["params"][0].grad = torch.ones(3)
+    twin.step()
+    assert twin.param_groups[0]["beta"] == 0.5
+    loaded = Tiger([p], lr=0.1)
+    loaded.load_state_dict(opt.state_dict())
+    loaded.param_groups[0]["betas"] = (0.4, 0.4)
+    loaded.step()
+    assert loaded.param_groups[0]["beta"] == 0.4

@@ -36,9 +36,11 @@ write ``group["betas"] = (new, *group["betas"][1:])``.  Tiger keeps its one ``be
 and mirrors it as ``betas = (beta, beta)`` in ``defaults`` and in every param group
 (Tiger is Lion with b1 = b2 = beta), so a scheduler cycles Tiger's beta, also inside a
 :class:`~tigeropt.MixedOptimizer` next to AdamW or Lion.  At each ``step()`` a group
-whose ``betas[0] != betas[1]`` (what such a write leaves) takes ``beta = betas[0]``;
-otherwise ``beta`` wins (set ``group["beta"]`` by hand as before); then
-``betas = (beta, beta)`` again.  A param group given ``betas`` but no ``beta``
+whose ``betas`` was written since Tiger mirrored it (by a scheduler, or by hand, also as
+an equal pair ``(0.9, 0.9)``) takes ``beta = betas[0]``; otherwise ``beta`` wins (set
+``group["beta"]`` by hand as before); then ``betas = (beta, beta)`` again.  (Where Tiger has
+not mirrored the group yet, e.g. a group just loaded, a write is recognized by
+``betas[0] != betas[1]``, what a scheduler's write leaves.)  A param group given ``betas`` but no ``beta``
 (constructor or ``add_param_group``) takes ``beta = betas[0]``.
 """
 
@@ -178,6 +180,20 @@ class Tiger(TigerOptimizer):
         super().add_param_group(param_group)
         self._sync_beta(self.param_groups[-1])  # {"beta": 0.9} got the default betas: mirror 0.9
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._remirror()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._remirror()
+
+    def _remirror(self) -> None:
+        """New group objects (a copy, a loaded checkpoint): mirror each group's beta afresh."""
+        self._mirrors: dict[int, tuple[dict[str, Any], Any]] = {}
+        for group in self.param_groups:
+            self._sync_beta(group)
+
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
         if "betas" in group:  # Tiger's mirror of beta for LR schedulers (module docstring)
@@ -199,16 +215,21 @@ class Tiger(TigerOptimizer):
             used.append("accumulation_steps > 1")
         return ", ".join(used)
 
-    @staticmethod
-    def _sync_beta(group: dict[str, Any]) -> None:
-        """Take a scheduler's ``betas`` write into ``beta`` and mirror ``beta`` back (module docstring)."""
+    def _sync_beta(self, group: dict[str, Any]) -> None:
+        """Take a scheduler's (or a user's) ``betas`` write into ``beta`` and mirror ``beta`` back (module
+        docstring).  The mirror written last is remembered per group: any other ``betas`` object was
+        written since, also an equal pair (which the rule ``betas[0] != betas[1]`` alone dropped)."""
         betas = group.get("betas")
         if betas is None:
             return
-        if betas[0] != betas[1]:
+        mirrors = self.__dict__.setdefault("_mirrors", {})
+        mirror = mirrors.get(id(group))
+        written = betas[0] != betas[1] if mirror is None or mirror[0] is not group else betas is not mirror[1]
+        if written:
             group["beta"] = betas[0]
         if betas[0] != group["beta"] or betas[1] != group["beta"]:
             group["betas"] = (group["beta"], group["beta"])
+        mirrors[id(group)] = (group, group["betas"])
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         self._sync_beta(group)
