@@ -270,3 +270,34 @@ def test_tiger_takes_an_equal_betas_pair_written_into_a_group() -> None:
     loaded.param_groups[0]["betas"] = (0.4, 0.4)
     loaded.step()
     assert loaded.param_groups[0]["beta"] == 0.4
+
+
+# ------------------------------------------------------------------ numpy scalars as hyperparameters
+@pytest.mark.parametrize("cls", [Tiger, Lion, AdaX, Adagrad], ids=lambda c: c.__name__)
+def test_numpy_scalars_are_taken_as_torch_optimizers_take_them(cls: type) -> None:
+    """``lr=np.float32(1e-3)`` (a sweep over ``np.logspace(...).astype(np.float32)``, a config) and
+    ``np.int64`` counts are numbers to torch.optim; every tigeropt optimizer and helper raised TypeError
+    ("expected a real number, got float32").  Now any ``numbers.Real`` / ``numbers.Integral`` (not bool)
+    is accepted and stored as the Python number, and the step equals the one with Python numbers."""
+    np = pytest.importorskip("numpy")
+
+    def run(lr: Any, wd: Any, seed: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 10))
+        opt = cls([p], lr=lr, weight_decay=wd, sr_seed=seed)
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "lr": lr})
+        p.grad = torch.linspace(1, -1, 10)
+        opt.step()
+        return p.detach(), opt.param_groups[1]
+
+    got, group = run(np.float32(0.01), np.float32(0.1), np.int64(3))
+    want, _ = run(float(np.float32(0.01)), float(np.float32(0.1)), 3)
+    assert torch.equal(got, want)
+    assert type(group["lr"]) is float and type(group["sr_seed"]) is int
+    kw = tigeropt.suggest_hparams("tiger", adamw_lr=np.float32(3e-3), adamw_weight_decay=np.float64(0.1),
+                                  steps=np.int64(600))
+    assert kw["lr"] == pytest.approx(1e-3)
+    model = torch.nn.Linear(2, 2)
+    assert tigeropt.create_optimizer(model, "tiger", lr=np.float32(1e-3), weight_decay=np.float32(0.1))
+    assert tigeropt.param_groups(model, lr=np.float32(1e-3), weight_decay=np.float32(0.1))
+    with pytest.raises(TypeError, match="nan_guard.*numpy"):
+        Tiger([torch.zeros(1, requires_grad=True)], nan_guard=np.bool_(True))

@@ -95,7 +95,15 @@ from ._lowp_step import (
 )
 from ._ops import compiling, to_float
 from ._rows import check_sparse_rows, sparse_rows_out_of_range, touched_rows
-from ._validate import check, check_bool, check_choice, check_lr, check_optional_bool, check_ordered_params
+from ._validate import (
+    check,
+    check_bool,
+    check_choice,
+    check_lr,
+    check_optional_bool,
+    check_ordered_params,
+    plain_numbers,
+)
 
 # re-exported: the optimizer modules and LazyOptimizer import these from here
 __all__ = ["TigerOptimizer", "Impl", "check", "check_lr", "global_bool", "nan_sign", "to_float",
@@ -160,6 +168,7 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
                         on_nonfinite=on_nonfinite, capturable=capturable, lazy=defaults.get("lazy", False),
                         state_precision=state_precision, stochastic_rounding=stochastic_rounding,
                         sr_seed=sr_seed)
+        plain_numbers(defaults)  # numpy scalars (np.float32 lr, np.int64 sr_seed) as Python numbers
         self._validate({**defaults, "params": []})  # bad arguments fail here even with no parameters
         super().__init__(params, defaults)
 
@@ -181,6 +190,7 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
         check_ordered_params(params)
         if params is not None and not isinstance(params, (Tensor, list)):
             param_group["params"] = params = list(params)  # a generator is read once, here
+        plain_numbers(param_group)
         candidate = {**self.defaults, **param_group}
         if isinstance(params, Tensor):
             candidate["params"] = [params]

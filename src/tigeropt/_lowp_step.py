@@ -30,6 +30,7 @@ replicated, blocks split between shards all-reduced), so sharding changes no bit
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Any
 
@@ -111,7 +112,7 @@ class LowPrecisionSteps:
         sr = group.get("stochastic_rounding", False)
         check_bool("stochastic_rounding", sr)
         seed = group.get("sr_seed", 0)
-        if not isinstance(seed, int) or isinstance(seed, bool):
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
             raise TypeError(f"Invalid type for sr_seed: expected an int, got {type(seed).__name__} "
                             f"({seed!r})")
         check(0 <= seed < 2 ** 32, "sr_seed", seed, "must be an int in [0, 2**32)")

@@ -8,13 +8,14 @@ value.  ``bool`` is not accepted where a number is expected (``lr=True`` is a mi
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = ["check", "check_lr", "check_number", "check_int", "check_bool", "check_choice", "check_betas",
-           "check_optional_bool", "check_ordered_params"]
+           "check_optional_bool", "check_ordered_params", "plain_number", "plain_numbers"]
 
 
 def check(ok: bool, name: str, value: Any, requirement: str) -> None:
@@ -24,11 +25,33 @@ def check(ok: bool, name: str, value: Any, requirement: str) -> None:
 
 
 def _type_error(name: str, value: Any, expected: str) -> TypeError:
-    return TypeError(f"Invalid type for {name}: expected {expected}, got {type(value).__name__} ({value!r})")
+    kind = type(value)
+    got = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+    return TypeError(f"Invalid type for {name}: expected {expected}, got {got} ({value!r})")
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number: int, float, or another ``numbers.Real`` such as a numpy scalar (``np.float32(1e-3)``
+    from a sweep, as torch.optim takes it); not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def plain_number(value: Any) -> Any:
+    """``value`` as a Python number when it is another ``numbers.Real`` (a numpy scalar), elements of a
+    tuple/list likewise; anything else unchanged (a tensor lr stays a tensor)."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(plain_number(v) for v in value)
+    if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def plain_numbers(options: dict[str, Any]) -> None:
+    """:func:`plain_number` on every option of a param group or defaults dict (in place; ``params`` kept), so
+    the kernels, ``repr`` and ``state_dict`` see the Python numbers the checks accept."""
+    for key, value in options.items():
+        if key != "params":
+            options[key] = plain_number(value)
 
 
 def check_number(name: str, value: Any, lo: float | None = None, hi: float | None = None, *,
@@ -49,7 +72,7 @@ def check_number(name: str, value: Any, lo: float | None = None, hi: float | Non
 
 
 def check_int(name: str, value: Any, lo: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise _type_error(name, value, "an int")
     check(value >= lo, name, value, f"must be an int >= {lo}")
 

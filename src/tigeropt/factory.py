@@ -34,6 +34,7 @@ the optimizer's own defaults; other keyword arguments go to the optimizer.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -129,11 +130,11 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Tensor] | Iterable[di
     if entry is None:
         raise ValueError(f"Invalid name: {name!r} (known optimizers: {', '.join(available_optimizers())})")
     if lr is not None:
-        if not isinstance(lr, (int, float, Tensor)) or isinstance(lr, bool):
+        if not isinstance(lr, (numbers.Real, Tensor)) or isinstance(lr, bool):
             raise TypeError(f"lr must be a number or a tensor, not {type(lr).__name__}")
         kwargs["lr"] = lr
     if weight_decay is not None:
-        if not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool):
+        if not isinstance(weight_decay, numbers.Real) or isinstance(weight_decay, bool):
             raise TypeError(f"weight_decay must be a number, not {type(weight_decay).__name__}")
         if not (math.isfinite(weight_decay) and weight_decay >= 0):
             raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be a finite number >= 0)")

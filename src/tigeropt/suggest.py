@@ -19,6 +19,7 @@ The defaults of :class:`~tigeropt.Tiger` and :class:`~tigeropt.Lion` stay the or
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 __all__ = ["suggest_hparams"]
@@ -67,7 +68,7 @@ def suggest_hparams(optimizer: str, *, adamw_lr: float, adamw_weight_decay: floa
     if name not in ("tiger", "lion"):
         raise ValueError(f"Invalid optimizer: {optimizer!r} (one of 'tiger', 'lion')")
     for arg, value in (("adamw_lr", adamw_lr), ("adamw_weight_decay", adamw_weight_decay)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{arg} must be a float, got {type(value).__name__}")
     if not (math.isfinite(adamw_lr) and adamw_lr > 0):
         raise ValueError(f"Invalid adamw_lr: {adamw_lr!r} (must be > 0)")
@@ -76,7 +77,7 @@ def suggest_hparams(optimizer: str, *, adamw_lr: float, adamw_weight_decay: floa
     for arg, value in (("steps", steps), ("batch_size", batch_size)):
         if value is None and arg == "batch_size":
             continue
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{arg} must be an int, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"Invalid {arg}: {value!r} (must be >= 1)")
