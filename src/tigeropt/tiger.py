@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from ._base import TigerOptimizer, global_bool, nan_sign, to_float, working, write_back
+from ._ops import compiling
 from ._validate import check_betas, check_bool, check_choice, check_int, check_lr, check_number
 from .lazy import EMBEDDING_TYPES
 from .param_groups import NORM_TYPES
@@ -222,14 +223,16 @@ class Tiger(TigerOptimizer):
         betas = group.get("betas")
         if betas is None:
             return
-        mirrors = self.__dict__.setdefault("_mirrors", {})
-        mirror = mirrors.get(id(group))
+        traced = compiling()  # while Dynamo traces a step: the plain rule (no guards on the memory)
+        mirrors = None if traced else self.__dict__.setdefault("_mirrors", {})
+        mirror = None if mirrors is None else mirrors.get(id(group))
         written = betas[0] != betas[1] if mirror is None or mirror[0] is not group else betas is not mirror[1]
         if written:
             group["beta"] = betas[0]
         if betas[0] != group["beta"] or betas[1] != group["beta"]:
             group["betas"] = (group["beta"], group["beta"])
-        mirrors[id(group)] = (group, group["betas"])
+        if mirrors is not None:
+            mirrors[id(group)] = (group, group["betas"])
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         self._sync_beta(group)
