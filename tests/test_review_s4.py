@@ -301,3 +301,29 @@ def test_numpy_scalars_are_taken_as_torch_optimizers_take_them(cls: type) -> Non
     assert tigeropt.param_groups(model, lr=np.float32(1e-3), weight_decay=np.float32(0.1))
     with pytest.raises(TypeError, match="nan_guard.*numpy"):
         Tiger([torch.zeros(1, requires_grad=True)], nan_guard=np.bool_(True))
+
+
+# ------------------------------------------------------------------ LazyOptimizer over SparseAdam
+def test_lazy_optimizer_hands_sparse_gradients_to_sparse_adam_as_they_are() -> None:
+    """LazyOptimizer densifies a sparse gradient for the wrapped optimizer (most torch optimizers refuse
+    sparse ones), but torch.optim.SparseAdam refuses dense ones: wrapping it (directly or inside a
+    MixedOptimizer next to AdamW) raised "SparseAdam does not support dense gradients" on the first
+    step.  Its gradients now go through as they are (it updates only the listed rows itself), and the
+    result equals SparseAdam alone."""
+    torch.manual_seed(0)
+    emb, twin = torch.nn.Embedding(10, 4, sparse=True), torch.nn.Embedding(10, 4, sparse=True)
+    twin.load_state_dict(emb.state_dict())
+    head, twin_head = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+    twin_head.load_state_dict(head.state_dict())
+    lazy = tigeropt.LazyOptimizer(tigeropt.MixedOptimizer(torch.optim.SparseAdam(emb.parameters(), lr=0.1),
+                                                          torch.optim.AdamW(head.parameters())), emb)
+    plain = tigeropt.MixedOptimizer(torch.optim.SparseAdam(twin.parameters(), lr=0.1),
+                                    torch.optim.AdamW(twin_head.parameters()))
+    for i in range(3):
+        idx = torch.tensor([1, 2, i + 3])
+        for e, h, opt in ((emb, head, lazy), (twin, twin_head, plain)):
+            opt.zero_grad()
+            h(e(idx)).sum().backward()
+            opt.step()
+    assert emb.weight.grad is not None and emb.weight.grad.is_sparse
+    assert torch.equal(emb.weight, twin.weight)

@@ -161,7 +161,8 @@ class LazyOptimizer(_WrapperOptimizer):
       listed row with all-zero values is untouched).  A sparse gradient is
       handed to the wrapped optimizer densified (most torch optimizers reject
       sparse gradients) and put back afterwards, so the wrapped step costs as
-      much as a dense one.
+      much as a dense one (``torch.optim.SparseAdam``, which takes only sparse
+      gradients and updates only the listed rows itself, gets it as it is).
     * Restored state: every per-parameter state tensor of the parameter's shape
       (AdamW's ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``; SGD's
       ``momentum_buffer``; Adagrad's ``sum``; ...) and every per-row statistic:
@@ -359,7 +360,7 @@ class LazyOptimizer(_WrapperOptimizer):
         grad = p.grad
         assert grad is not None
         sparse_grad = None
-        if grad.is_sparse:
+        if grad.is_sparse and not _sparse_only(self.optimizer, p):
             sparse_grad = grad
             p.grad = grad.to_dense()
         idx, _ = touched_rows(grad if p.dim() else grad.reshape(1), gather=False)
@@ -392,6 +393,20 @@ class LazyOptimizer(_WrapperOptimizer):
                     rows_of(target).index_copy_(0, untouched.to(target.device), saved.to(target.dtype))
         if sparse_grad is not None:
             p.grad = sparse_grad
+
+
+def _sparse_only(opt: Optimizer, p: Tensor) -> bool:
+    """Whether the optimizer that steps ``p`` (inside ``opt``, a wrapper such as MixedOptimizer included)
+    takes only sparse gradients (torch.optim.SparseAdam refuses a densified one; it updates the listed
+    rows only, so its gradient is handed on as it is)."""
+    inner = getattr(opt, "optimizers", None)
+    if inner is not None:
+        return any(_sparse_only(o, p) for o in inner
+                   if any(q is p for g in o.param_groups for q in g["params"]))
+    wrapped = getattr(opt, "optimizer", None)
+    if isinstance(wrapped, Optimizer):
+        return _sparse_only(wrapped, p)
+    return isinstance(opt, torch.optim.SparseAdam)
 
 
 def _rows_view(p: Tensor) -> Callable[[Tensor], Tensor]:
