@@ -434,8 +434,9 @@ class TigerOptimizer(LowPrecisionSteps, Optimizer):
                     return False
                 # ... and reads them as contiguous memory: a tensor re-viewed in place over the same
                 # storage (p.data = p.data.t(), the state too) keeps its address but not its layout
+                # (the last list, the 0-d step counts, always is)
                 if not (all(map(_IS_CONTIGUOUS, b.lists[0])) and all(all(map(_IS_CONTIGUOUS, lst))
-                                                                     for lst in b.checked)):
+                                                                     for lst in b.checked[:-1])):
                     return False
                 if not b.cpu.fits(gb):
                     return False
