@@ -40,7 +40,10 @@ def plain_number(value: Any) -> Any:
     """``value`` as a Python number when it is another ``numbers.Real`` (a numpy scalar), elements of a
     tuple/list likewise; anything else unchanged (a tensor lr stays a tensor)."""
     if isinstance(value, (tuple, list)):
-        return type(value)(plain_number(v) for v in value)
+        items = [plain_number(v) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value  # unchanged: the same object (a namedtuple, a list subclass, param_names)
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
         return value
     return int(value) if isinstance(value, numbers.Integral) else float(value)
