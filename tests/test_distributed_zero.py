@@ -81,6 +81,8 @@ EMBEDDING: dict[str, tuple[type, dict[str, Any], bool]] = {
     "lion_lazy_bf16_sparse": (Lion, dict(lr=1e-2, lazy=True, state_precision="bf16"), True),
 }
 SCHEDULED = ["lion", "tiger_sr"]
+#: (saved by, loaded into): a one-process checkpoint of another state_precision loaded by ZeRO
+CONVERTED = [("tiger_sr", "tiger_8bit_sr"), ("tiger_8bit_sr", "tiger_sr"), ("adax_8bit_sr", "adax_bf16")]
 
 
 # --------------------------------------------------------------------------- model, data, training
@@ -281,17 +283,22 @@ def _scenarios(rank: int, outdir: str) -> dict[str, Callable[[], Any]]:
             out[source] = (_params(model), _consolidated(zero))
         return out
 
-    def ddp_embedding(name: str) -> tuple[list[Tensor], dict[str, Any]]:
+    def ddp_embedding(name: str, zero: bool = False) -> tuple[list[Tensor], dict[str, Any] | None]:
+        """DDP with the embedding; ``zero``: the optimizer inside a ZeroRedundancyOptimizer too."""
+        from torch.distributed.optim import ZeroRedundancyOptimizer
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         cls, kw, sparse = EMBEDDING[name]
         model = DDP(_emb_model(sparse))
-        opt = cls(model.parameters(), **kw)
+        if zero:
+            opt = tigeropt.attach_zero(ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kw))
+        else:
+            opt = cls(model.parameters(), **kw)
         for x, y in _emb_batches():
             opt.zero_grad()
             (model(x.chunk(WORLD)[rank]) - y.chunk(WORLD)[rank]).square().mean().backward()
             opt.step()
-        return _params(model.module), opt.state_dict()
+        return _params(model.module), _consolidated(opt) if zero else opt.state_dict()
 
     def ddp_in_backward(order: str) -> Any:
         """optimizer_in_backward with DDP: "cpu" as it is here (refused at the first step); "before" /
@@ -363,6 +370,7 @@ def _scenarios(rank: int, outdir: str) -> dict[str, Callable[[], Any]]:
 
     for name in EMBEDDING:
         jobs[f"ddp_embedding/{name}"] = lambda name=name: ddp_embedding(name)
+        jobs[f"zero_embedding/{name}"] = lambda name=name: ddp_embedding(name, zero=True)
     for order in ("cpu", "before", "after", "early", "fsdp2"):
         jobs[f"ddp_in_backward/{order}"] = lambda order=order: ddp_in_backward(order)
     for name in ALL:
@@ -379,8 +387,45 @@ def _scenarios(rank: int, outdir: str) -> dict[str, Callable[[], Any]]:
         jobs[f"sched/{name}"] = lambda name=name: run(name, sched=True)
     for name in ["adax", "tiger_sr"]:
         jobs[f"grow/{name}"] = lambda name=name: grow(name)
+    def convert(saver: str, loader: str) -> tuple[list[Tensor], dict[str, Any] | None]:
+        """A one-process checkpoint of ``saver`` (another state_precision) loaded into ``loader``'s ZeRO."""
+        cls, kw = ALL[saver]
+        m1 = _model(_dtype(saver))
+        o1 = cls(_groups(saver, m1), **kw)
+        _train(m1, o1, range(RESUME_AT), None)
+        model = _model(_dtype(loader), seed=1)
+        model.load_state_dict(m1.state_dict())
+        zero = _zero(loader, model)
+        zero.load_state_dict(copy.deepcopy(o1.state_dict()))
+        _train(model, zero, range(RESUME_AT, STEPS), rank)
+        return _params(model), _consolidated(zero)
+
+    def refused() -> tuple[str, str, bool, bool]:
+        """A Lion checkpoint loaded into a Tiger ZeRO: (outcome, message, checkpoint dict untouched,
+        local state untouched)."""
+        m1 = _model(torch.float64)
+        o1 = Lion(m1.parameters(), lr=1e-2)
+        _train(m1, o1, range(1), None)
+        ck = o1.state_dict()
+        before = {k: set(v) for k, v in ck["state"].items()}
+        model = _model(torch.float64)
+        zero = _zero("tiger", model)
+        _train(model, zero, range(1), rank)
+        state = {id(p): dict(st) for p, st in zero.optim.state.items()}
+        try:
+            zero.load_state_dict(ck)
+        except ValueError as exc:
+            outcome, message = "raised", str(exc)
+        else:
+            outcome, message = "loaded", ""
+        same = all(all(v is state[id(p)][k] for k, v in st.items()) for p, st in zero.optim.state.items())
+        return outcome, message, {k: set(v) for k, v in ck["state"].items()} == before, same
+
+    jobs["ckpt_refused"] = refused
     for name in CHECKPOINTED:
         jobs[f"ckpt/{name}"] = lambda name=name: checkpoint(name)
+    for saver, loader in CONVERTED:
+        jobs[f"convert/{saver}/{loader}"] = lambda s=saver, ld=loader: convert(s, ld)
     return jobs
 
 
@@ -549,12 +594,15 @@ def test_zero_checkpoint_resumes_in_zero_and_in_one_process(results: dict[str, A
     _assert_bitwise((_params(model), opt.state_dict()), want)
 
 
+@pytest.mark.parametrize("zero", [False, True], ids=["ddp", "ddp_zero"])
 @pytest.mark.parametrize("name", list(EMBEDDING))
-def test_ddp_embedding_lazy_and_sparse_equal_one_process(results: dict[str, Any], name: str) -> None:
-    """DDP all-reduces sparse embedding gradients (and dense ones of a lazy group): one process's
-    parameters and state bit for bit, and the rows no rank looked up (6..9) never move."""
+def test_ddp_embedding_lazy_and_sparse_equal_one_process(results: dict[str, Any], name: str,
+                                                        zero: bool) -> None:
+    """DDP all-reduces sparse embedding gradients (and dense ones of a lazy group), with the optimizer
+    itself or inside ZeRO: one process's parameters and state bit for bit, and the rows no rank
+    looked up (6..9) never move."""
     want = _emb_single(name)
-    got = _get(results, f"ddp_embedding/{name}")
+    got = _get(results, f"{'zero' if zero else 'ddp'}_embedding/{name}")
     _assert_bitwise(got, want)
     initial = _emb_model(EMBEDDING[name][2])[0].weight.detach()
     assert torch.equal(got[0][0][6:], initial[6:]) and not torch.equal(got[0][0][:6], initial[:6])
@@ -591,6 +639,38 @@ def test_ddp_optimizer_in_backward_built_before_init_process_group_warns(results
         assert len(warned) == 1 and "init_process_group" in warned[0]
     assert not torch.equal(got[0][0][0], got[1][0][0])
     assert not torch.equal(got[0][0][0], _oib_single()[0])
+
+
+@pytest.mark.parametrize(("saver", "loader"), CONVERTED)
+def test_zero_loads_a_checkpoint_of_another_state_precision(results: dict[str, Any], saver: str,
+                                                            loader: str) -> None:
+    """torch's ZeRO.load_state_dict writes each rank's state into the local optimizer directly and
+    copies the checkpoint's state_precision into the groups (so it ran on in the saver's precision);
+    attach_zero routes it through tigeropt's load_state_dict, which converts the state to the
+    loader's precision: one process's conversion, bit for bit."""
+    cls, kw = ALL[saver]
+    m1 = _model(_dtype(saver))
+    o1 = cls(_groups(saver, m1), **kw)
+    _train(m1, o1, range(RESUME_AT), None)
+    cls, kw = ALL[loader]
+    model = _model(_dtype(loader), seed=1)
+    model.load_state_dict(m1.state_dict())
+    opt = cls(_groups(loader, model), **kw)
+    opt.load_state_dict(o1.state_dict())
+    _train(model, opt, range(RESUME_AT, STEPS), None)
+    want = (_params(model), opt.state_dict())
+    key = cls.state_keys[0]
+    assert want[1]["state"][0][key].dtype != o1.state_dict()["state"][0][key].dtype  # it was converted
+    _assert_bitwise(_get(results, f"convert/{saver}/{loader}"), want)
+
+
+def test_zero_load_state_dict_checks_the_checkpoint(results: dict[str, Any]) -> None:
+    """Attached, a Lion checkpoint is refused by the Tiger ZeRO on every rank (torch's loader took it and
+    failed later, at a step) and neither the checkpoint dict nor the state changed."""
+    for r in range(WORLD):
+        outcome, message, untouched, same = _get(results, "ckpt_refused", rank=r)
+        assert outcome == "raised" and "Lion" in message
+        assert untouched and same
 
 
 def test_attach_zero_refuses_what_is_not_a_tigeropt_zero() -> None:

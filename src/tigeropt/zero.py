@@ -24,11 +24,22 @@ ZeRO), and the non-finite check reads the whole group's gradients, which every r
 data-parallel averaging (DDP or an all-reduce), so every rank takes the same decision without
 communication.  ``add_param_group`` on the ZeRO object keeps working (new parameters are appended
 to the global order).
+
+It also routes the ZeRO object's ``load_state_dict`` through the local optimizer's: torch's writes
+each rank's share of the checkpoint into the local optimizer's ``state`` directly and copies every
+group option of the checkpoint (``state_precision``, ``foreach``, ``fused`` included) into the
+groups, so a checkpoint of another ``state_precision`` ran on in the checkpoint's precision and
+was never validated.  Attached, each rank loads its share with tigeropt's ``load_state_dict``: the
+checkpoint is checked (optimizer, state keys and shapes, hyperparameters), its state converted to
+this optimizer's ``state_precision``, and the execution flags and ``state_precision`` stay the
+loader's, as in one process; the checkpoint dict is not modified.
 """
 
 from __future__ import annotations
 
+import types
 import weakref
+from itertools import chain
 from typing import Any
 
 from ._base import TigerOptimizer
@@ -60,4 +71,39 @@ def attach_zero(zero: Any) -> Any:
                          f"ZeroRedundancyOptimizer {len(zero.param_groups)}")
     local._zero = weakref.ref(zero)
     local._drop_plans()  # cached plans hold the local hash indices
+    zero.load_state_dict = types.MethodType(_load_state_dict, zero)
     return zero
+
+
+def _load_state_dict(zero: Any, state_dict: dict[str, Any]) -> None:
+    """``ZeroRedundancyOptimizer.load_state_dict`` under :func:`attach_zero`: this rank's share of the
+    (consolidated, global) ``state_dict`` through the local optimizer's ``load_state_dict``."""
+    name = "ZeroRedundancyOptimizer.load_state_dict"
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+        raise TypeError(f"{name}: expected a dict with 'state' and 'param_groups' (an optimizer's "
+                        f"state_dict()), got {type(state_dict).__name__}")
+    saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+    if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(zero.param_groups):
+        raise ValueError(f"{name}: the checkpoint's param groups do not match this optimizer's "
+                         f"{len(zero.param_groups)} groups")
+    for i, (saved, group) in enumerate(zip(saved_groups, zero.param_groups)):
+        if not isinstance(saved, dict) or len(saved.get("params", ())) != len(group["params"]):
+            raise ValueError(f"{name}: param group {i} of the checkpoint does not have the "
+                             f"{len(group['params'])} parameters of this optimizer's group {i}")
+    saved_ids = [pid for g in saved_groups for pid in g["params"]]
+    position = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in zero.param_groups))}
+    local = zero.optim
+    groups: list[dict[str, Any]] = []
+    state: dict[int, Any] = {}
+    n = 0
+    for saved, group in zip(saved_groups, local.param_groups):
+        ids = []
+        for p in group["params"]:  # local numbering, as the local optimizer's own state_dict numbers them
+            pid = saved_ids[position[id(p)]]
+            if pid in saved_state:
+                state[n] = saved_state[pid]
+            ids.append(n)
+            n += 1
+        groups.append({**saved, "params": ids})
+    local.load_state_dict({"state": state, "param_groups": groups})
+    zero._sync_param_groups(local.param_groups, zero.param_groups)
