@@ -195,11 +195,10 @@ class OptimizerInBackward(MixedOptimizer):
     def _attach(self, start: int = 0) -> None:
         handle_map = _ddp_handle_map()
         self._ddp_wired = handle_map is not None
+        self._number(start)
         for k, (p, opt) in enumerate(zip(self._params, self.optimizers)):
             if k < start:
                 continue
-            if isinstance(opt, TigerOptimizer):  # the stochastic rounding of one optimizer over all of them
-                opt._param_index_offset = k
             hook = self._hook(opt)
             handle = p.register_post_accumulate_grad_hook(hook)
             self._handles.append(handle)
@@ -210,6 +209,14 @@ class OptimizerInBackward(MixedOptimizer):
                     p._in_backward_optimizers = []  # type: ignore[attr-defined]
                 p._in_backward_optimizers.append(step)  # type: ignore[attr-defined]
                 handle_map.setdefault(p, []).append(handle)
+
+    def _number(self, start: int = 0) -> None:
+        """Give the per-parameter optimizers from ``start`` on their parameter's position as the first
+        index of their rounding hash: the stochastic rounding of one optimizer over all parameters
+        (attached or not: after :meth:`remove`, ``step()`` steps them as one optimizer would)."""
+        for k, opt in enumerate(self.optimizers[start:], start=start):
+            if isinstance(opt, TigerOptimizer):
+                opt._param_index_offset = k
 
     def add_param_group(self, param_group: dict[str, Any], optimizer: Any = None) -> None:
         """Add a param group (``params`` and its options): like the constructor's groups, one new
@@ -225,6 +232,8 @@ class OptimizerInBackward(MixedOptimizer):
         start = len(self._params)
         self._params.extend(params)
         self.optimizers.extend(inner)
+        self._number(start)  # after remove() too (was: only where the hooks were attached, so a group
+        # added after remove() rounded with the first parameter's index)
         if self.attached:
             self._attach(start)
 
