@@ -327,3 +327,19 @@ def test_lazy_optimizer_hands_sparse_gradients_to_sparse_adam_as_they_are() -> N
             opt.step()
     assert emb.weight.grad is not None and emb.weight.grad.is_sparse
     assert torch.equal(emb.weight, twin.weight)
+
+
+# ------------------------------------------------------------------ describe()
+def test_describe_names_its_argument_and_formats_every_case() -> None:
+    """``describe(5)`` raised "'int' object is not iterable" and a list of tensors a RuntimeError; groups
+    without lr printed the placeholder as a quoted string ('-') and ``max_names=0`` a name list starting
+    with a comma (", ... (+4)").  Now a TypeError names ``groups``, and the table reads - and ... (+4)."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    with pytest.raises(TypeError, match="groups"):
+        tigeropt.describe(5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="groups"):
+        tigeropt.describe(list(model.parameters()))  # type: ignore[arg-type]
+    row = tigeropt.describe([{"params": [model[0].weight]}]).splitlines()[1].split()
+    assert row[1:3] == ["-", "-"]
+    table = tigeropt.describe(tigeropt.param_groups(model, lr=1e-3), max_names=0)
+    assert table.splitlines()[1].endswith("  ... (+4)")

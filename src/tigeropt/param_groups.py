@@ -417,7 +417,12 @@ def describe(groups: Iterable[Mapping[str, Any]] | Optimizer, max_names: int = 3
     check_int("max_names", max_names, 0)
     if isinstance(groups, Optimizer):
         groups = groups.param_groups
+    if isinstance(groups, (Mapping, str, bytes)) or not isinstance(groups, Iterable):
+        raise TypeError("Invalid type for groups: expected an optimizer or an iterable of param-group "
+                        f"dicts, got {type(groups).__name__}")
     groups = list(groups)
+    if not all(isinstance(g, Mapping) and "params" in g for g in groups):
+        raise TypeError("Invalid groups: every param group must be a dict with 'params'")
     keys: list[str] = []
     for g in groups:
         keys += [k for k in g if k not in _STANDARD_KEYS and k not in keys]
@@ -431,10 +436,12 @@ def describe(groups: Iterable[Mapping[str, Any]] | Optimizer, max_names: int = 3
         total_t += len(ps)
         total_n += n
         names = list(g.get("param_names") or [])
-        text = ", ".join(names[:max_names]) + (f", ... (+{len(names) - max_names})"
-                                                  if len(names) > max_names else "") if names else "-"
+        shown_names = names[:max_names]
+        more = f"... (+{len(names) - max_names})" if len(names) > max_names else ""
+        text = ", ".join([*shown_names, *([more] if more else [])]) if names else "-"
         extra = " ".join(f"{k}={_fmt(g[k])}" for k in shown if k in g)
-        rows.append((str(i), _fmt(g.get("lr", "-")), _fmt(g.get("weight_decay", "-")), str(len(ps)),
+        rows.append((str(i), _fmt(g["lr"]) if "lr" in g else "-",
+                     _fmt(g["weight_decay"]) if "weight_decay" in g else "-", str(len(ps)),
                      f"{n:,}", extra, text))
     header = ("group", "lr", "wd", "tensors", "elements", "extra" if shown else "", "names")
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(6)]
