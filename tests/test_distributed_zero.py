@@ -158,6 +158,34 @@ def _single(name: str, *, nan_step: int | None = None, sched: bool = False, grow
     return _params(model), opt.state_dict()
 
 
+def _scaled_train(model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, rank: int | None) -> None:
+    """GradScaler's loop: the loss scaled (by a power of two: unscaling is exact), step through the
+    scaler, which skips the step with an inf gradient (the last bias's, on every rank, at NAN_STEP)."""
+    batches = _batches(torch.float32)
+    for t in range(STEPS):
+        x, y = batches[t]
+        opt.zero_grad()
+        params = list(model.parameters())
+        if rank is not None:
+            scaler.scale((model(x.chunk(WORLD)[rank]) - y.chunk(WORLD)[rank]).square().mean()).backward()
+            for p in params:
+                dist.all_reduce(p.grad)
+                p.grad.div_(WORLD)
+        else:
+            halves = []
+            for r in range(WORLD):
+                for p in params:
+                    p.grad = None
+                scaler.scale((model(x.chunk(WORLD)[r]) - y.chunk(WORLD)[r]).square().mean()).backward()
+                halves.append([p.grad for p in params])
+            for p, g0, g1 in zip(params, *halves):
+                p.grad = (g0 + g1) / WORLD
+        if t == NAN_STEP:
+            model[2].bias.grad[1] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+
+
 def _scheduler(opt: torch.optim.Optimizer) -> Any:
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 ** t)
 
@@ -421,7 +449,16 @@ def _scenarios(rank: int, outdir: str) -> dict[str, Callable[[], Any]]:
         same = all(all(v is state[id(p)][k] for k, v in st.items()) for p, st in zero.optim.state.items())
         return outcome, message, {k: set(v) for k, v in ck["state"].items()} == before, same
 
+    def scaled() -> tuple[list[Tensor], dict[str, Any] | None, float]:
+        """torch.amp.GradScaler driving the ZeRO object (fp32, an inf in one gradient at NAN_STEP)."""
+        model = _model(torch.float32)
+        zero = _zero("tiger", model)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        _scaled_train(model, zero, scaler, rank)
+        return _params(model), _consolidated(zero), scaler.get_scale()
+
     jobs["ckpt_refused"] = refused
+    jobs["scaled"] = scaled
     for name in CHECKPOINTED:
         jobs[f"ckpt/{name}"] = lambda name=name: checkpoint(name)
     for saver, loader in CONVERTED:
@@ -662,6 +699,20 @@ def test_zero_loads_a_checkpoint_of_another_state_precision(results: dict[str, A
     key = cls.state_keys[0]
     assert want[1]["state"][0][key].dtype != o1.state_dict()["state"][0][key].dtype  # it was converted
     _assert_bitwise(_get(results, f"convert/{saver}/{loader}"), want)
+
+
+def test_zero_with_grad_scaler_equals_one_process(results: dict[str, Any]) -> None:
+    """GradScaler unscales every parameter's gradient through the ZeRO object's param_groups and skips
+    the whole step at the inf (every rank holds the same gradients): one process bit for bit."""
+    model = _model(torch.float32)
+    opt = Tiger(model.parameters(), **CONFIGS["tiger"][1])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    _scaled_train(model, opt, scaler, None)
+    assert scaler.get_scale() == 2.0 ** 9  # the inf step was seen and skipped
+    got = _get(results, "scaled")
+    _assert_bitwise(got[:2], (_params(model), opt.state_dict()))
+    assert got[2] == scaler.get_scale()
+    assert all(int(st["step"]) == STEPS - 1 for st in got[1]["state"].values())
 
 
 def test_zero_load_state_dict_checks_the_checkpoint(results: dict[str, Any]) -> None:
