@@ -208,3 +208,26 @@ def test_in_backward_group_added_after_remove_rounds_as_one_optimizer() -> None:
     key = _key(3, 1, 2, 0)  # parameter 2, stream 0, step 1
     want = [_sr_bf16(v, _H(key, e) >> 16) for e, v in enumerate(work.tolist())]
     assert _bf16_bits(a[2]) == want
+
+
+def test_a_copy_of_a_removed_in_backward_optimizer_stays_removed() -> None:
+    """A deepcopy (or pickle) of an optimizer_in_backward after remove() re-attached its hooks: the copy's
+    step() refused ("the step runs inside backward()") and backward() on the copied parameters updated
+    them, unlike the original, which steps as an ordinary optimizer.  The copy keeps the original's
+    attachment (and an attached one's copy is still attached) and steps as it does, bit for bit."""
+    import copy
+
+    kw: dict = dict(lr=1e-2, stochastic_rounding=True, sr_seed=3)
+    ib = tigeropt.optimizer_in_backward(_bf16_params(2), Tiger, **kw)
+    assert copy.deepcopy(ib).attached
+    ib.remove()
+    dup = copy.deepcopy(ib)
+    assert not dup.attached
+    gen = torch.Generator().manual_seed(1)
+    for p, q in zip(ib._params, dup._params):
+        p.grad = torch.randn(64, generator=gen).to(torch.bfloat16)
+        q.grad = p.grad.clone()
+    ib.step()
+    dup.step()
+    for p, q in zip(ib._params, dup._params):
+        assert torch.equal(p.view(torch.int16), q.view(torch.int16))

@@ -285,11 +285,15 @@ class OptimizerInBackward(MixedOptimizer):
 
     def _own_state(self) -> dict[str, Any]:
         return {"optimizers": self.optimizers, "defaults": self.defaults, "_params": self._params,
-                "_handles": [], "_ddp_steps": [], "_warned": False, "_factory": self._factory}
+                "_handles": [], "_ddp_steps": [], "_warned": False, "_factory": self._factory,
+                "_copy_attached": self.attached}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        attached = state.pop("_copy_attached", True)
         super().__setstate__(state)
-        self._attach()  # a copy updates its own (copied) parameters
+        self._number()  # the inner optimizers' own pickled state does not hold their hash offsets
+        if attached:  # a copy updates its own (copied) parameters; a copy of a removed one stays removed
+            self._attach()
 
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
         """Refused while the hooks are attached: the step runs inside backward() (``RuntimeError`` saying
