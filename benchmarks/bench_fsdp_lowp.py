@@ -11,17 +11,21 @@ thread's CPU time, median of ``--steps`` steps after 2 warm-up steps; the larger
 
     python benchmarks/bench_fsdp_lowp.py
     python benchmarks/bench_fsdp_lowp.py --optimizers tiger,adax --width 2000
+    python benchmarks/bench_fsdp_lowp.py --out benchmarks/results/fsdp-lowp-cpu-<date>.md   # also a file
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -77,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=9, help="timed steps (after 2 untimed ones)")
+    parser.add_argument("--out", type=Path, default=None, metavar="PATH",
+                        help="also write the table (with command, date, versions, load) to PATH as markdown")
     return parser
 
 
@@ -92,18 +98,28 @@ def main(argv: list[str]) -> None:
         raise SystemExit("a worker failed")
     rows = json.loads(out[0].strip().splitlines()[-1])
     params = args.layers * (args.width * args.width + args.width)
-    print(f"### FSDP2, 2 ranks (gloo, 1 thread each), {params / 1e6:.1f}M bf16 parameters in {args.layers} "
-          f"linear layers; torch {torch.__version__}\n")
-    print("| optimizer | state | default: fused C on the shards (ms) | foreach: torch code (ms) | speed-up |")
-    print("|---|---|---:|---:|---:|")
+    lines = [f"### FSDP2, 2 ranks (gloo, 1 thread each), {params / 1e6:.1f}M bf16 parameters in "
+             f"{args.layers} linear layers; torch {torch.__version__}", "",
+             "| optimizer | state | default: fused C on the shards (ms) | foreach: torch code (ms) "
+             "| speed-up |",
+             "|---|---|---:|---:|---:|"]
     by = {(n, pr, pa): ms for n, pr, pa, ms in rows}
     for name in args.optimizers.split(","):
         for precision in PRECISIONS:
             c, t = by[(name, precision, "default (C)")], by[(name, precision, "foreach (torch)")]
-            print(f"| {name} | {precision} | {c:.2f} | {t:.2f} | {t / c:.1f}x |")
-    print("\nms: CPU time of opt.step() (thread time), median of the steps, the larger of the two ranks; "
-          "bf16 parameters with stochastic rounding.")
-
+            lines.append(f"| {name} | {precision} | {c:.2f} | {t:.2f} | {t / c:.1f}x |")
+    lines += ["", "ms: CPU time of opt.step() (thread time), median of the steps, the larger of the two "
+              "ranks; bf16 parameters with stochastic rounding."]
+    print("\n".join(lines))
+    if args.out is not None:
+        load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+        head = ["# Low-precision step under FSDP2 on CPU", "",
+                f"`python benchmarks/bench_fsdp_lowp.py {' '.join(argv)}`", "",
+                f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {platform.machine()} "
+                f"({os.cpu_count()} CPUs), Python {platform.python_version()}, torch {torch.__version__}; "
+                f"load average at the end {load}", ""]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(head + lines) + "\n")
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
