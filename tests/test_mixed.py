@@ -390,3 +390,47 @@ def test_lazy_adamw_inside_mixed_keeps_unused_rows() -> None:
     w = model.emb.weight.detach()
     assert torch.equal(w[3:], start[3:]) and not torch.equal(w[:3], start[:3])
     assert not torch.equal(model.hidden.weight, make_model().hidden.weight)
+
+
+def _sr_params(seed: int, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g).to(torch.bfloat16).requires_grad_() for s in shapes]
+
+
+def _sr_steps(opt: torch.optim.Optimizer, params: list[torch.Tensor], steps: int = 3) -> None:
+    g = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(p.dtype)
+        opt.step()
+
+
+def test_stochastic_rounding_keys_on_the_mixed_param_groups_order() -> None:
+    """Inner tigeropt optimizers round as one optimizer over MixedOptimizer.param_groups does: each
+    parameter's hash index is its position there (each inner optimizer numbered from 0 gave the first
+    parameters of all of them the same random bits), also through a LazyOptimizer, a nested
+    MixedOptimizer and after add_param_group on an earlier inner optimizer."""
+    kw = dict(lr=1e-2, stochastic_rounding=True, state_precision="bf16", sr_seed=5)
+    shapes = [(4, 300), (4, 300), (300,), (2, 300), (300,)]
+    ref_p, mix_p = _sr_params(0, shapes), _sr_params(0, shapes)
+    ref = Tiger([{"params": ref_p[0:1]}, {"params": ref_p[1:3]}, {"params": ref_p[3:4]}], **kw)
+    inner = MixedOptimizer(Tiger(mix_p[1:3], **kw), LazyOptimizer(Tiger(mix_p[3:4], **kw), mix_p[3:4]))
+    mixed = MixedOptimizer(Tiger(mix_p[0:1], **kw), inner)
+    _sr_steps(ref, ref_p[:4])
+    _sr_steps(mixed, mix_p[:4])
+    for a, b in zip(ref_p, mix_p):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    # a group added to the first inner optimizer: appended to its groups, so the later parameters'
+    # positions in mixed.param_groups (and their hash indices) move by one, as in the one optimizer
+    # whose groups are in that order
+    ref2_p, mix2_p = _sr_params(1, shapes), _sr_params(1, shapes)
+    ref2 = Tiger([{"params": ref2_p[0:1]}, {"params": ref2_p[4:5]}, {"params": ref2_p[1:3]},
+                  {"params": ref2_p[3:4]}], **kw)
+    inner2 = MixedOptimizer(Tiger(mix2_p[1:3], **kw), LazyOptimizer(Tiger(mix2_p[3:4], **kw), mix2_p[3:4]))
+    mixed2 = MixedOptimizer(Tiger(mix2_p[0:1], **kw), inner2)
+    mixed2.add_param_group({"params": mix2_p[4:5]}, optimizer=0)
+    order = [ref2_p[i] for i in (0, 4, 1, 2, 3)]
+    _sr_steps(ref2, order)
+    _sr_steps(mixed2, [mix2_p[i] for i in (0, 4, 1, 2, 3)])
+    for a, b in zip(ref2_p, mix2_p):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))

@@ -216,7 +216,7 @@ class OptimizerInBackward(MixedOptimizer):
         (attached or not: after :meth:`remove`, ``step()`` steps them as one optimizer would)."""
         for k, opt in enumerate(self.optimizers[start:], start=start):
             if isinstance(opt, TigerOptimizer):
-                opt._param_index_offset = k
+                opt._param_index_offset = self._param_index_offset + k
 
     def add_param_group(self, param_group: dict[str, Any], optimizer: Any = None) -> None:
         """Add a param group (``params`` and its options): like the constructor's groups, one new

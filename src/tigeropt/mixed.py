@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._base import TigerOptimizer
 from ._validate import check_ordered_params
 from .lazy import EMBEDDING_TYPES, _WrapperOptimizer, embedding_weights
 from .tiger import Tiger
@@ -158,6 +159,27 @@ class MixedOptimizer(_WrapperOptimizer):
             if key not in common and all(key in o.defaults for o in self.optimizers):
                 common[key] = first[key]
         self._init_plumbing(common)
+        self._number()
+
+    #: The rounding hash's index of this optimizer's first parameter (set by an outer MixedOptimizer).
+    _param_index_offset: int = 0
+
+    def _number(self) -> None:
+        """Key the inner tigeropt optimizers' stochastic rounding on the parameters' positions in this
+        optimizer's ``param_groups`` (as in its state_dict), as one optimizer over all of them does:
+        each inner optimizer numbered from 0 gave the first parameter of every inner optimizer the
+        same random bits.  Run at construction, ``add_param_group`` and every step (an inner
+        optimizer may gain groups directly)."""
+        start = self._param_index_offset
+        for opt in self.optimizers:
+            inner = opt
+            while isinstance(inner, _WrapperOptimizer) and not isinstance(inner, MixedOptimizer):
+                inner = getattr(inner, "optimizer", None)  # LazyOptimizer(opt): opt's own parameters
+            if isinstance(inner, (TigerOptimizer, MixedOptimizer)):
+                inner._param_index_offset = start
+                if isinstance(inner, MixedOptimizer):
+                    inner._number()
+            start += sum(len(g["params"]) for g in opt.param_groups)
 
     # ----------------------------------------------------------------- views
     @property  # type: ignore[override]
@@ -198,6 +220,7 @@ class MixedOptimizer(_WrapperOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._number()
         for opt in self.optimizers:  # what can refuse the step, before any inner optimizer changes
             check = getattr(opt, "_check_step", None)
             if check is not None:
@@ -241,6 +264,7 @@ class MixedOptimizer(_WrapperOptimizer):
                 raise ValueError(f"MixedOptimizer.add_param_group: a parameter of shape {tuple(p.shape)} is "
                                  f"already in {_describe(j, self.optimizers[j])}")
         self.optimizers[index].add_param_group({**param_group, "params": params})
+        self._number()
 
     # ----------------------------------------------------------------- checkpoints
     def _pack(self) -> dict[str, Any]:
