@@ -343,3 +343,17 @@ def test_describe_names_its_argument_and_formats_every_case() -> None:
     assert row[1:3] == ["-", "-"]
     table = tigeropt.describe(tigeropt.param_groups(model, lr=1e-3), max_names=0)
     assert table.splitlines()[1].endswith("  ... (+4)")
+
+
+def test_tiger_group_given_only_betas_is_the_dict_the_caller_passed() -> None:
+    """torch.optim stores the dict given to add_param_group as the group, so a caller may keep it and
+    change ``lr`` later; Tiger stored a copy when the dict set ``betas`` without ``beta`` (code written for
+    Lion/Adam), and later changes to the caller's dict did nothing.  It now sets ``beta`` in that dict."""
+    opt = Tiger([torch.zeros(2, requires_grad=True)])
+    group = {"params": [torch.zeros(2, requires_grad=True)], "betas": (0.9, 0.9)}
+    opt.add_param_group(group)
+    assert opt.param_groups[1] is group and group["beta"] == 0.9
+    rejected = {"params": [torch.zeros(2, requires_grad=True)], "betas": (0.9, 0.9), "lr": -1.0}
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group(rejected)
+    assert "beta" not in rejected and len(opt.param_groups) == 2

@@ -174,11 +174,18 @@ class Tiger(TigerOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         betas = param_group.get("betas") if isinstance(param_group, dict) else None
-        if isinstance(betas, (tuple, list)) and len(betas) == 2 and "beta" not in param_group:
+        added = isinstance(betas, (tuple, list)) and len(betas) == 2 and "beta" not in param_group
+        if added:
             # a group that sets only betas (written for Lion, or by hand) means beta = betas[0]; the
-            # defaults' beta would otherwise win the mirror and the group's betas be dropped silently
-            param_group = {**param_group, "beta": betas[0]}
-        super().add_param_group(param_group)
+            # defaults' beta would otherwise win the mirror and the group's betas be dropped silently.
+            # Set in the caller's dict, which becomes the group (as torch stores it), not in a copy
+            param_group["beta"] = betas[0]
+        try:
+            super().add_param_group(param_group)
+        except Exception:
+            if added:
+                del param_group["beta"]
+            raise
         self._sync_beta(self.param_groups[-1])  # {"beta": 0.9} got the default betas: mirror 0.9
 
     def __setstate__(self, state: dict[str, Any]) -> None:
