@@ -505,3 +505,25 @@ def test_kernels_import_nothing_from_optimizer_modules() -> None:
                 parts = node.module.split(".")
                 assert not (parts[0] == "tigeropt" and len(parts) > 1 and parts[1] in optimizer_modules), \
                     f"{f.name} imports {node.module}"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="uses /bin/sh wrappers as the compiler")
+@pytest.mark.parametrize("how", ["signal", "oom-message"])
+def test_a_compiler_stopped_midway_is_not_remembered_as_a_refusal(tmp_path: Any, how: str) -> None:
+    """A compile killed by a signal (the OOM killer, Ctrl-C) or ended by a crash/out-of-memory message
+    says nothing about the flags: no ``.failed`` marker, so the next process builds normally (a
+    marker turned the fused C step off for good on that machine)."""
+    real = _cpu._find_compiler()
+    fake = tmp_path / "cc-stopped"
+    body = ('kill -9 $$\n' if how == "signal"
+            else 'echo "gcc: fatal error: Killed signal terminated program cc1" >&2; exit 1\n')
+    fake.write_text("#!/bin/sh\n" + body)
+    fake.chmod(0o755)
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="failed"):
+        _cpu.build(cache=cache, compiler=str(fake))
+    assert list(cache.glob("*.failed")) == []
+    # a working compiler at the same path then builds
+    fake.write_text(f'#!/bin/sh\nexec "{real}" "$@"\n')
+    path = _cpu.build(cache=cache, compiler=str(fake))
+    assert ctypes.CDLL(str(path)).tigeropt_abi() == _cpu.ABI

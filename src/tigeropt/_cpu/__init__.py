@@ -140,6 +140,17 @@ def _compiler_version(cc: str) -> str:
         return f"unknown ({exc})"
 
 
+_TRANSIENT = ("killed signal", "internal compiler error", "out of memory", "cannot allocate memory",
+              "no space left", "virtual memory exhausted", "resource temporarily unavailable", "interrupt")
+
+
+def _transient(message: str) -> bool:
+    """Whether a failed compile says the compiler was stopped (a signal, memory, disk, a crash) rather
+    than that it refuses the flags or the source: such failures are not remembered."""
+    text = message.lower()
+    return any(t in text for t in _TRANSIENT)
+
+
 def build(cache: Path | None = None, compiler: str | None = None) -> Path:
     """Compile ``kernels.c`` (or reuse the cached build) and return the library's path.
 
@@ -182,7 +193,8 @@ def build(cache: Path | None = None, compiler: str | None = None) -> Path:
             if out.returncode == 0:
                 os.replace(tmp, lib)  # atomic: other processes see no file or a whole one
                 return lib
-            message, refused = (out.stderr or out.stdout).strip(), True
+            message = (out.stderr or out.stdout).strip()
+            refused = out.returncode > 0 and not _transient(message)
         except (OSError, subprocess.SubprocessError) as exc:
             message = f"{type(exc).__name__}: {exc}"
         finally:
@@ -190,6 +202,7 @@ def build(cache: Path | None = None, compiler: str | None = None) -> Path:
                 os.unlink(tmp)
         errors.append(f"{' '.join(extra) or 'plain'}: {message[-500:]}")
         if refused:  # the compiler said no: remember it, so later processes skip this flag set at once
+            # (not a compiler killed by a signal, out of memory or disk, or crashed: the next try may build)
             try:
                 failed.write_text(message)
             except OSError:
