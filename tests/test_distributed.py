@@ -38,7 +38,6 @@ import faulthandler
 import importlib.util
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import traceback
@@ -49,6 +48,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from workers import run_ranks
 
 import tigeropt
 from tigeropt import Adagrad, AdaX, Lion, Tiger
@@ -58,7 +58,6 @@ STEPS = 6
 RESUME_AT = 3
 NAN_STEP = 2
 NAN_AT = (5, 1)  # element of the first weight (7 x 5) that gets a NaN gradient; row 5 lives on rank 1
-WORKER_TIMEOUT_S = 180
 
 CONFIGS: dict[str, tuple[type, dict[str, Any]]] = {
     "tiger": (Tiger, dict(lr=1e-2, weight_decay=0.1)),
@@ -552,23 +551,7 @@ def _worker(rank: int, world: int, outdir: str, phase: str) -> None:
 
 # --------------------------------------------------------------------------- test side
 def _launch(world: int, outdir: str, phase: str) -> dict[str, Any]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), outdir, phase], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=WORKER_TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    if any(p.returncode != 0 for p in procs):
-        codes = [p.returncode for p in procs]
-        raise RuntimeError(f"distributed workers ({phase}) failed, exit codes {codes}:\n"
-                           + "\n".join(log[-4000:] for log in logs))
+    run_ranks(__file__, world, [outdir, phase], phase)
     merged: dict[str, Any] = {}
     for r in range(world):
         for key, value in torch.load(os.path.join(outdir, f"{phase}_rank{r}.pt"), weights_only=False).items():

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import faulthandler
 import os
-import subprocess
 import sys
 import tempfile
 import traceback
@@ -31,6 +30,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from workers import run_ranks
 
 import tigeropt
 from tigeropt import Adagrad, AdaX, Lion, Tiger
@@ -39,7 +39,6 @@ WORLD = 2
 STEPS = 6
 RESUME_AT = 3
 NAN_STEP = 2
-WORKER_TIMEOUT_S = 180
 
 #: fp64 parameters, default path unless a path is named
 CONFIGS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -492,22 +491,7 @@ def results() -> dict[str, Any]:
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
     with tempfile.TemporaryDirectory() as outdir:
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        procs = [subprocess.Popen([sys.executable, __file__, str(r), str(WORLD), outdir], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for r in range(WORLD)]
-        logs = []
-        try:
-            for p in procs:
-                logs.append(p.communicate(timeout=WORKER_TIMEOUT_S)[0])
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-        if any(p.returncode != 0 for p in procs):
-            raise RuntimeError(f"distributed workers failed, exit codes {[p.returncode for p in procs]}:\n"
-                               + "\n".join(log[-4000:] for log in logs))
+        run_ranks(__file__, WORLD, [outdir])
         per_rank = [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
         files = {name: torch.load(os.path.join(outdir, f"zero_{name}.pt"), weights_only=True)
                  for name in CHECKPOINTED if os.path.exists(os.path.join(outdir, f"zero_{name}.pt"))}
