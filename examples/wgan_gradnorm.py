@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
-import os
 import platform
 import sys
 import time
@@ -56,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 import tigeropt
+from tigeropt.demo import cpu_name, load_average
 from tigeropt.gan import GradNormCritic, gradient_penalty
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -354,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(line, flush=True)
         report.append(line)
 
-    load_start, wall_start = _loadavg(), time.perf_counter()
+    load_start, wall_start = load_average(), time.perf_counter()
     results = []
     for m in methods:
         t0 = time.perf_counter()
@@ -393,29 +393,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"- command: `{f'python examples/{Path(__file__).name} {command}'.strip()}`",
                   f"- versions: python {platform.python_version()}, torch {torch.__version__}, "
                   f"tigeropt {tigeropt.__version__}",
-                  f"- device: {args.device} ({_cpu_name()}), {torch.get_num_threads()} torch thread(s); "
-                  f"load average {load_start} at start, {_loadavg()} at end; times: {clock}; "
+                  f"- device: {args.device} ({cpu_name()}), {torch.get_num_threads()} torch thread(s); "
+                  f"load average {load_start} at start, {load_average()} at end; times: {clock}; "
                   f"the run took {time.perf_counter() - wall_start:.0f} s wall", ""]
         path = args.out / "wgan_gradnorm.md"
         path.write_text("\n".join(header + report) + "\n")
         print(f"wrote {path}")
 
-
-def _loadavg() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except (AttributeError, OSError):
-        return "n/a"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 if __name__ == "__main__":
     main()

@@ -40,7 +40,8 @@ from .suggest import suggest_hparams
 from .tiger import Tiger
 
 __all__ = ["CharCorpus", "CharTransformer", "Recipe", "RECIPES", "RunResult", "load_corpus", "make_optimizer",
-           "state_bytes", "param_bytes", "evaluate", "train", "markdown_table", "smooth", "save_plot", "main"]
+           "state_bytes", "param_bytes", "evaluate", "train", "markdown_table", "smooth", "save_plot", "main",
+           "cpu_name", "load_average"]
 
 # --------------------------------------------------------------------------- data
 #: Fixed vocabulary: newline, tab, printable ASCII, and one "other" token (non-ASCII bytes).
@@ -443,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     model_size = sum(p.numel() for p in CharTransformer(VOCAB_SIZE, args.d_model, args.layers, args.heads,
                                                         args.context).parameters())
     threads = torch.get_num_threads()
-    load_start, cpu_start, wall_start = _loadavg(), time.process_time(), time.perf_counter()
+    load_start, cpu_start, wall_start = load_average(), time.process_time(), time.perf_counter()
     print(f"tigeropt demo: char-level transformer ({model_size:,} parameters, {args.layers} layers, "
           f"d={args.d_model}) on {corpus.train.numel():,} training / {corpus.heldout.numel():,} held-out "
           f"characters of "
@@ -489,8 +490,8 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
         header = [f"# tigeropt demo, {time.strftime('%Y-%m-%d')}", "",
                   f"- command: `{command.strip()}`",
                   f"- versions: python {sys.version.split()[0]}, torch {torch.__version__}",
-                  f"- CPU: {_cpu_name()}, {threads} torch thread{'s' if threads != 1 else ''}; load average "
-                  f"{load_start} at start, {_loadavg()} at end (other processes share the cores)",
+                  f"- CPU: {cpu_name()}, {threads} torch thread{'s' if threads != 1 else ''}; load average "
+                  f"{load_start} at start, {load_average()} at end (other processes share the cores)",
                   f"- timing: {clock_name}; "
                   f"the whole run took {wall_s:.0f} s wall, {cpu_s:.0f} s CPU time of the process",
                   f"- model: {model_size:,} parameters; {args.steps} steps x {args.batch_size} x "
@@ -503,14 +504,16 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     return results
 
 
-def _loadavg() -> str:
+def load_average() -> str:
+    """The 1-minute load average as text ('n/a' where the OS has none): for results files."""
     try:
         return f"{os.getloadavg()[0]:.2f}"
     except (AttributeError, OSError):
         return "n/a"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, else what platform knows): for results files."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
